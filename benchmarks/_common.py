@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmark scripts: locating data and writing results JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def require_data(name: str) -> Path:
+    """``../shared/data/<name>``, or exit with a message saying where it was expected."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        sys.exit(f"benchmark needs the dataset {name!r} at {path} (../shared/data beside the project); not found")
+    return path
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+def write_results(name: str, rows: list[dict[str, Any]], device: torch.device, extra: dict[str, Any] | None = None,
+                  suffix: str = "") -> Path:
+    """Write ``benchmarks/results/<name><suffix>.json`` in the DESIGN.md format."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    payload = {
+        "benchmark": name,
+        "commit": git_commit(),
+        "command": command,
+        "device": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "date": datetime.date.today().isoformat(),
+        **(extra or {}),
+        "rows": rows,
+    }
+    path = RESULTS / f"{name}{suffix}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return path

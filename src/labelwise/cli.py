@@ -1,0 +1,165 @@
+"""``labelwise <command>``: a thin argument parser over the Python API.
+
+Commands: ``train``, ``evaluate``, ``predict``, ``demo``. Every option's help states its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from labelwise.errors import LabelwiseError
+
+HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _add_runtime(parser: argparse.ArgumentParser, with_config_defaults: bool) -> None:
+    default = None if with_config_defaults else "auto"
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default,
+                        help="where to run: auto picks CUDA when available" +
+                             (" (default: the config's device, auto)" if with_config_defaults else ""))
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None if with_config_defaults else "bf16",
+                        help="bf16 autocast (fast on AMX CPUs and GPUs) or full fp32" +
+                             (" (default: the config's precision, bf16)" if with_config_defaults else ""))
+
+
+def _add_data_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML TrainConfig describing the data (default: the model's own config.yaml "
+                             "when MODEL is a run folder, else the synthetic dataset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.root=../shared/data/camvid (repeatable)")
+    parser.add_argument("--split", default=None,
+                        help="split to evaluate (camvid/folder: sub-folder name; aerial: tile numbers like 6,7); "
+                             "default: the config's data.val_split")
+
+
+def _add_window(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--window", type=int, default=None,
+                        help="sliding-window size in pixels for large images (default: the model's eval setting; "
+                             "0 = whole image)")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="sliding-window overlap fraction in [0, 1) (default: the model's eval setting, 0.5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labelwise", description=__doc__.split("\n")[0], formatter_class=HELP)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a supervised segmentation model", formatter_class=HELP,
+                                description="Train a model from a YAML config (see configs/) plus overrides.")
+    train.add_argument("--config", type=Path, default=None, help="YAML TrainConfig (default: built-in defaults: "
+                       "U-Net on the synthetic dataset)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set stages.0.lr=0.002 (repeatable; values are YAML)")
+    train.add_argument("--run-dir", type=Path, default=None, help="output folder (default: the config's run_dir)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --run-dir")
+    _add_runtime(train, with_config_defaults=True)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate an exported model on a labelled split",
+                                   formatter_class=HELP)
+    evaluate.add_argument("model", type=Path, help="run folder (or folder with model.json + model.safetensors)")
+    _add_data_selection(evaluate)
+    _add_window(evaluate)
+    evaluate.add_argument("--output", type=Path, default=None, help="also write the metrics JSON here")
+    _add_runtime(evaluate, with_config_defaults=False)
+
+    predict = commands.add_parser("predict", help="segment images; writes ids/, color/ and overlay/ PNGs",
+                                  formatter_class=HELP)
+    predict.add_argument("model", type=Path, help="run folder (or folder with model.json + model.safetensors)")
+    predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
+    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
+    _add_window(predict)
+    _add_runtime(predict, with_config_defaults=False)
+
+    demo = commands.add_parser("demo", help="train + evaluate + predict a small U-Net on synthetic data",
+                               formatter_class=HELP)
+    demo.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="output folder")
+    demo.add_argument("--steps", type=int, default=300, help="training steps")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_runtime(demo, with_config_defaults=False)
+    return parser
+
+
+def _eval_config(args: argparse.Namespace, base):  # noqa: ANN001, ANN202
+    from dataclasses import replace
+
+    from labelwise.methods.common import load_model
+
+    config = base if base is not None else load_model(args.model).eval_config
+    if args.window is not None:
+        config = replace(config, window=args.window or None)
+    if args.overlap is not None:
+        config = replace(config, overlap=args.overlap)
+    return config
+
+
+def _data_config_for(args: argparse.Namespace):  # noqa: ANN202
+    from labelwise.config import TrainConfig, load_config
+
+    path = args.config
+    if path is None and (args.model / "config.yaml").exists():
+        path = args.model / "config.yaml"
+    return load_config(TrainConfig, path, args.overrides) if path or args.overrides else TrainConfig()
+
+
+def run(args: argparse.Namespace) -> int:
+    from labelwise.methods import supervised
+
+    if args.command == "train":
+        from labelwise.config import TrainConfig, load_config
+
+        overrides = list(args.overrides)
+        if args.run_dir is not None:
+            overrides.append(f"run_dir={args.run_dir}")
+        if args.device is not None:
+            overrides.append(f"device={args.device}")
+        if args.precision is not None:
+            overrides.append(f"precision={args.precision}")
+        config = load_config(TrainConfig, args.config, overrides)
+        result = supervised.train(config, resume=args.resume, overwrite=args.overwrite)
+        if result.metrics:
+            print(json.dumps({k: result.metrics[k] for k in ("miou", "pixel_acc", "mean_acc") if k in result.metrics}))
+        return 0
+    if args.command == "evaluate":
+        config = _data_config_for(args)
+        metrics = supervised.evaluate(args.model, config, split=args.split, device=args.device,
+                                      precision=args.precision, eval_config=_eval_config(args, None))
+        from labelwise.methods.common import load_model
+
+        report = metrics.to_dict(list(load_model(args.model).class_map.names))
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.output is not None:
+            from labelwise.engine.atomic import atomic_write_text
+
+            atomic_write_text(args.output, text + "\n")
+        return 0
+    if args.command == "predict":
+        written = supervised.predict(args.model, args.inputs, args.out, device=args.device, precision=args.precision,
+                                     eval_config=_eval_config(args, None), alpha=args.alpha)
+        print(f"wrote predictions of {len(written)} image(s) to {args.out}/{{ids,color,overlay}}")
+        return 0
+    if args.command == "demo":
+        supervised.demo(args.run_dir, steps=args.steps, device=args.device, precision=args.precision,
+                        progress=not args.no_progress)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except LabelwiseError as exc:
+        print(f"labelwise {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

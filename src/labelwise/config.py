@@ -1,0 +1,430 @@
+"""Typed configuration: dataclasses loaded from YAML with ``key.sub=value`` overrides.
+
+Every key is checked at load time: an unknown key, a value of the wrong type or a value outside
+its allowed choices raises :class:`~labelwise.errors.ConfigError` naming the dotted key, e.g.
+``stages.0.lr: expected float, got 'fast'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from labelwise.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass
+class AugmentConfig:
+    """Paired image/mask augmentation of one training stage (applied to whole batches).
+
+    Probabilities are in [0, 1]; ``rotate_degrees`` is the maximum absolute rotation; ``scale``
+    is the (min, max) zoom factor; ``crop_size`` is the (H, W) of the training crop in pixels
+    (None keeps the loaded size); jitter strengths are the maximum relative change.
+    """
+
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotate_degrees: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
+    crop_size: tuple[int, int] | None = None
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+
+@dataclass
+class StageConfig:
+    """One stage of a (possibly multi-stage) schedule: its own length, lr, resolution and augmentation.
+
+    ``input_scale`` resizes loaded batches before augmentation (0.5 = train at half resolution).
+    ``lr`` is the stage's peak learning rate; ``schedule`` decays it over the stage after
+    ``warmup_steps`` of linear warm-up from 0.
+    """
+
+    steps: int = 200
+    lr: float = 1e-3
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    poly_power: float = 0.9
+    batch_size: int | None = None
+    input_scale: float = 1.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to train and evaluate on.
+
+    ``dataset``: ``synthetic`` (embedded, generated from ``seed``), ``folder`` (``root/<split>/images``
+    + ``labels``, class map from ``class_map`` or ``root/classes.json``), ``camvid`` (the
+    ``../shared/data/camvid`` layout) or ``aerial`` (colour-coded tiles ``root/tileN/{images,masks}``).
+    ``resize`` is (H, W) applied when loading whole images; aerial training samples random
+    ``tile_crop`` crops on the fly, ``samples_per_epoch`` of them per epoch.
+    """
+
+    dataset: Literal["synthetic", "folder", "camvid", "aerial"] = "synthetic"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    class_map: str | None = None
+    resize: tuple[int, int] | None = None
+    train_tiles: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    val_tiles: list[int] = field(default_factory=lambda: [6, 7])
+    tile_crop: int = 512
+    samples_per_epoch: int = 512
+    batch_size: int = 8
+    num_workers: int = 0
+    on_error: Literal["raise", "skip"] = "raise"
+    synthetic_train_images: int = 64
+    synthetic_val_images: int = 16
+    synthetic_size: tuple[int, int] = (96, 128)
+    synthetic_classes: int = 5
+    synthetic_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Model name from ``labelwise.models.available_models()`` and its constructor options."""
+
+    name: str = "unet"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossTerm:
+    """One weighted term of the training loss: ``ce`` (cross-entropy) or ``dice`` (soft Dice)."""
+
+    name: str = "ce"
+    weight: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    """Weighted sum of loss terms; ``class_weights``: ``none``, ``balanced`` (from the training
+    labels' class frequencies, see ``balance_method``) or an explicit list, one per class."""
+
+    terms: list[LossTerm] = field(default_factory=lambda: [LossTerm("ce", 1.0)])
+    class_weights: Union[Literal["none", "balanced"], list[float]] = "none"
+    balance_method: Literal["inverse_sqrt", "inverse", "median_frequency", "effective_number"] = "inverse_sqrt"
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser: AdamW (``betas``, ``weight_decay``) or SGD (``momentum``, ``nesterov``);
+    ``grad_clip`` is the max global gradient L2 norm (None = off)."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    nesterov: bool = False
+    grad_clip: float | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: ``window`` enables sliding-window inference with that square window in pixels
+    (None = whole image at once), ``overlap`` is the window overlap fraction; ``every`` runs a
+    validation pass every N steps (0 = only at the end); ``input_scale`` resizes images before the
+    model and logits back to full resolution."""
+
+    window: int | None = None
+    overlap: float = 0.5
+    batch_size: int = 4
+    every: int = 0
+    input_scale: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a supervised training run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    run_dir: str = "runs/train"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress: bool = True
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+    def validate(self) -> None:
+        """Range checks the type system cannot express."""
+        if not self.stages:
+            raise ConfigError("stages: at least one stage is required")
+        for i, stage in enumerate(self.stages):
+            if stage.steps <= 0:
+                raise ConfigError(f"stages.{i}.steps: must be > 0, got {stage.steps}")
+            if stage.lr <= 0:
+                raise ConfigError(f"stages.{i}.lr: must be > 0, got {stage.lr}")
+            if stage.warmup_steps < 0 or stage.warmup_steps >= stage.steps and stage.warmup_steps:
+                raise ConfigError(f"stages.{i}.warmup_steps: must be in [0, steps), got {stage.warmup_steps}")
+            if not 0 < stage.input_scale <= 4:
+                raise ConfigError(f"stages.{i}.input_scale: must be in (0, 4], got {stage.input_scale}")
+            if stage.batch_size is not None and stage.batch_size <= 0:
+                raise ConfigError(f"stages.{i}.batch_size: must be > 0")
+        if self.data.batch_size <= 0:
+            raise ConfigError(f"data.batch_size: must be > 0, got {self.data.batch_size}")
+        if self.checkpoint_every <= 0:
+            raise ConfigError(f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
+        if self.data.dataset != "synthetic" and not self.data.root:
+            raise ConfigError(f"data.root: required for dataset {self.data.dataset!r}")
+        if not 0 <= self.eval.overlap < 1:
+            raise ConfigError(f"eval.overlap: must be in [0, 1), got {self.eval.overlap}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic dataclass <-> plain data conversion with validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` and convert lists/dicts into dataclasses/tuples."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {list(get_args(tp))}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values ({_type_name(tp)}), got {value!r}")
+        return tuple(_convert(v, a, f"{key}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys and bad types."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (valid keys of {prefix.rstrip('.') or cls.__name__}: {sorted(names)})"
+        )
+    kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> Any:
+    """Dataclass tree → plain YAML/JSON-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML.
+
+    List items are addressed by index (``stages.1.lr=0.01``); a new stage index one past the end
+    appends a copy of the previous stage.
+    """
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. optim.name=sgd")
+    dotted, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{dotted}: cannot parse value {raw!r}: {exc}") from exc
+    parts = dotted.strip().split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = _list_item(node, part, where)
+        elif isinstance(node, dict):
+            if part not in node:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"{where}: is not a section, cannot set {dotted}")
+    last = parts[-1]
+    if isinstance(node, list):
+        index = _list_index(node, last, dotted)
+        if index == len(node):
+            node.append(value)
+        else:
+            node[index] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{dotted}: parent is not a section")
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    try:
+        index = int(part)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: list items are addressed by index, got {part!r}") from exc
+    if not 0 <= index <= len(node):
+        raise ConfigError(f"{where}: index {index} out of range (list has {len(node)} items)")
+    return index
+
+
+def _list_item(node: list, part: str, where: str) -> Any:
+    index = _list_index(node, part, where)
+    if index == len(node):
+        node.append(dict(node[-1]) if node and isinstance(node[-1], dict) else {})
+    return node[index]
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load dataclass ``cls`` from YAML file ``path`` (defaults where absent) plus overrides."""
+    data: dict[str, Any] = to_dict(cls())
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: config file not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        _check_keys(cls, loaded, "")
+        data = _merge(data, loaded)
+    for override in overrides:
+        apply_override(data, override)
+    config = from_dict(cls, data)
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def _check_keys(cls: Any, loaded: dict[str, Any], prefix: str) -> None:
+    """Fail on unknown keys before merging, so the message points at the YAML key."""
+    if not dataclasses.is_dataclass(cls):
+        return
+    hints = get_type_hints(cls)
+    for key, value in loaded.items():
+        if key not in hints:
+            valid = sorted(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"{prefix}{key}: unknown key (valid keys: {valid})")
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
+            _check_keys(hints[key], value, f"{prefix}{key}.")
+
+
+def _merge(base: Any, update: Any) -> Any:
+    """Deep-merge mappings; lists and scalars in ``update`` replace those in ``base``.
+
+    A list of mappings (stages) merges item by item onto the default first item, so a YAML
+    stage that sets only ``steps`` keeps the defaults of every other stage key.
+    """
+    if isinstance(base, dict) and isinstance(update, dict):
+        merged = dict(base)
+        for key, value in update.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(update, list) and base and all(isinstance(b, dict) for b in base):
+        template = base[0]
+        return [_merge(template, item) if isinstance(item, dict) else item for item in update]
+    return update
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write ``config`` as YAML (atomically)."""
+    from labelwise.engine.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+__all__ = [
+    "AugmentConfig",
+    "StageConfig",
+    "DataConfig",
+    "ModelConfig",
+    "LossTerm",
+    "LossConfig",
+    "OptimConfig",
+    "EvalConfig",
+    "TrainConfig",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "apply_override",
+    "save_config",
+]
+
+_ = typing  # keep the import for get_type_hints on postponed annotations

@@ -1,0 +1,1 @@
+"""One module per supervision regime; each exposes train / evaluate / predict functions."""

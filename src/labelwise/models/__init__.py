@@ -1,0 +1,38 @@
+"""Segmentation models and their registry.
+
+    from labelwise.models import create
+    model = create("unet", num_classes=5, width=16, depth=3)
+    logits = model(images)                    # [B, 3, H, W] in [0, 1] -> [B, 5, H, W]
+    same = create(**model.config())           # rebuild from a saved JSON config
+
+Registered names: ``"unet"``, ``"u2net"`` (variant "full"), ``"u2net_small"`` (U²-Net†).
+New models register with ``@register_model("name")`` on a ``SegmentationModel`` subclass; the
+module defining them must be imported here.
+"""
+
+from labelwise.models.base import (
+    DeepSupervisionOutput,
+    ModelOutput,
+    SegmentationModel,
+    available_models,
+    create,
+    model_options,
+    register_model,
+)
+from labelwise.models.heads import PixelClassifier
+from labelwise.models.u2net import RSU, U2Net
+from labelwise.models.unet import UNet
+
+__all__ = [
+    "RSU",
+    "DeepSupervisionOutput",
+    "ModelOutput",
+    "PixelClassifier",
+    "SegmentationModel",
+    "U2Net",
+    "UNet",
+    "available_models",
+    "create",
+    "model_options",
+    "register_model",
+]

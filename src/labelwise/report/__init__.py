@@ -1,0 +1,5 @@
+"""Writing predictions as images."""
+
+from labelwise.report.png import overlay, write_prediction_pngs, write_rgb_png
+
+__all__ = ["overlay", "write_prediction_pngs", "write_rgb_png"]

@@ -1,0 +1,63 @@
+"""The command line: help texts, the demo end to end, evaluate / predict on its output, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from labelwise.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "demo"])
+def test_help_explains_every_option_with_default(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001
+    for action in sub._actions:  # noqa: SLF001
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help"
+            assert any(opt in text for opt in action.option_strings)
+    assert "default" in text
+
+
+def test_demo_end_to_end_then_evaluate_and_predict(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    assert main(["demo", "--run-dir", str(run_dir), "--steps", "40", "--device", "cpu", "--no-progress"]) == 0
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["pixel_acc"] <= 1.0
+    for kind in ("ids", "color", "overlay"):
+        files = sorted((run_dir / "predictions" / kind).glob("*.png"))
+        assert len(files) == 16, kind
+    ids = np.asarray(Image.open(sorted((run_dir / "predictions" / "ids").glob("*.png"))[0]))
+    assert ids.ndim == 2 and ids.max() < 5
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "config.yaml").exists()
+    capsys.readouterr()
+
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(run_dir), "--device", "cpu", "--output", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["miou"] == pytest.approx(metrics["miou"], abs=1e-6)
+
+    pred_dir = tmp_path / "pred"
+    image = sorted((run_dir / "images").glob("*.png"))[0]
+    assert main(["predict", str(run_dir), str(image), "--out", str(pred_dir), "--device", "cpu",
+                 "--window", "32", "--overlap", "0.25"]) == 0
+    assert (pred_dir / "overlay" / image.name).exists()
+
+
+def test_config_error_exit_code_and_message(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("optim:\n  learning_rate: 0.1\n")
+    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "optim.learning_rate" in capsys.readouterr().err
+
+
+def test_predict_missing_input_is_named(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "nomodel"), str(tmp_path / "nothing.png")]) == 2
+    assert "model.json" in capsys.readouterr().err

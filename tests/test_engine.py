@@ -1,0 +1,132 @@
+"""Training engine: schedules, sampler, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from labelwise.config import StageConfig
+from labelwise.engine import checkpoint as ckpt
+from labelwise.engine.sampler import ResumableBatchSampler
+from labelwise.engine.schedule import lr_at
+from labelwise.errors import CheckpointError
+from labelwise.methods import supervised
+
+
+def test_schedules_match_their_formulas():
+    poly = StageConfig(steps=100, lr=0.1, schedule="poly", warmup_steps=10, poly_power=0.9, min_lr=0.001)
+    cosine = StageConfig(steps=50, lr=0.01, schedule="cosine", min_lr=0.0)
+    stages = [poly, cosine]
+    assert lr_at(stages, 0) == pytest.approx(0.1 * 1 / 10)
+    assert lr_at(stages, 9) == pytest.approx(0.1)
+    t = (40 - 10) / 90
+    assert lr_at(stages, 40) == pytest.approx(0.001 + (0.1 - 0.001) * (1 - t) ** 0.9)
+    assert lr_at(stages, 100) == pytest.approx(0.01)  # second stage starts at its peak
+    assert lr_at(stages, 125) == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 25 / 50)))
+    constant = StageConfig(steps=5, lr=0.3, schedule="constant")
+    assert lr_at([constant], 4) == pytest.approx(0.3)
+
+
+def test_sampler_shards_are_disjoint_and_resumable():
+    full = list(ResumableBatchSampler(40, 4, seed=3))
+    ranks = [list(ResumableBatchSampler(40, 4, seed=3, rank=r, world_size=2)) for r in range(2)]
+    for a, b in zip(*ranks):
+        assert not set(a) & set(b)
+    resumed = ResumableBatchSampler(40, 4, seed=3)
+    resumed.set_position(0, 6)
+    assert list(resumed) == full[6:]
+    other_epoch = ResumableBatchSampler(40, 4, seed=3)
+    other_epoch.set_position(1)
+    assert list(other_epoch) != full
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_exact_resume_gives_identical_weights(tiny_config, tmp_path):
+    config = replace(tiny_config, checkpoint_every=3)
+    config.stages = [replace(config.stages[0], steps=5), StageConfig(steps=4, lr=1e-3, input_scale=0.5)]
+    config.data = replace(config.data, batch_size=4, synthetic_train_images=12)  # 3 batches per epoch
+    straight = replace(config, run_dir=str(tmp_path / "straight"))
+    supervised.train(straight)
+
+    interrupted = replace(config, run_dir=str(tmp_path / "interrupted"))
+    partial = supervised.train(interrupted, stop_at=6)
+    assert partial.train.steps == 6 and not (tmp_path / "interrupted" / "model.safetensors").exists()
+    with pytest.raises(CheckpointError, match="--resume"):
+        supervised.train(interrupted)
+    supervised.train(interrupted, resume=True)
+
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "interrupted")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 9 and "images_per_second" in log[-1]
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_config):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        supervised.train(tiny_config, resume=True)
+
+
+def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    first = ckpt.TrainingCheckpoint(1, model.state_dict(), optimizer.state_dict(), {"epoch": 0}, [ckpt.capture_rng_state()])
+    ckpt.save_training_checkpoint(tmp_path, first)
+
+    def exploding_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", exploding_save)
+    with pytest.raises(OSError):
+        ckpt.save_training_checkpoint(tmp_path, replace(first, step=2))
+    monkeypatch.undo()
+    folder = ckpt.latest_checkpoint_dir(tmp_path)
+    loaded = ckpt.load_training_checkpoint(folder)
+    assert loaded.step == 1
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model_state[key], value)
+    assert loaded.optimizer_state["state"][0]["exp_avg"].shape == (2, 3)
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    state = ckpt.TrainingCheckpoint(1, model.state_dict(), torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+                                    {}, [ckpt.capture_rng_state()])
+    folder = ckpt.save_training_checkpoint(tmp_path, state)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        ckpt.load_training_checkpoint(folder)
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = ckpt.capture_rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    ckpt.restore_rng_state(*state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_strict_load_names_keys_and_shapes():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(CheckpointError, match="missing keys.*bias"):
+        ckpt.load_state_strict(model, {"weight": torch.zeros(2, 3)}, "w.safetensors")
+    with pytest.raises(CheckpointError, match="'weight' has shape"):
+        ckpt.load_state_strict(model, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "w.safetensors")
