@@ -16,29 +16,10 @@ from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
+from labelwise.data.transforms import AugmentConfig
 from labelwise.errors import ConfigError
 
 T = TypeVar("T")
-
-
-@dataclass
-class AugmentConfig:
-    """Paired image/mask augmentation of one training stage (applied to whole batches).
-
-    Probabilities are in [0, 1]; ``rotate_degrees`` is the maximum absolute rotation; ``scale``
-    is the (min, max) zoom factor; ``crop_size`` is the (H, W) of the training crop in pixels
-    (None keeps the loaded size); jitter strengths are the maximum relative change.
-    """
-
-    hflip: float = 0.5
-    vflip: float = 0.0
-    rotate_degrees: float = 0.0
-    scale: tuple[float, float] = (1.0, 1.0)
-    crop_size: tuple[int, int] | None = None
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
 
 
 @dataclass
@@ -280,7 +261,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"{prefix}{unknown[0]}: unknown key (valid keys of {prefix.rstrip('.') or cls.__name__}: {sorted(names)})"
         )
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if not prefix:
+            raise
+        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from exc
 
 
 def to_dict(config: Any) -> Any:

@@ -267,7 +267,7 @@ class PairedFilesDataset(SegmentationDataset):
         warnings.warn(
             f"{self.where}: skipped {len(problems)} bad file(s) or pair(s) ({summary}); "
             f"{len(self.pairs)} pair(s) kept. {details}",
-            stacklevel=3,
+            stacklevel=4,
         )
 
     # -- access -----------------------------------------------------------------------

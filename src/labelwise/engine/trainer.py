@@ -263,6 +263,9 @@ class Trainer:
             collate_fn=self.collate_fn,
             pin_memory=self.options.device.type == "cuda",
             persistent_workers=False,
+            # A private generator: creating a loader iterator must not consume the global RNG,
+            # or a resumed run (which creates its iterator at another step) would diverge.
+            generator=torch.Generator().manual_seed(self.options.seed * 1_000_003 + self.epoch),
         )
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
