@@ -138,6 +138,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     precision: Literal["bf16", "fp32"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    channels_last: bool = True
     seed: int = 0
     run_dir: str = "runs/train"
     checkpoint_every: int = 500

@@ -21,14 +21,20 @@ def make_logits_fn(model: nn.Module, device: torch.device, precision: str, input
     """``images [B, 3, H, W] → float32 logits [B, C, H, W]`` under the chosen precision.
 
     With ``input_scale != 1`` the images are resized before the model and the logits resized
-    back (bilinear) to the input size.
+    back (bilinear) to the input size. Inputs follow the memory format of the model's weights.
     """
+    channels_last = any(
+        p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )
 
     def logits_fn(images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
         if input_scale != 1.0:
             size = (max(1, round(height * input_scale)), max(1, round(width * input_scale)))
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(device, precision):
             logits = model(images)
         logits = logits.float()

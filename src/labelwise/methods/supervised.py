@@ -57,7 +57,7 @@ def make_augmenters(stages: Sequence[Any], ignore_index: int) -> list[PairedAugm
     return [PairedAugment(stage.augment, ignore_index=ignore_index) for stage in stages]
 
 
-def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment]):
+def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], channels_last: bool = False):
     """Step function: resize to the stage's input scale, augment, forward, loss."""
 
     def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
@@ -69,6 +69,8 @@ def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment]):
                 images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
                 masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
             images, masks = augmenters[context.stage_index](images, masks)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         output = model(images)
         total, parts = loss_fn(output, masks)
         return StepOutput(total, {k: float(v.detach()) for k, v in parts.items()}, images.shape[0])
@@ -96,7 +98,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, st
         ignore_index=class_map.ignore_index,
         class_weights=loss_class_weights(config, splits),
     ).to(device)
-    step_fn = make_step_fn(loss_fn, make_augmenters(config.stages, class_map.ignore_index))
+    step_fn = make_step_fn(loss_fn, make_augmenters(config.stages, class_map.ignore_index), config.channels_last)
 
     def eval_fn(bare: nn.Module, step: int) -> dict[str, float]:
         metrics = evaluate_model(bare, splits.val, class_map.num_classes, config.eval, device, config.precision,
@@ -105,7 +107,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, st
 
     options = TrainerOptions(
         stages=config.stages, optim=config.optim, run_dir=run_dir, device=device, precision=config.precision,
-        seed=config.seed, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
+        channels_last=config.channels_last, seed=config.seed, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         log_every=config.log_every, eval_every=config.eval.every, progress=config.progress,
     )
