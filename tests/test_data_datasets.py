@@ -239,7 +239,12 @@ def test_random_crops_are_deterministic(aerial_root: Path) -> None:
     assert [crops[i]["name"] for i in range(12)] != [s["name"] for s in first]
     crops.set_epoch(0)
     assert [crops[i]["name"] for i in range(12)] == [s["name"] for s in first]
-    assert len(crops._cache) <= crops.cache_size
+    assert 0 < crops.cached_bytes <= crops.cache_bytes
+    tiny_cache = RandomCropDataset(AerialTiles(aerial_root), crop_size=16, samples_per_epoch=12, seed=3,
+                                   cache_megabytes=1e-6)
+    for i in range(12):
+        assert tiny_cache[i]["name"] == first[i]["name"]
+    assert len(tiny_cache._cache) == 1  # over budget: only the tile in use stays
 
 
 def test_random_crop_content_and_padding(aerial_root: Path) -> None:

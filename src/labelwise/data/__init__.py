@@ -50,7 +50,7 @@ DATASET_KINDS: dict[str, Callable[..., SegmentationDataset]] = {
     "aerial": AerialTiles,
 }
 #: Keyword arguments that wrap a file dataset in :class:`RandomCropDataset`.
-CROP_KEYS = ("crop_size", "samples_per_epoch", "seed", "cache_size", "crops_per_tile")
+CROP_KEYS = ("crop_size", "samples_per_epoch", "seed", "cache_megabytes", "crops_per_tile")
 
 
 def _parameters(factory: Callable[..., Any]) -> list[str]:
@@ -62,7 +62,7 @@ def build_dataset(kind: str, **kwargs: Any) -> SegmentationDataset:
 
     Kinds: ``"synthetic"`` (:class:`SyntheticShapes`), ``"folder"`` (:class:`FolderDataset`),
     ``"camvid"`` (:class:`CamVid`), ``"aerial"`` (:class:`AerialTiles`). For the file kinds,
-    passing ``crop_size`` (and ``samples_per_epoch``, optional ``seed``, ``cache_size``,
+    passing ``crop_size`` (and ``samples_per_epoch``, optional ``seed``, ``cache_megabytes``,
     ``crops_per_tile``) wraps the dataset in :class:`RandomCropDataset`.
 
     Raises:

@@ -136,8 +136,9 @@ class RandomCropDataset(SegmentationDataset):
         crop_size: ``S`` or ``(H, W)`` in pixels.
         samples_per_epoch: the dataset length (crops per epoch).
         seed: base seed; crop ``i`` of epoch ``e`` uses ``np.random.default_rng([seed, e, i])``.
-        cache_size: decoded tiles kept per process (an LRU cache; a 6000x6000 tile takes about
-            140 MB with its mask).
+        cache_megabytes: memory budget of the per-process LRU cache of decoded tiles (a
+            6000x6000 tile takes about 140 MB with its mask). The default holds every tile of a
+            small set such as the Dubai tiles (~330 MB), so each tile is decoded once per worker.
         crops_per_tile: consecutive indices ``i // crops_per_tile`` share their tile (drawn
             with ``default_rng([seed, e, i // crops_per_tile, crops_per_tile])``) so that the
             cache hits when a loader reads indices in order; 1 (default) draws a tile per crop.
@@ -154,15 +155,15 @@ class RandomCropDataset(SegmentationDataset):
         crop_size: int | Sequence[int],
         samples_per_epoch: int,
         seed: int = 0,
-        cache_size: int = 4,
+        cache_megabytes: float = 1024.0,
         crops_per_tile: int = 1,
     ) -> None:
         if not isinstance(source, PairSource):
             raise DataError(f"RandomCropDataset: source {source!r} lacks pairs / class_map / load_pair")
         if samples_per_epoch <= 0:
             raise DataError(f"RandomCropDataset: samples_per_epoch must be positive, got {samples_per_epoch}")
-        if crops_per_tile <= 0 or cache_size <= 0:
-            raise DataError("RandomCropDataset: crops_per_tile and cache_size must be positive")
+        if crops_per_tile <= 0 or cache_megabytes <= 0:
+            raise DataError("RandomCropDataset: crops_per_tile and cache_megabytes must be positive")
         if not source.pairs:
             raise DataError("RandomCropDataset: the source has no pairs")
         self.source = source
@@ -170,7 +171,7 @@ class RandomCropDataset(SegmentationDataset):
         self.crop_size = _pair_crop(crop_size)
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
-        self.cache_size = int(cache_size)
+        self.cache_bytes = int(cache_megabytes * 2**20)
         self.crops_per_tile = int(crops_per_tile)
         self.epoch = 0
         self.sizes = [self._source_size(i) for i in range(len(source.pairs))]
@@ -225,9 +226,14 @@ class RandomCropDataset(SegmentationDataset):
             )
         entry = (image, _compact_mask(mask, self.class_map))
         self._cache[index] = entry
-        while len(self._cache) > self.cache_size:
+        while len(self._cache) > 1 and self.cached_bytes > self.cache_bytes:
             self._cache.popitem(last=False)
         return entry
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held by the tile cache of this process."""
+        return sum(image.nbytes + mask.nbytes for image, mask in self._cache.values())
 
     def crop(self, tile: int, y: int, x: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``crop_size`` window of tile ``tile`` with top-left ``(y, x)``: (uint8 ``[h, w, 3]``,
