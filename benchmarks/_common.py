@@ -27,11 +27,19 @@ def require_data(name: str) -> Path:
 
 
 def git_commit() -> str:
+    """HEAD's sha, with ``+dirty`` when src/, configs/ or benchmarks/ differ from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "configs", "benchmarks/*.py"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# Recorded when the benchmark starts, so later commits made while it runs do not relabel it.
+START_COMMIT = git_commit()
 
 
 def device_name(device: torch.device) -> str:
@@ -47,7 +55,7 @@ def write_results(name: str, rows: list[dict[str, Any]], device: torch.device, e
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     payload = {
         "benchmark": name,
-        "commit": git_commit(),
+        "commit": START_COMMIT,
         "command": command,
         "device": device_name(device),
         "torch_threads": torch.get_num_threads(),

@@ -1,15 +1,22 @@
-"""Shared body of the supervised benchmarks: train from a YAML config, evaluate, write one row."""
+"""Shared body of the supervised benchmarks: train from a YAML config, evaluate, write the rows.
+
+Two rows per run: the plain evaluation and the same model with flip test-time augmentation.
+``--eval-only`` re-evaluates a finished benchmark run without training again.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import replace
 from pathlib import Path
 
-from _common import ROOT, require_data, write_results
+from _common import RESULTS, ROOT, require_data, write_results
 
 from labelwise.config import TrainConfig, load_config
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import supervised
+from labelwise.methods.common import load_model
 
 
 def parse_args(description: str, default_config: str) -> argparse.Namespace:
@@ -18,30 +25,36 @@ def parse_args(description: str, default_config: str) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--suffix", default="", help="results file suffix, e.g. _gpu for a separate GPU row set")
     parser.add_argument("--resume", action="store_true", help="resume an interrupted benchmark run")
+    parser.add_argument("--eval-only", action="store_true", help="re-evaluate the finished run, do not train")
     return parser.parse_args()
 
 
 def run(name: str, method: str, dataset: str, data_dir: str, description: str, default_config: str) -> None:
     args = parse_args(description, default_config)
     root = require_data(data_dir)
+    run_dir = ROOT / "benchmarks" / "runs" / (name + args.suffix)
     config: TrainConfig = load_config(
-        TrainConfig, ROOT / args.config,
-        [f"data.root={root}", f"run_dir={ROOT / 'benchmarks' / 'runs' / (name + args.suffix)}", *args.overrides],
+        TrainConfig, ROOT / args.config, [f"data.root={root}", f"run_dir={run_dir}", *args.overrides],
     )
-    result = supervised.train(config, resume=args.resume, overwrite=not args.resume)
-    metrics = result.metrics
-    row = {
-        "method": method,
-        "dataset": dataset,
-        "split": config.data.val_split if config.data.dataset != "aerial" else "tiles " + ",".join(map(str, config.data.val_tiles)),
-        "miou": metrics["miou"],
-        "pixel_acc": metrics["pixel_acc"],
-        "mean_acc": metrics.get("mean_acc"),
-        "per_class_iou": metrics["per_class_iou"],
-        "train_seconds": round(result.train.train_seconds, 1),
-        "images_per_second": round(result.train.images_per_second, 2),
-        "precision": config.precision,
-        "steps": config.total_steps,
-        "config": args.config,
-    }
-    write_results(name, [row], resolve_device(config.device), suffix=args.suffix)
+    extra = {}
+    if args.eval_only:
+        previous = RESULTS / f"{name}{args.suffix}.json"
+        if previous.exists():
+            extra["train_commit"] = json.loads(previous.read_text())["commit"]
+    else:
+        supervised.train(config, resume=args.resume, overwrite=not args.resume)
+    plain = json.loads((run_dir / "eval.json").read_text())
+    eval_config = load_model(run_dir).eval_config
+    flipped = supervised.evaluate(run_dir, config, device=config.device, precision=config.precision,
+                                  eval_config=replace(eval_config, flip=True)).to_dict(list(plain["per_class_iou"]))
+    split = config.data.val_split if config.data.dataset != "aerial" else "tiles " + ",".join(map(str, config.data.val_tiles))
+    rows = []
+    for label, metrics in (("single", plain), ("flip", flipped)):
+        rows.append({
+            "method": method, "dataset": dataset, "split": split, "eval": label,
+            "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"], "mean_acc": metrics.get("mean_acc"),
+            "per_class_iou": metrics["per_class_iou"],
+            "train_seconds": round(plain["train_seconds"], 1), "images_per_second": round(plain["images_per_second"], 2),
+            "precision": config.precision, "steps": config.total_steps, "config": args.config,
+        })
+    write_results(name, rows, resolve_device(config.device), extra=extra, suffix=args.suffix)

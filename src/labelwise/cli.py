@@ -43,6 +43,8 @@ def _add_window(parser: argparse.ArgumentParser) -> None:
                              "0 = whole image)")
     parser.add_argument("--overlap", type=float, default=None,
                         help="sliding-window overlap fraction in [0, 1) (default: the model's eval setting, 0.5)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="average with the horizontally mirrored prediction (default: the model's eval setting, off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +98,8 @@ def _eval_config(args: argparse.Namespace, base):  # noqa: ANN001, ANN202
         config = replace(config, window=args.window or None)
     if args.overlap is not None:
         config = replace(config, overlap=args.overlap)
+    if args.flip is not None:
+        config = replace(config, flip=args.flip)
     return config
 
 

@@ -117,13 +117,15 @@ class EvalConfig:
     """Evaluation: ``window`` enables sliding-window inference with that square window in pixels
     (None = whole image at once), ``overlap`` is the window overlap fraction; ``every`` runs a
     validation pass every N steps (0 = only at the end); ``input_scale`` resizes images before the
-    model and logits back to full resolution."""
+    model and logits back to full resolution; ``flip`` averages the logits of the image and its
+    horizontal mirror (test-time augmentation, twice the inference cost)."""
 
     window: int | None = None
     overlap: float = 0.5
     batch_size: int = 4
     every: int = 0
     input_scale: float = 1.0
+    flip: bool = False
 
 
 @dataclass

@@ -16,12 +16,13 @@ from labelwise.eval.metrics import ConfusionMatrix, SegmentationMetrics
 from labelwise.eval.sliding_window import predict_logits
 
 
-def make_logits_fn(model: nn.Module, device: torch.device, precision: str, input_scale: float = 1.0
-                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_logits_fn(model: nn.Module, device: torch.device, precision: str, input_scale: float = 1.0,
+                   flip: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images [B, 3, H, W] → float32 logits [B, C, H, W]`` under the chosen precision.
 
     With ``input_scale != 1`` the images are resized before the model and the logits resized
-    back (bilinear) to the input size. Inputs follow the memory format of the model's weights.
+    back (bilinear) to the input size. With ``flip`` the logits of the horizontally mirrored
+    images (mirrored back) are averaged in. Inputs follow the memory format of the model's weights.
     """
     channels_last = any(
         p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
@@ -36,8 +37,9 @@ def make_logits_fn(model: nn.Module, device: torch.device, precision: str, input
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(device, precision):
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
+            if flip:
+                logits = 0.5 * (logits + model(images.flip(-1)).float().flip(-1))
         if logits.shape[-2:] != (height, width):
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         return logits
@@ -70,7 +72,7 @@ def evaluate_model(
     """
     was_training = model.training
     model.eval()
-    logits_fn = make_logits_fn(model, device, precision, config.input_scale)
+    logits_fn = make_logits_fn(model, device, precision, config.input_scale, config.flip)
     confusion = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
     batch_size = 1 if config.window else config.batch_size
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=pad_collate)

@@ -9,11 +9,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from labelwise.config import AugmentConfig, EvalConfig, TrainConfig, save_config
 from labelwise.data import PairedAugment, class_balanced_weights, class_frequencies, pad_collate, read_image
+from labelwise.data.transforms import resize_batch
 from labelwise.data.classmap import ClassMap
 from labelwise.engine.atomic import atomic_write_json
 from labelwise.engine.runtime import resolve_device
@@ -66,8 +66,7 @@ def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], chan
             if context.stage.input_scale != 1.0:
                 height, width = images.shape[-2:]
                 size = (round(height * context.stage.input_scale), round(width * context.stage.input_scale))
-                images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-                masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
+                images, masks = resize_batch(images, masks, size)
             images, masks = augmenters[context.stage_index](images, masks)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -175,7 +174,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out_dir: str |
     torch_device = resolve_device(device)
     model = loaded.model.to(torch_device)
     config = eval_config or loaded.eval_config
-    logits_fn = make_logits_fn(model, torch_device, precision, config.input_scale)
+    logits_fn = make_logits_fn(model, torch_device, precision, config.input_scale, config.flip)
     written = []
     for path in list_images(inputs):
         image = read_image(path)

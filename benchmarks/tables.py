@@ -1,0 +1,47 @@
+"""Print the results JSON files as markdown tables (pasted into BENCHMARKS.md).
+
+Run from the project root: `.venv/bin/python benchmarks/tables.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if value <= 1.0 else f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
+def table(payload: dict) -> str:
+    rows = payload["rows"]
+    keys = [k for k in ("method", "dataset", "split", "precision", "miou", "pixel_acc", "mean_acc", "train_seconds",
+                        "images_per_second", "steps", "eval") if any(k in r for r in rows)]
+    lines = [f"### {payload['benchmark']}", "",
+             f"`{payload['command']}` — commit `{payload['commit'][:12]}`, {payload['device']}, "
+             f"{payload['torch_threads']} threads, {payload['date']}", "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(k)) for k in keys) + " |")
+    per_class = [r for r in rows if isinstance(r.get("per_class_iou"), dict)]
+    if per_class:
+        names = list(per_class[0]["per_class_iou"])
+        lines += ["", "| per-class IoU | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for row in per_class:
+            label = " ".join(str(row.get(k, "")) for k in ("method", "eval") if row.get(k))
+            lines.append(f"| {label} | " + " | ".join(fmt(row['per_class_iou'][n]) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    for path in sorted(RESULTS.glob("*.json")):
+        print(table(json.loads(path.read_text())))
+        print()
+
+
+if __name__ == "__main__":
+    main()
