@@ -17,12 +17,17 @@ def fmt(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def short(commit: str) -> str:
+    sha, _, suffix = commit.partition("+")
+    return sha[:12] + ("+" + suffix if suffix else "")
+
+
 def table(payload: dict) -> str:
     rows = payload["rows"]
     keys = [k for k in ("method", "dataset", "split", "precision", "miou", "pixel_acc", "mean_acc", "train_seconds",
                         "images_per_second", "steps", "eval") if any(k in r for r in rows)]
     lines = [f"### {payload['benchmark']}", "",
-             f"`{payload['command']}` — commit `{payload['commit'][:12]}`, {payload['device']}, "
+             f"`{payload['command']}` — commit `{short(payload['commit'])}`, {payload['device']}, "
              f"{payload['torch_threads']} threads, {payload['date']}", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
