@@ -49,7 +49,8 @@ def _weights(run_dir):
     return load_file(str(run_dir / "model.safetensors"))
 
 
-def test_exact_resume_gives_identical_weights(tiny_config, tmp_path):
+@pytest.mark.parametrize("stop_at", [4, 6])  # about N/2 of the 9 steps, and one step past the stage change
+def test_exact_resume_gives_identical_weights(tiny_config, tmp_path, stop_at):
     config = replace(tiny_config, checkpoint_every=3)
     config.stages = [replace(config.stages[0], steps=5), StageConfig(steps=4, lr=1e-3, input_scale=0.5)]
     config.data = replace(config.data, batch_size=4, synthetic_train_images=12)  # 3 batches per epoch
@@ -57,8 +58,8 @@ def test_exact_resume_gives_identical_weights(tiny_config, tmp_path):
     supervised.train(straight)
 
     interrupted = replace(config, run_dir=str(tmp_path / "interrupted"))
-    partial = supervised.train(interrupted, stop_at=6)
-    assert partial.train.steps == 6 and not (tmp_path / "interrupted" / "model.safetensors").exists()
+    partial = supervised.train(interrupted, stop_at=stop_at)
+    assert partial.train.steps == stop_at and not (tmp_path / "interrupted" / "model.safetensors").exists()
     with pytest.raises(CheckpointError, match="--resume"):
         supervised.train(interrupted)
     supervised.train(interrupted, resume=True)

@@ -8,6 +8,7 @@ same step, optimiser state, lr, data order and RNG states as the uninterrupted r
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from labelwise.engine.checkpoint import (
     capture_rng_state,
     checkpoint_root,
     latest_checkpoint_dir,
+    load_state_strict,
     load_training_checkpoint,
     restore_rng_state,
     save_training_checkpoint,
@@ -175,8 +177,6 @@ class Trainer:
             )
         elif self.dist.is_main:
             if overwrite and checkpoint_root(self.run_dir).exists():
-                import shutil
-
                 shutil.rmtree(checkpoint_root(self.run_dir))
             if self.log_path.exists():
                 self.log_path.unlink()
@@ -184,8 +184,6 @@ class Trainer:
 
     def _restore(self, folder: Path) -> None:
         checkpoint = load_training_checkpoint(folder)
-        from labelwise.engine.checkpoint import load_state_strict
-
         load_state_strict(self.model, checkpoint.model_state, str(folder / "model.safetensors"))
         try:
             self.optimizer.load_state_dict(checkpoint.optimizer_state)

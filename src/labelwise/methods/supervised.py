@@ -11,19 +11,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from labelwise.config import AugmentConfig, EvalConfig, TrainConfig, save_config
+from labelwise.config import (
+    AugmentConfig,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    LossTerm,
+    ModelConfig,
+    StageConfig,
+    TrainConfig,
+    save_config,
+)
 from labelwise.data import PairedAugment, class_balanced_weights, class_frequencies, pad_collate, read_image
 from labelwise.data.transforms import resize_batch
-from labelwise.data.classmap import ClassMap
 from labelwise.engine.atomic import atomic_write_json
 from labelwise.engine.runtime import resolve_device
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
+from labelwise.errors import ConfigError, DataError
 from labelwise.eval.evaluate import evaluate_model, make_logits_fn, predict_batch
 from labelwise.eval.metrics import SegmentationMetrics
 from labelwise.losses import WeightedSumLoss, build_loss
 from labelwise.methods.common import DataSplits, build_datasets, build_eval_dataset, export_model, load_model, seed_everything
 from labelwise.models import create
-from labelwise.report import write_prediction_pngs
+from labelwise.report import write_prediction_pngs, write_rgb_png
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -47,8 +57,6 @@ def loss_class_weights(config: TrainConfig, splits: DataSplits) -> torch.Tensor 
         counts = class_frequencies(splits.train_source, num_classes, splits.class_map.ignore_index)
         return class_balanced_weights(counts, method=config.loss.balance_method)
     if len(weights) != num_classes:
-        from labelwise.errors import ConfigError
-
         raise ConfigError(f"loss.class_weights: {len(weights)} weights given for {num_classes} classes")
     return torch.tensor(weights, dtype=torch.float32)
 
@@ -136,8 +144,6 @@ def evaluate(model_path: str | Path, config: TrainConfig, split: str | None = No
     torch_device = resolve_device(device)
     dataset, class_map = build_eval_dataset(config.data, split)
     if class_map.names != loaded.class_map.names:
-        from labelwise.errors import ConfigError
-
         raise ConfigError(
             f"the model at {model_path} predicts classes {list(loaded.class_map.names)}, "
             f"the dataset has {list(class_map.names)}"
@@ -149,8 +155,6 @@ def evaluate(model_path: str | Path, config: TrainConfig, split: str | None = No
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     """Image files named in ``inputs`` (files, or folders whose image files are taken, sorted)."""
-    from labelwise.errors import DataError
-
     files: list[Path] = []
     for entry in map(Path, inputs):
         if entry.is_dir():
@@ -188,9 +192,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], out_dir: str |
 
 def demo_config(run_dir: str = "runs/demo", steps: int = 300, device: str = "auto", precision: str = "bf16"
                 ) -> TrainConfig:
-    """A small U-Net on the embedded synthetic dataset: trains in about a minute on 2 CPU cores."""
-    from labelwise.config import DataConfig, LossConfig, LossTerm, ModelConfig, StageConfig
-
+    """A small U-Net on the embedded synthetic dataset: trains in about 30 seconds on 2 CPU cores."""
     return TrainConfig(
         data=DataConfig(dataset="synthetic", batch_size=8, synthetic_train_images=96, synthetic_val_images=16),
         model=ModelConfig("unet", {"width": 16, "depth": 3}),
@@ -215,8 +217,6 @@ def demo(run_dir: str | Path = "runs/demo", steps: int = 300, device: str = "aut
     result = train(config, overwrite=True)
     image_dir = Path(run_dir) / "images"
     val, _ = build_eval_dataset(config.data)
-    from labelwise.report import write_rgb_png
-
     for index in range(len(val)):
         sample = val[index]
         array = (sample["image"].permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
@@ -226,8 +226,3 @@ def demo(run_dir: str | Path = "runs/demo", steps: int = 300, device: str = "aut
                "train_seconds": result.train.train_seconds}
     print(json.dumps(summary, indent=2))
     return result.metrics
-
-
-def class_map_of(model_path: str | Path) -> ClassMap:
-    """The class map stored with an exported model."""
-    return load_model(model_path).class_map
