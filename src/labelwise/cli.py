@@ -1,6 +1,6 @@
 """``labelwise <command>``: a thin argument parser over the Python API.
 
-Commands: ``train``, ``evaluate``, ``predict``, ``demo``. Every option's help states its default.
+Commands: ``train``, ``evaluate``, ``predict``, ``demo``, ``attention``, ``pretrain``. Every option's help states its default.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", type=Path, default=None, help="output folder (default: the config's run_dir)")
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --run-dir")
+    train.add_argument("--init", type=Path, default=None,
+                       help="initialise the encoder from PATH before training: a labelwise model folder, a "
+                            "pretraining run's backbone.safetensors or a ViT checkpoint; writes init_report.json; "
+                            "ignored with --resume (default: the config's model.init, none)")
     _add_runtime(train, with_config_defaults=True)
 
     evaluate = commands.add_parser("evaluate", help="evaluate an exported model on a labelled split",
@@ -85,7 +89,71 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="training steps")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_runtime(demo, with_config_defaults=False)
+
+    attention = commands.add_parser("attention", help="PNGs of a ViT's class-token attention (per head, mean, overlay)",
+                                    formatter_class=HELP)
+    attention.add_argument("images", nargs="+", type=Path, help="image files")
+    attention.add_argument("--backbone", required=True,
+                           help="ViT checkpoint file or backbone name (labelwise_default, DINO/DINOv2 names)")
+    attention.add_argument("--out", type=Path, default=Path("attention"),
+                           help="output folder; each image gets <out>/<stem>/head_XX.png, mean.png, overlay.png")
+    attention.add_argument("--size", type=int, default=480,
+                           help="resize so the shorter image side has this many pixels (0 = original size)")
+    attention.add_argument("--block", type=int, default=-1, help="transformer block (negative counts from the end)")
+    attention.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour-mapped mean")
+    attention.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                           help="where to run: auto picks CUDA when available")
+    attention.add_argument("--precision", choices=["bf16", "fp32"], default="fp32",
+                           help="fp32 (exact maps) or bf16 autocast")
+    _add_pretrain(commands)
     return parser
+
+
+#: ``labelwise.methods.pretrain.METHODS``, spelled out so that building the parser imports no torch.
+PRETRAIN_METHODS = ("dino", "moco", "dense_moco", "rotation")
+
+
+def _add_pretrain(commands) -> None:  # noqa: ANN001 - argparse's private subparsers action
+    pretrain = commands.add_parser(
+        "pretrain", help="self-supervised pretraining of a backbone on unlabelled images", formatter_class=HELP,
+        description="Pretrain a ViT or the U-Net encoder on folders of images (DINO / iBOT, MoCo, dense MoCo or "
+                    "rotation prediction); writes RUN_DIR/backbone.safetensors and RUN_DIR/pretrain.json.")
+    pretrain.add_argument("--config", type=Path, default=None,
+                          help="YAML PretrainConfig (default: built-in defaults: DINO, ViT-Tiny/16, 96/48 px crops)")
+    pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config key, e.g. --set dino.out_dim=2048 (repeatable; values are YAML)")
+    pretrain.add_argument("--images", nargs="+", type=Path, default=None, metavar="DIR",
+                          help="image folders, searched recursively (default: the config's data.images)")
+    pretrain.add_argument("--method", choices=PRETRAIN_METHODS, default=None,
+                          help="pretraining objective (default: the config's method, dino)")
+    pretrain.add_argument("--steps", type=int, default=None,
+                          help="training steps, replacing steps/epochs (default: the config's steps, 1000)")
+    pretrain.add_argument("--run-dir", type=Path, default=None,
+                          help="output folder (default: the config's run_dir, runs/pretrain)")
+    pretrain.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    pretrain.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --run-dir")
+    _add_runtime(pretrain, with_config_defaults=True)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from labelwise.config import load_config
+    from labelwise.methods import pretrain
+
+    overrides = list(args.overrides)
+    if args.images:
+        overrides.append("data.images=" + json.dumps([str(path) for path in args.images]))
+    if args.steps is not None:
+        overrides += [f"steps={args.steps}", "epochs=null"]
+    for key, value in (("method", args.method), ("run_dir", args.run_dir), ("device", args.device),
+                       ("precision", args.precision)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(str(value))}")
+    config = load_config(pretrain.PretrainConfig, args.config, overrides)
+    result = pretrain.train(config, resume=args.resume, overwrite=args.overwrite)
+    if result.summary:
+        keys = ("method", "steps", "images_seen", "epochs", "train_seconds", "images_per_second", "backbone_path")
+        print(json.dumps({k: result.summary[k] for k in keys}))
+    return 0
 
 
 def _eval_config(args: argparse.Namespace, base):  # noqa: ANN001, ANN202
@@ -126,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         if args.precision is not None:
             overrides.append(f"precision={args.precision}")
         config = load_config(TrainConfig, args.config, overrides)
+        if args.init is not None:
+            config.model.init = str(args.init)
         result = supervised.train(config, resume=args.resume, overwrite=args.overwrite)
         if result.metrics:
             print(json.dumps({k: result.metrics[k] for k in ("miou", "pixel_acc", "mean_acc") if k in result.metrics}))
@@ -149,6 +219,18 @@ def run(args: argparse.Namespace) -> int:
                                      eval_config=_eval_config(args, None), alpha=args.alpha)
         print(f"wrote predictions of {len(written)} image(s) to {args.out}/{{ids,color,overlay}}")
         return 0
+    if args.command == "attention":
+        from labelwise.models.vit_loading import load_vit
+        from labelwise.report.attention import write_attention_figures
+
+        written = write_attention_figures(load_vit(args.backbone), args.images, args.out, size=args.size or None,
+                                          block=args.block, device=args.device, precision=args.precision,
+                                          alpha=args.alpha)
+        count = sum(len(paths) for paths in written.values())
+        print(f"wrote {count} attention PNG(s) for {len(written)} image(s) to {args.out}/")
+        return 0
+    if args.command == "pretrain":
+        return _pretrain(args)
     if args.command == "demo":
         supervised.demo(args.run_dir, steps=args.steps, device=args.device, precision=args.precision,
                         progress=not args.no_progress)

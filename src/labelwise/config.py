@@ -75,10 +75,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Model name from ``labelwise.models.available_models()`` and its constructor options."""
+    """Model name from ``labelwise.models.available_models()`` and its constructor options.
+
+    ``init``: pretrained weights for the encoder, loaded before training starts (not on resume:
+    the checkpoint wins): a labelwise model folder, a pretraining run's ``backbone.safetensors``
+    or a ViT checkpoint (see ``labelwise.methods.transfer``).
+    """
 
     name: str = "unet"
     options: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
 
 
 @dataclass

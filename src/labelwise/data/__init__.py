@@ -15,6 +15,7 @@ from labelwise.data.camvid import CamVid
 from labelwise.data.classmap import ClassMap
 from labelwise.data.collate import pad_collate
 from labelwise.data.folder import FolderDataset, PairSource
+from labelwise.data.images import ImageFolderDataset
 from labelwise.data.io import read_image, read_label
 from labelwise.data.stats import class_balanced_weights, class_frequencies, one_hot
 from labelwise.data.synthetic import SyntheticShapes
@@ -27,6 +28,7 @@ __all__ = [
     "CamVid",
     "ClassMap",
     "FolderDataset",
+    "ImageFolderDataset",
     "PairSource",
     "PairedAugment",
     "RandomCropDataset",

@@ -60,6 +60,8 @@ class StepOutput:
 
 StepFn = Callable[[nn.Module, dict[str, Any], StepContext], StepOutput]
 EvalFn = Callable[[nn.Module, int], dict[str, float]]
+BeforeOptimizerStepFn = Callable[[torch.optim.Optimizer, int], None]
+AfterOptimizerStepFn = Callable[[nn.Module, int], None]
 
 
 @dataclass
@@ -128,6 +130,12 @@ class Trainer:
             at the end; its results go to the JSONL log.
         extra_state: called at checkpoint time; its JSON-able dict is stored and handed back
             through ``restored_extra`` after a resume (regimes keep their own state there).
+        before_optimizer_step: ``(optimizer, step)`` called after backward and gradient
+            clipping, before ``optimizer.step()`` (per-step weight decay, dropping gradients of
+            frozen layers).
+        after_optimizer_step: ``(bare model, step)`` called after ``optimizer.step()`` (EMA
+            teacher updates). Both get the 0-based index of the step being taken and must be
+            pure functions of it and of the model, so that resuming stays exact.
     """
 
     def __init__(
@@ -139,8 +147,12 @@ class Trainer:
         collate_fn: Callable[[list[Any]], dict[str, Any]],
         eval_fn: EvalFn | None = None,
         extra_state: Callable[[], dict[str, Any]] | None = None,
+        before_optimizer_step: BeforeOptimizerStepFn | None = None,
+        after_optimizer_step: AfterOptimizerStepFn | None = None,
     ) -> None:
         self.options = options
+        self.before_optimizer_step = before_optimizer_step
+        self.after_optimizer_step = after_optimizer_step
         self.dataset = dataset
         self.step_fn = step_fn
         self.collate_fn = collate_fn
@@ -325,7 +337,11 @@ class Trainer:
                 if options.optim.grad_clip is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.optim.grad_clip)
                     output.logs["grad_norm"] = float(grad_norm)
+                if self.before_optimizer_step is not None:
+                    self.before_optimizer_step(self.optimizer, self.step)
                 self.optimizer.step()
+                if self.after_optimizer_step is not None:
+                    self.after_optimizer_step(unwrap(self.model), self.step)
 
                 self.step += 1
                 self.batch_in_epoch += 1

@@ -123,6 +123,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, st
     if trainer.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+    if config.model.init and not resume:  # on resume the checkpoint's weights win
+        from labelwise.methods.transfer import initialise_from
+
+        initialise_from(trainer.bare_model, config.model.init, run_dir=run_dir if trainer.dist.is_main else None,
+                        verbose=trainer.dist.is_main)
     result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
     metrics: dict[str, Any] = {}
     if trainer.dist.is_main and result.steps >= config.total_steps:

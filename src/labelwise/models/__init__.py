@@ -5,7 +5,8 @@
     logits = model(images)                    # [B, 3, H, W] in [0, 1] -> [B, 5, H, W]
     same = create(**model.config())           # rebuild from a saved JSON config
 
-Registered names: ``"unet"``, ``"u2net"`` (variant "full"), ``"u2net_small"`` (U²-Net†).
+Registered names: ``"unet"``, ``"u2net"`` (variant "full"), ``"u2net_small"`` (U²-Net†),
+``"vit_linear"`` (ViT backbone + linear / small conv head, ``models/vit_seg.py``).
 New models register with ``@register_model("name")`` on a ``SegmentationModel`` subclass; the
 module defining them must be imported here.
 """
@@ -22,6 +23,8 @@ from labelwise.models.base import (
 from labelwise.models.heads import PixelClassifier
 from labelwise.models.u2net import RSU, U2Net
 from labelwise.models.unet import UNet
+from labelwise.models.vit import VIT_ARCHS, VisionTransformer, ViTConfig, ViTOutput, create_vit
+from labelwise.models.vit_seg import ViTSegmenter
 
 __all__ = [
     "RSU",
@@ -31,8 +34,14 @@ __all__ = [
     "SegmentationModel",
     "U2Net",
     "UNet",
+    "VIT_ARCHS",
+    "ViTConfig",
+    "ViTOutput",
+    "ViTSegmenter",
+    "VisionTransformer",
     "available_models",
     "create",
+    "create_vit",
     "model_options",
     "register_model",
 ]
