@@ -586,6 +586,16 @@ def _publish(staging: Path, final: Path) -> None:
         pass
 
 
+def default_num_workers(device: torch.device) -> int:
+    """Loader processes for :func:`extract_features` on ``device``: none on the CPU, where a worker
+    only competes with torch's own threads for the same cores (measured on 2 cores, ViT-S/16 at
+    224 px, bf16: 37.9 images/s with one worker against 54.6 without, the bare forward 61.9);
+    up to 4 on CUDA, where loading overlaps with GPU compute."""
+    if device.type == "cpu":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
@@ -598,7 +608,7 @@ def extract_features(
     attention_kinds: Sequence[str] = ("cls",),
     cache_dir: str | Path | None = None,
     preprocessing: Mapping[str, Any] | None = None,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     labels: bool = True,
     refresh: bool = False,
     prefetch_factor: int = 4,
@@ -618,7 +628,7 @@ def extract_features(
         cache_dir: where caches live (default :func:`default_cache_dir`).
         preprocessing: ``{"resize": N | [H, W], "crop": [H, W]}`` (module docstring).
         num_workers: DataLoader worker processes loading and preprocessing ahead of the
-            backbone (0 = load in this process).
+            backbone (0 = load in this process); None = :func:`default_num_workers`.
         labels: store the masks when the dataset has them.
         refresh: ignore (and replace) an existing cache with the same key.
         prefetch_factor: batches each worker prepares ahead.
@@ -637,6 +647,8 @@ def extract_features(
         if kind not in ATTENTION_KINDS:
             raise ConfigError(f"attention_kinds: unknown kind {kind!r} (valid: {list(ATTENTION_KINDS)})")
     torch_device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    if num_workers is None:
+        num_workers = default_num_workers(torch_device)
     prep = normalise_preprocessing(preprocessing)
     blocks = _attention_blocks(backbone, attention_blocks)
     kinds = sorted(set(attention_kinds)) if blocks else []
