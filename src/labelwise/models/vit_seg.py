@@ -90,39 +90,14 @@ class ViTSegmenter(SegmentationModel):
         dropout: float = 0.0,
         drop_path: float = 0.0,
     ) -> None:
-        super().__init__(
-            num_classes,
-            in_channels,
-            arch=arch,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            num_registers=num_registers,
-            layer_scale=layer_scale,
-            pos_grid=pos_grid,
-            head=head,
-            head_width=head_width,
-            dropout=dropout,
-            drop_path=drop_path,
-        )
+        vit_options = dict(arch=arch, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                           num_registers=num_registers, layer_scale=layer_scale, pos_grid=pos_grid,
+                           drop_path=drop_path)
+        super().__init__(num_classes, in_channels, **vit_options, head=head, head_width=head_width, dropout=dropout)
         check_choice("head", head, HEADS)
         check_int("head_width", head_width, 1)
         check_probability("dropout", dropout)
-        self.encoder = VisionTransformer(
-            ViTConfig(
-                arch=arch,
-                patch_size=patch_size,
-                embed_dim=embed_dim,
-                depth=depth,
-                num_heads=num_heads,
-                num_registers=num_registers,
-                layer_scale=layer_scale,
-                pos_grid=pos_grid,
-                drop_path=drop_path,
-                in_channels=in_channels,
-            )
-        )
+        self.encoder = VisionTransformer(ViTConfig(**vit_options, in_channels=in_channels))
         self.output_stride = self.encoder.patch_size
         self.head = make_head(head, self.encoder.embed_dim, num_classes, head_width, dropout)
 
