@@ -27,7 +27,7 @@ def table(payload: dict) -> str:
     keys = [k for k in ("method", "dataset", "split", "arch", "patch", "backbone", "precision", "miou", "pixel_acc",
                         "mean_acc", "train_seconds", "images_per_second", "forward_images_per_second",
                         "pipeline_images_per_second", "pipeline_one_worker_images_per_second",
-                        "pipeline_over_forward", "steps", "eval") if any(k in r for r in rows)]
+                        "pipeline_over_forward", "images", "epochs", "steps", "checkpoint", "eval") if any(k in r for r in rows)]
     lines = [f"### {payload['benchmark']}", "",
              f"`{payload['command']}` — commit `{short(payload['commit'])}`, {payload['device']}, "
              f"{payload['torch_threads']} threads, {payload['date']}", "",

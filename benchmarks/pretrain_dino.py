@@ -1,0 +1,89 @@
+"""Benchmark pretrain_dino: self-supervised pretraining of the project's default ViT backbone.
+
+Run from the project root: `.venv/bin/python benchmarks/pretrain_dino.py` (about 90 minutes on 2
+CPU cores). It runs `labelwise pretrain --config configs/pretrain_vit_tiny.yaml` into
+`benchmarks/runs/pretrain_dino/` (resumable: run the same command again after an interruption),
+copies the exported teacher to `weights/labelwise_vit.safetensors` (the offline default backbone,
+`--no-export` to leave it alone) and writes `benchmarks/results/pretrain_dino.json` with one row:
+arch, patch, images, epochs, train_seconds, checkpoint. The data are the unlabelled photographs
+of `../shared/data/unlabeled` plus the images (never the labels) of CamVid train+val and the
+Dubai aerial tiles, as listed in the config.
+
+Afterwards: `benchmarks/probe_camvid.py` (probe numbers of the exported backbone) and
+`benchmarks/attention_figures.py` (class-token attention PNGs of 4 CamVid images).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from _common import ROOT, require_data, write_results
+
+from labelwise.config import load_config
+from labelwise.engine.runtime import resolve_device
+from labelwise.methods.pretrain import PretrainConfig, train
+from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH, load_vit, save_vit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "pretrain_vit_tiny.yaml",
+                        help="pretraining config (default: configs/pretrain_vit_tiny.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (e.g. --set steps=300)")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "benchmarks" / "runs" / "pretrain_dino",
+                        help="run folder (default: benchmarks/runs/pretrain_dino)")
+    parser.add_argument("--export", type=Path, default=DEFAULT_BACKBONE_PATH,
+                        help="where the pretrained backbone is copied (default: weights/labelwise_vit.safetensors)")
+    parser.add_argument("--no-export", action="store_true", help="do not write --export")
+    parser.add_argument("--fresh", action="store_true", help="discard an unfinished run in --run-dir instead of "
+                        "resuming it")
+    parser.add_argument("--suffix", default="", help="results file suffix, e.g. _gpu")
+    args = parser.parse_args()
+    for name in ("unlabeled", "camvid", "dubai_aerial"):
+        require_data(name)
+
+    config = load_config(PretrainConfig, args.config, [*args.overrides, f"run_dir={args.run_dir}"])
+    # Relative data folders in the config are relative to the project root.
+    config.data.images = [str((ROOT / p).resolve()) if not Path(p).is_absolute() else p for p in config.data.images]
+    checkpoints = args.run_dir / "checkpoints"
+    resume = not args.fresh and checkpoints.is_dir() and any(checkpoints.iterdir())
+    result = train(config, resume=resume, overwrite=args.fresh)
+    if result.backbone_path is None:
+        raise SystemExit(f"{args.run_dir}: the run did not finish; run the same command again to resume it")
+
+    export = None
+    if not args.no_export:
+        export = save_vit(load_vit(result.backbone_path), args.export)
+        print(f"wrote {export}")
+    summary = result.summary
+    vit_config = config.backbone
+    row = {
+        "arch": vit_config.arch,
+        "patch": vit_config.patch_size,
+        "method": config.method + ("+ibot" if config.method == "dino" and config.dino.ibot else ""),
+        "images": summary["images"],
+        "steps": summary["steps"],
+        "batch_size": summary["batch_size"],
+        "images_seen": summary["images_seen"],
+        "epochs": round(summary["epochs"], 3),
+        "train_seconds": round(summary["train_seconds"], 1),
+        "images_per_second": round(summary["images_per_second"], 2),
+        "global_size": config.multicrop.global_size,
+        "local_size": config.multicrop.local_size,
+        "local_crops": config.multicrop.local_crops if config.method == "dino" else 0,
+        "resumed": resume,
+        "last_logs": {k: round(v, 4) for k, v in summary["last_logs"].items()},
+        "checkpoint": str(Path(export).relative_to(ROOT)) if export is not None and Path(export).is_relative_to(ROOT)
+        else str(export or result.backbone_path),
+    }
+    write_results("pretrain_dino", [row], resolve_device(config.device),
+                  extra={"config": str(Path(args.config).resolve().relative_to(ROOT))
+                         if Path(args.config).resolve().is_relative_to(ROOT) else str(args.config),
+                         "overrides": args.overrides},
+                  suffix=args.suffix)
+
+
+if __name__ == "__main__":
+    main()
