@@ -19,6 +19,7 @@ from labelwise.losses import (
     cross_entropy,
     deep_supervision_loss,
     focal_loss,
+    lovasz_softmax_loss,
     soft_dice_loss,
 )
 
@@ -222,7 +223,7 @@ def test_build_loss_options_and_class_weights() -> None:
     "terms, needle",
     [
         ([{"name": "ce", "wieght": 1.0}], "wieght"),
-        ([{"name": "lovasz"}], "lovasz"),
+        ([{"name": "hinge"}], "hinge"),
         ([{"weight": 1.0}], "name"),
         ([{"name": "dice", "gamma": 2.0}], "gamma"),
         ([{"name": "ce", "weight": -1.0}], "weight"),
@@ -238,3 +239,77 @@ def test_build_loss_errors_name_the_bad_key(terms, needle: str) -> None:
 def test_build_loss_rejects_wrong_class_weights() -> None:
     with pytest.raises(ConfigError, match="class_weights"):
         build_loss([{"name": "ce"}], num_classes=4, class_weights=torch.ones(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Lovász-softmax
+# ----------------------------------------------------------------------------------------------
+def ref_lovasz(logits: torch.Tensor, target: torch.Tensor, classes: str = "present") -> torch.Tensor:
+    """Literal Lovász extension of the Jaccard loss: per class, sort the errors, and weight the
+    i-th largest by J(S_i) - J(S_{i-1}) with J evaluated on explicit Python sets."""
+    probs = torch.softmax(logits.double(), dim=1)
+    pixels = [(b, i, j) for b, i, j in np.ndindex(*target.shape) if int(target[b, i, j]) != IGNORE]
+    per_class = []
+    for c in range(logits.shape[1]):
+        ground = {k for k, (b, i, j) in enumerate(pixels) if int(target[b, i, j]) == c}
+        if classes == "present" and not ground:
+            continue
+        errors = [abs((1.0 if k in ground else 0.0) - probs[b, c, i, j]) for k, (b, i, j) in enumerate(pixels)]
+        order = sorted(range(len(pixels)), key=lambda k: -float(errors[k]))
+
+        def jaccard(wrong: set) -> float:
+            return 1.0 - len(ground - wrong) / len(ground | wrong) if ground | wrong else 0.0
+
+        total, previous, chosen = 0.0, 0.0, set()
+        for k in order:
+            chosen.add(k)
+            current = jaccard(chosen)
+            total = total + errors[k] * (current - previous)
+            previous = current
+        per_class.append(total)
+    if not per_class:
+        return logits.sum() * 0.0
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64) if not torch.is_tensor(v) else v
+                        for v in per_class]).mean()
+
+
+@pytest.mark.parametrize("classes", ["present", "all"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lovasz_matches_literal_reference_in_value_and_gradient(seed: int, classes: str) -> None:
+    logits, target = make_batch(seed, num_classes=4, shape=(2, 4, 5))
+    target[target == 3] = 2  # class 3 absent: exercises the present / all difference
+    loss = lovasz_softmax_loss(logits, target, IGNORE, classes)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref = ref_lovasz(ref_logits, target, classes)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert float(loss) == pytest.approx(float(ref), abs=1e-6)
+    assert torch.allclose(grad, ref_grad.float(), atol=1e-6)
+
+
+def test_lovasz_on_one_hot_probabilities_is_one_minus_iou() -> None:
+    gen = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 3, (2, 9, 11), generator=gen)
+    prediction = torch.randint(0, 3, (2, 9, 11), generator=gen)
+    target[:, :2] = IGNORE
+    logits = F.one_hot(prediction, 3).permute(0, 3, 1, 2).float() * 1e4  # softmax is exactly one-hot
+    t, p = target.numpy(), prediction.numpy()
+    keep = t != IGNORE
+    ious = [np.sum((t == c) & (p == c) & keep) / np.sum(((t == c) | (p == c)) & keep) for c in range(3)]
+    assert float(lovasz_softmax_loss(logits, target, IGNORE)) == pytest.approx(1 - np.mean(ious), abs=1e-6)
+
+
+def test_lovasz_ignores_logits_at_ignored_pixels_and_builds_from_config() -> None:
+    logits, target = make_batch(5)
+    changed = logits.detach().clone().permute(1, 0, 2, 3)
+    changed[:, target == IGNORE] = 50.0
+    changed = changed.permute(1, 0, 2, 3)
+    assert float(lovasz_softmax_loss(logits, target)) == pytest.approx(float(lovasz_softmax_loss(changed, target)))
+    (grad,) = torch.autograd.grad(lovasz_softmax_loss(logits, target), logits)
+    assert torch.all(grad.permute(1, 0, 2, 3)[:, target == IGNORE] == 0)
+    loss = build_loss([{"name": "ce"}, {"name": "lovasz", "weight": 0.5, "classes": "all"}], num_classes=4)
+    total, parts = loss(logits, target)
+    assert set(parts) == {"ce", "lovasz"}
+    assert float(parts["lovasz"]) == pytest.approx(float(lovasz_softmax_loss(logits, target, classes="all")))
+    with pytest.raises(ConfigError, match="classes"):
+        build_loss([{"name": "lovasz", "classes": "some"}], num_classes=4)

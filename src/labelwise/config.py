@@ -89,7 +89,8 @@ class ModelConfig:
 
 @dataclass
 class LossTerm:
-    """One weighted term of the training loss: ``ce`` (cross-entropy) or ``dice`` (soft Dice)."""
+    """One weighted term of the training loss: ``ce`` (cross-entropy), ``dice`` (soft Dice),
+    ``focal`` or ``lovasz`` (Lovász-softmax)."""
 
     name: str = "ce"
     weight: float = 1.0

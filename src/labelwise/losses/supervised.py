@@ -1,5 +1,5 @@
-"""Supervised segmentation losses: cross-entropy, soft Dice, focal, their weighted sum, and
-deep supervision for models with side outputs (U²-Net).
+"""Supervised segmentation losses: cross-entropy, soft Dice, focal, Lovász-softmax, their
+weighted sum, and deep supervision for models with side outputs (U²-Net).
 
 Conventions: ``logits`` are ``[B, C, H, W]`` (any float dtype; every loss is computed in
 float32, also under bf16 autocast), ``target`` is int64 ``[B, H, W]`` holding class ids in
@@ -23,9 +23,11 @@ __all__ = [
     "cross_entropy",
     "soft_dice_loss",
     "focal_loss",
+    "lovasz_softmax_loss",
     "CrossEntropyLoss",
     "DiceLoss",
     "FocalLoss",
+    "LovaszLoss",
     "WeightedSumLoss",
     "deep_supervision_loss",
     "build_loss",
@@ -195,6 +197,49 @@ def focal_loss(
         return (per_pixel * pixel_weight).sum() / pixel_weight.sum().clamp_min(1e-12)
 
 
+def lovasz_softmax_loss(logits: Tensor, target: Tensor, ignore_index: int = 255, classes: str = "present") -> Tensor:
+    """Lovász-softmax loss (Berman et al., CVPR 2018): a convex surrogate of ``1 - IoU`` per class.
+
+    Over the non-ignored pixels of the whole batch, for each class ``c`` with errors
+    ``e_i = |[target_i == c] - p_c(i)|`` sorted in decreasing order, the loss is the Lovász
+    extension of the Jaccard loss, ``sum_i e_(i) * (J(S_i) - J(S_{i-1}))`` with ``S_i`` the
+    ``i`` largest errors and ``J(S) = 1 - |G \\ S| / |G ∪ S|`` (``G``: the class's pixels). On
+    one-hot probabilities it equals ``1 - IoU_c`` of the hard prediction exactly. Classes are
+    averaged: ``classes="present"`` over classes present in the target (0 when none is),
+    ``"all"`` over every class. Vectorised over classes (one sort of ``[C, P]``).
+
+    Args:
+        logits: ``[B, C, H, W]`` raw scores. target: int64 ``[B, H, W]``.
+
+    Returns:
+        Scalar float32 loss in [0, 1].
+    """
+    _check_inputs(logits, target)
+    if classes not in ("present", "all"):
+        raise ValueError(f"classes must be 'present' or 'all'; got {classes!r}")
+    num_classes = logits.shape[1]
+    valid = target != ignore_index
+    if not bool(valid.any()):
+        return _zero_like_loss(logits)
+    with _autocast_off(logits):
+        probs = torch.softmax(logits.float(), dim=1).permute(1, 0, 2, 3)[:, valid]  # [C, P]
+        labels = target[valid].long()  # [P]
+        foreground = (labels[None, :] == torch.arange(num_classes, device=labels.device)[:, None]).float()
+        errors = (foreground - probs).abs()
+        errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+        fg_sorted = torch.gather(foreground, 1, order)
+        totals = fg_sorted.sum(1, keepdim=True)  # |G| per class
+        intersection = totals - fg_sorted.cumsum(1)
+        union = totals + (1.0 - fg_sorted).cumsum(1)
+        jaccard = 1.0 - intersection / union  # J(S_i), i = 1..P; union >= 1 everywhere
+        steps = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+        per_class = (errors_sorted * steps).sum(1)  # [C]
+        if classes == "all":
+            return per_class.mean()
+        present = totals.squeeze(1) > 0
+        return (per_class * present).sum() / present.sum().clamp_min(1)
+
+
 # --------------------------------------------------------------------------------------------
 # modules
 # --------------------------------------------------------------------------------------------
@@ -279,6 +324,20 @@ class FocalLoss(_ClassWeightedLoss):
         return focal_loss(logits, target, self.ignore_index, self.gamma, self.class_weights)
 
 
+class LovaszLoss(_ClassWeightedLoss):
+    """Module form of :func:`lovasz_softmax_loss`; ``forward(logits [B,C,H,W], target [B,H,W]) -> scalar``."""
+
+    def __init__(self, ignore_index: int = 255, classes: str = "present", num_classes: int | None = None) -> None:
+        super().__init__(ignore_index, None, num_classes)
+        if classes not in ("present", "all"):
+            raise ConfigError(f"classes must be 'present' or 'all'; got {classes!r}")
+        self.classes = classes
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check(logits, target)
+        return lovasz_softmax_loss(logits, target, self.ignore_index, self.classes)
+
+
 # --------------------------------------------------------------------------------------------
 # deep supervision and weighted sums
 # --------------------------------------------------------------------------------------------
@@ -351,6 +410,7 @@ _TERM_OPTIONS: dict[str, tuple[type[nn.Module], dict[str, str], bool]] = {
     "ce": (CrossEntropyLoss, {"label_smoothing": "label_smoothing"}, True),
     "dice": (DiceLoss, {"smooth": "smooth", "classes_present_only": "classes_present_only"}, False),
     "focal": (FocalLoss, {"gamma": "gamma"}, True),
+    "lovasz": (LovaszLoss, {"classes": "classes"}, False),
 }
 
 
@@ -394,9 +454,9 @@ def build_loss(
     Example: ``build_loss([{"name": "ce", "weight": 1.0}, {"name": "dice", "weight": 0.5}], 6)``.
 
     Term names and their extra keys: ``"ce"`` (``label_smoothing``), ``"dice"`` (``smooth``,
-    ``classes_present_only``), ``"focal"`` (``gamma``); every term takes ``weight`` (default 1).
-    ``class_weights`` (``[num_classes]``) apply to ``ce`` and ``focal``; Dice is already a
-    mean over classes and takes none from here. Each name may appear once.
+    ``classes_present_only``), ``"focal"`` (``gamma``), ``"lovasz"`` (``classes``); every term
+    takes ``weight`` (default 1). ``class_weights`` (``[num_classes]``) apply to ``ce`` and
+    ``focal``; Dice and Lovász are already means over classes and take none from here. Each name may appear once.
 
     Raises:
         ConfigError: an unknown name or key (the message names it), a bad weight or option,
