@@ -69,3 +69,24 @@ def write_results(name: str, rows: list[dict[str, Any]], device: torch.device, e
     tmp.replace(path)
     print(f"wrote {path}")
     return path
+
+
+def ensure_default_backbone(rebuild: bool = True) -> Path | None:
+    """The project's pretrained ViT (``weights/labelwise_vit.safetensors``).
+
+    When the file is missing and ``rebuild`` is true, it is rebuilt by running
+    ``benchmarks/pretrain_dino.py`` (the command in ``weights/README.md``; about 85 minutes on 2
+    CPU cores, resumable). Returns ``None`` when it is missing and ``rebuild`` is false.
+    """
+    from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH
+
+    if DEFAULT_BACKBONE_PATH.is_file():
+        return DEFAULT_BACKBONE_PATH
+    if not rebuild:
+        return None
+    print(f"{DEFAULT_BACKBONE_PATH} is missing: rebuilding it with benchmarks/pretrain_dino.py (about 85 min on 2 "
+          "CPU cores; interrupt and re-run to resume)", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pretrain_dino.py")], cwd=ROOT, check=True)
+    if not DEFAULT_BACKBONE_PATH.is_file():
+        sys.exit(f"benchmarks/pretrain_dino.py finished without writing {DEFAULT_BACKBONE_PATH}")
+    return DEFAULT_BACKBONE_PATH

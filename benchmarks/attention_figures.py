@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import ROOT, require_data
+from _common import ROOT, ensure_default_backbone, require_data
 
 from labelwise.models.vit import VisionTransformer
 from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH, load_vit
@@ -39,14 +39,16 @@ def overview_row(image: torch.Tensor, maps: torch.Tensor, gap: int) -> np.ndarra
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE_PATH, help="pretrained ViT checkpoint")
+    parser.add_argument("--backbone", type=Path, default=None,
+                        help=f"pretrained ViT checkpoint (default: {DEFAULT_BACKBONE_PATH.relative_to(ROOT)}, rebuilt "
+                        "with benchmarks/pretrain_dino.py when missing)")
     parser.add_argument("--images", type=int, default=4, help="number of camvid/val images")
     parser.add_argument("--size", type=int, default=360, help="shorter image side in pixels (CamVid: 360 = as stored)")
     args = parser.parse_args()
     root = require_data("camvid")
     every = sorted(p for p in (root / "val" / "images").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     files = every[:: max(1, len(every) // args.images)][: args.images]  # evenly spaced: consecutive frames look alike
-    pretrained = load_vit(args.backbone)
+    pretrained = load_vit(args.backbone or ensure_default_backbone())
     torch.manual_seed(0)
     backbones = {"pretrained": pretrained, "random": VisionTransformer(pretrained.config)}
     for name, vit in backbones.items():

@@ -1,8 +1,9 @@
 """Benchmark probe_camvid: frozen-feature quality of a ViT backbone vs the same ViT at random init.
 
 Run from the project root: `.venv/bin/python benchmarks/probe_camvid.py [--backbone PATH]`
-(default backbone: `weights/labelwise_vit.safetensors`, the project's pretrained ViT, when it
-exists; otherwise only the random-init rows are computed and a note says why). `--quick` is a
+(default backbone: `weights/labelwise_vit.safetensors`, the project's pretrained ViT; when it is
+missing it is rebuilt with `benchmarks/pretrain_dino.py` first, or with `--no-rebuild` only the
+random-init rows are computed and a note says why). `--quick` is a
 smoke test on a few images that writes `probe_camvid_quick.json`.
 
 Both backbones see CamVid at its full 360x480 resolution (no resizing; the ViT pads to its patch
@@ -16,6 +17,11 @@ cache, so a re-run reuses them).
   clusters Hungarian-matched to classes over the whole split, scored on every labelled pixel.
 
 Labels of camvid/val are used only for scoring: no hyper-parameter is chosen with them.
+
+`--selection` is the protocol for choosing between pretraining recipes without camvid/val: the
+probes are trained on the first half of camvid/train (file-name order, so mostly other video
+sequences than the second half) and scored on the second half; rows get `split: train_b` and
+the file the suffix `_selection`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import require_data, write_results
+from _common import ensure_default_backbone, require_data, write_results
 from torch.utils.data import Subset
 
 from labelwise.data import CamVid
@@ -56,39 +62,47 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder (default: user cache)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 12 train and 6 val images")
     parser.add_argument("--suffix", default="", help="results file suffix, e.g. _gpu")
+    parser.add_argument("--selection", action="store_true", help="recipe-selection protocol: train on the first "
+                        "half of camvid/train, score on the second half (camvid/val unused)")
+    parser.add_argument("--no-rebuild", action="store_true", help="when the default backbone is missing, do not "
+                        "rebuild it (random-init rows only)")
     args = parser.parse_args()
     root = require_data("camvid")
     device = resolve_device(args.device)
 
     backbones: dict[str, VisionTransformer] = {}
     note = None
-    path = args.backbone or (DEFAULT_BACKBONE_PATH if DEFAULT_BACKBONE_PATH.is_file() else None)
+    path = args.backbone or ensure_default_backbone(rebuild=not args.no_rebuild and not args.quick)
     if path is not None:
         backbones["pretrained"] = load_vit(path)
         torch.manual_seed(0)
         backbones["random"] = VisionTransformer(backbones["pretrained"].config)
     else:
-        note = f"no pretrained backbone: {DEFAULT_BACKBONE_PATH} is missing and --backbone was not given"
+        note = f"no pretrained backbone: {DEFAULT_BACKBONE_PATH} is missing (--no-rebuild) and --backbone was not given"
         print(f"note: {note}; computing the random-init rows only")
         torch.manual_seed(0)
         backbones["random"] = create_vit(args.arch, patch_size=args.patch)
 
     train: torch.utils.data.Dataset = CamVid(root, "train")
     val: torch.utils.data.Dataset = CamVid(root, "val")
-    names = list(val.class_map.names)
+    split = "val"
+    if args.selection:
+        half = len(train) // 2
+        train, val, split = Subset(train, range(half)), Subset(train, range(half, len(train))), "train_b"
+    names = list(CamVid(root, "val").class_map.names)
     num_classes = len(names)
     if args.quick:
         train, val = Subset(train, range(12)), Subset(val, range(6))
     rows = []
     for label, vit in backbones.items():
         config = vit.config
-        common = {"dataset": "camvid", "split": "val", "backbone": label, "arch": config.arch,
+        common = {"dataset": "camvid", "split": split, "backbone": label, "arch": config.arch,
                   "patch": config.patch_size, "embed_dim": vit.embed_dim,
                   "backbone_path": str(path) if label == "pretrained" else None}
         start = time.perf_counter()
-        caches = {split: extract_features(vit, data, batch_size=args.batch_size, precision="bf16", device=device,
-                                          cache_dir=args.cache_dir, num_workers=1, progress=not args.quick)
-                  for split, data in (("train", train), ("val", val))}
+        caches = {part: extract_features(vit, data, batch_size=args.batch_size, precision="bf16", device=device,
+                                          cache_dir=args.cache_dir, num_workers=None, progress=not args.quick)
+                  for part, data in (("train", train), ("val", val))}
         extract_seconds = time.perf_counter() - start
         probe = linear_probe(caches["train"], caches["val"], num_classes=num_classes, pixels_per_image=1024,
                              device=device)
@@ -104,7 +118,7 @@ def main() -> None:
         for row in rows[-2:]:
             print(f"{row['method']:>12} {label:>10}: mIoU {row['miou']:.3f}, pixel acc {row['pixel_acc']:.3f}")
     write_results("probe_camvid", rows, device, extra={"note": note, "quick": args.quick, "resolution": [360, 480]},
-                  suffix=args.suffix + ("_quick" if args.quick else ""))
+                  suffix=args.suffix + ("_selection" if args.selection else "") + ("_quick" if args.quick else ""))
 
 
 if __name__ == "__main__":
