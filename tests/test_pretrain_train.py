@@ -254,6 +254,14 @@ def test_cpu_recipe_config_loads() -> None:
     assert all(path.startswith("../shared/data/") for path in config.data.images)
 
 
+def test_default_backbone_recipe_config_loads() -> None:
+    config = load_config(PretrainConfig, PROJECT / "configs" / "pretrain_vit_tiny.yaml")
+    config.validate()
+    assert (config.method, config.backbone.arch, config.backbone.patch_size) == ("dense_moco", "vit_tiny", 16)
+    assert config.moco.queue_size == 0 and config.multicrop.global_size == 128
+    assert all(path.startswith("../shared/data/") for path in config.data.images)
+
+
 def test_cli_help_states_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["pretrain", "--help"])
