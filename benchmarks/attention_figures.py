@@ -2,11 +2,11 @@
 
 Run from the project root: `.venv/bin/python benchmarks/attention_figures.py [--backbone PATH]`
 (default: `weights/labelwise_vit.safetensors`; a minute on 2 CPU cores). Writes, for each image,
-`labelwise attention`'s PNGs (every head, the head mean, the overlay) under
-`benchmarks/figures/attention/<backbone>/<stem>/`, and one overview per backbone,
+`labelwise attention`'s PNGs of the pretrained ViT (every head, the head mean, the overlay) under
+`benchmarks/figures/attention/<stem>/`, and one overview per backbone at half size,
 `benchmarks/figures/attention_camvid_<backbone>.png`: a row per image with the image, the
-overlay and every head, min-max normalised. The same ViT at random init is drawn as well, for
-comparison. Images: four of camvid/val evenly spaced in file-name order (indices 0, 25, 50, 75; no
+overlay and every head, min-max normalised. The same ViT at random init gets an overview too,
+for comparison. Images: four of camvid/val evenly spaced in file-name order (indices 0, 25, 50, 75; no
 selection by content).
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from _common import ROOT, ensure_default_backbone, require_data
 
 from labelwise.models.vit import VisionTransformer
@@ -56,13 +57,15 @@ def main() -> None:
         for path in files:
             image = load_image_tensor(path, args.size)
             maps = attention_maps(vit, image, -1)
-            save_attention_pngs(maps, image, FIGURES / "attention" / name / path.stem)
+            if name == "pretrained":
+                save_attention_pngs(maps, image, FIGURES / "attention" / path.stem)
             rows.append(overview_row(image, maps, gap=4))
         spacer = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
         grid = np.concatenate([p for row in rows for p in (row, spacer)][:-1], axis=0)
         out = FIGURES / f"attention_camvid_{name}.png"
-        write_rgb_png(grid, out)
-        print(f"wrote {out} ({grid.shape[1]}x{grid.shape[0]})")
+        half = Image.fromarray(grid).resize((grid.shape[1] // 2, grid.shape[0] // 2), Image.BOX)
+        write_rgb_png(np.asarray(half), out)
+        print(f"wrote {out} ({half.width}x{half.height})")
 
 
 if __name__ == "__main__":
