@@ -10,7 +10,8 @@ Both backbones see CamVid at its full 360x480 resolution (no resizing; the ViT p
 size). Features are cached with ``extract_features`` (bf16; `--cache-dir`, default the user
 cache, so a re-run reuses them).
 
-- ``linear_probe``: a 1x1 conv trained by full-batch L-BFGS on camvid/train features (1024
+- ``linear_probe``: a 1x1 conv trained by full-batch L-BFGS (up to 1,500 iterations; it
+  converges in about 400) on camvid/train features (1024
   labelled pixels sampled per image, logits bilinearly upsampled to the label resolution),
   scored on every labelled pixel of camvid/val.
 - ``kmeans``: k-means (K = 11, k-means++, 5 restarts) on the L2-normalised camvid/val features,
@@ -105,7 +106,7 @@ def main() -> None:
                   for part, data in (("train", train), ("val", val))}
         extract_seconds = time.perf_counter() - start
         probe = linear_probe(caches["train"], caches["val"], num_classes=num_classes, pixels_per_image=1024,
-                             device=device)
+                             max_iter=1500, device=device)
         rows.append({"method": "linear_probe", **common, **rounded(probe.to_dict(names), names),
                      "train_seconds": round(probe.seconds, 2), "extract_seconds": round(extract_seconds, 2),
                      "lbfgs_iterations": probe.iterations, "converged": probe.converged,
