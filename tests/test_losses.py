@@ -255,7 +255,7 @@ def ref_lovasz(logits: torch.Tensor, target: torch.Tensor, classes: str = "prese
         if classes == "present" and not ground:
             continue
         errors = [abs((1.0 if k in ground else 0.0) - probs[b, c, i, j]) for k, (b, i, j) in enumerate(pixels)]
-        order = sorted(range(len(pixels)), key=lambda k: -float(errors[k]))
+        order = sorted(range(len(pixels)), key=lambda k: -float(errors[k].detach()))
 
         def jaccard(wrong: set) -> float:
             return 1.0 - len(ground - wrong) / len(ground | wrong) if ground | wrong else 0.0
