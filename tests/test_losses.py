@@ -283,7 +283,7 @@ def test_lovasz_matches_literal_reference_in_value_and_gradient(seed: int, class
     ref_logits = logits.detach().clone().requires_grad_(True)
     ref = ref_lovasz(ref_logits, target, classes)
     (ref_grad,) = torch.autograd.grad(ref, ref_logits)
-    assert float(loss) == pytest.approx(float(ref), abs=1e-6)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
     assert torch.allclose(grad, ref_grad.float(), atol=1e-6)
 
 
