@@ -304,12 +304,12 @@ def test_lovasz_ignores_logits_at_ignored_pixels_and_builds_from_config() -> Non
     changed = logits.detach().clone().permute(1, 0, 2, 3)
     changed[:, target == IGNORE] = 50.0
     changed = changed.permute(1, 0, 2, 3)
-    assert float(lovasz_softmax_loss(logits, target)) == pytest.approx(float(lovasz_softmax_loss(changed, target)))
+    assert lovasz_softmax_loss(logits, target).item() == pytest.approx(lovasz_softmax_loss(changed, target).item())
     (grad,) = torch.autograd.grad(lovasz_softmax_loss(logits, target), logits)
     assert torch.all(grad.permute(1, 0, 2, 3)[:, target == IGNORE] == 0)
     loss = build_loss([{"name": "ce"}, {"name": "lovasz", "weight": 0.5, "classes": "all"}], num_classes=4)
     total, parts = loss(logits, target)
     assert set(parts) == {"ce", "lovasz"}
-    assert float(parts["lovasz"]) == pytest.approx(float(lovasz_softmax_loss(logits, target, classes="all")))
+    assert parts["lovasz"].item() == pytest.approx(lovasz_softmax_loss(logits, target, classes="all").item())
     with pytest.raises(ConfigError, match="classes"):
         build_loss([{"name": "lovasz", "classes": "some"}], num_classes=4)
