@@ -16,14 +16,22 @@ Afterwards: `benchmarks/probe_camvid.py` (probe numbers of the exported backbone
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from _common import ROOT, require_data, write_results
 
 from labelwise.config import load_config
+from labelwise.engine.atomic import atomic_path
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods.pretrain import PretrainConfig, train
-from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH, load_vit, save_vit
+from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH
+
+
+def project_relative(path: str | Path) -> str:
+    """``path`` relative to the project root when it lies inside it, else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def main() -> None:
@@ -54,11 +62,15 @@ def main() -> None:
         raise SystemExit(f"{args.run_dir}: the run did not finish; run the same command again to resume it")
 
     export = None
-    if not args.no_export:
-        export = save_vit(load_vit(result.backbone_path), args.export)
+    if not args.no_export:  # backbone.safetensors is already a save_vit file: copy it atomically
+        export = Path(args.export)
+        export.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(export) as tmp:
+            shutil.copyfile(result.backbone_path, tmp)
         print(f"wrote {export}")
     summary = result.summary
     vit_config = config.backbone
+    local_crops = config.multicrop.local_crops if config.method == "dino" else 0
     row = {
         "arch": vit_config.arch,
         "patch": vit_config.patch_size,
@@ -71,18 +83,14 @@ def main() -> None:
         "train_seconds": round(summary["train_seconds"], 1),
         "images_per_second": round(summary["images_per_second"], 2),
         "global_size": config.multicrop.global_size,
-        "local_size": config.multicrop.local_size,
-        "local_crops": config.multicrop.local_crops if config.method == "dino" else 0,
+        "local_crops": local_crops,
+        "local_size": config.multicrop.local_size if local_crops else None,
         "resumed": resume,
         "last_logs": {k: round(v, 4) for k, v in summary["last_logs"].items()},
-        "checkpoint": str(Path(export).relative_to(ROOT)) if export is not None and Path(export).is_relative_to(ROOT)
-        else str(export or result.backbone_path),
+        "checkpoint": project_relative(export or result.backbone_path),
     }
     write_results("pretrain_dino", [row], resolve_device(config.device),
-                  extra={"config": str(Path(args.config).resolve().relative_to(ROOT))
-                         if Path(args.config).resolve().is_relative_to(ROOT) else str(args.config),
-                         "overrides": args.overrides},
-                  suffix=args.suffix)
+                  extra={"config": project_relative(args.config), "overrides": args.overrides}, suffix=args.suffix)
 
 
 if __name__ == "__main__":
