@@ -55,6 +55,8 @@ def main() -> None:
     config = load_config(PretrainConfig, args.config, [*args.overrides, f"run_dir={args.run_dir}"])
     # Relative data folders in the config are relative to the project root.
     config.data.images = [str((ROOT / p).resolve()) if not Path(p).is_absolute() else p for p in config.data.images]
+    if config.init is not None and not Path(config.init).is_absolute():
+        config.init = str((ROOT / config.init).resolve())
     checkpoints = args.run_dir / "checkpoints"
     resume = not args.fresh and checkpoints.is_dir() and any(checkpoints.iterdir())
     result = train(config, resume=resume, overwrite=args.fresh)
@@ -86,6 +88,7 @@ def main() -> None:
         "local_crops": local_crops,
         "local_size": config.multicrop.local_size if local_crops else None,
         "resumed": resume,
+        "init": project_relative(config.init) if config.init else None,
         "last_logs": {k: round(v, 4) for k, v in summary["last_logs"].items()},
         "checkpoint": project_relative(export or result.backbone_path),
     }

@@ -130,6 +130,10 @@ def _add_pretrain(commands) -> None:  # noqa: ANN001 - argparse's private subpar
                           help="training steps, replacing steps/epochs (default: the config's steps, 1000)")
     pretrain.add_argument("--run-dir", type=Path, default=None,
                           help="output folder (default: the config's run_dir, runs/pretrain)")
+    pretrain.add_argument("--init", type=Path, default=None,
+                          help="continue pretraining from this backbone (official DINO checkpoint, a labelwise "
+                               "backbone.safetensors or run folder); heads start fresh (default: the config's init, "
+                               "none = random weights)")
     pretrain.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     pretrain.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --run-dir")
     _add_runtime(pretrain, with_config_defaults=True)
@@ -145,7 +149,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides += [f"steps={args.steps}", "epochs=null"]
     for key, value in (("method", args.method), ("run_dir", args.run_dir), ("device", args.device),
-                       ("precision", args.precision)):
+                       ("precision", args.precision), ("init", args.init)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(str(value))}")
     config = load_config(pretrain.PretrainConfig, args.config, overrides)

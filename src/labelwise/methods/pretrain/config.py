@@ -114,6 +114,10 @@ class PretrainConfig:
     momentum one from ``teacher_momentum`` to ``teacher_momentum_end`` (DINO's schedules).
     ``export``: which network becomes ``backbone.safetensors`` (``teacher``: the EMA network, as
     DINO evaluates; rotation has no teacher and always exports the student).
+    ``init``: start student and teacher from this backbone (any file or run folder
+    ``labelwise.methods.transfer.initialise_from`` reads: an official DINO checkpoint, this
+    project's exports) instead of random weights, to continue pretraining on your own images;
+    projection heads always start fresh. The init report goes to ``run_dir/init_report.json``.
     """
 
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
@@ -133,6 +137,7 @@ class PretrainConfig:
     teacher_momentum: float = 0.996
     teacher_momentum_end: float = 1.0
     export: Literal["teacher", "student"] = "teacher"
+    init: str | None = None
     precision: Literal["bf16", "fp32"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0

@@ -21,12 +21,19 @@ from labelwise.engine.atomic import atomic_write_json
 from labelwise.engine.runtime import resolve_device
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult, unwrap
 from labelwise.methods.common import seed_everything
-from labelwise.methods.pretrain.backbone import UNetBackbone, build_backbone, export_backbone, make_teacher
+from labelwise.methods.pretrain.backbone import (
+    UNetBackbone,
+    ViTBackbone,
+    build_backbone,
+    export_backbone,
+    make_teacher,
+)
 from labelwise.methods.pretrain.config import PretrainConfig
 from labelwise.methods.pretrain.dino import DINOObjective
 from labelwise.methods.pretrain.moco import MoCoObjective
 from labelwise.methods.pretrain.objective import Objective, cosine_schedule
 from labelwise.methods.pretrain.rotation import RotationObjective
+from labelwise.methods.transfer import initialise_from
 
 BACKBONE_FILE = "backbone.safetensors"
 SUMMARY_FILE = "pretrain.json"
@@ -43,11 +50,15 @@ class PretrainResult:
     summary: dict[str, Any]
 
 
-def build_objective(config: PretrainConfig) -> Objective:
-    """The objective module of ``config.method`` with a freshly initialised student (and its
-    EMA teacher, a copy of the student)."""
+def build_objective(config: PretrainConfig, run_dir: Path | None = None) -> Objective:
+    """The objective module of ``config.method`` with a student initialised from ``config.init``
+    (or randomly) and its EMA teacher, a copy of the student. The init report goes to
+    ``run_dir`` when given."""
     mask_token = config.method == "dino" and config.dino.ibot
     student = build_backbone(config.backbone, mask_token=mask_token)
+    if config.init is not None:
+        target = student.vit if isinstance(student, ViTBackbone) else student
+        initialise_from(target, config.init, run_dir=run_dir, verbose=False)
     if config.method == "rotation":
         return RotationObjective(student, config.rotation)
     teacher = make_teacher(student, config.backbone, mask_token=mask_token)
@@ -123,7 +134,9 @@ def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False,
     dataset = MultiCropDataset(images, crops, seed=config.seed)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     steps = total_steps(config, len(images), world_size)
-    objective = build_objective(config)
+    if config.init is not None and int(os.environ.get("RANK", "0")) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    objective = build_objective(config, run_dir if int(os.environ.get("RANK", "0")) == 0 else None)
     channels_last = isinstance(objective.student, UNetBackbone)
 
     stage = StageConfig(steps=steps, lr=config.lr, schedule="cosine", warmup_steps=min(config.warmup_steps, steps - 1),
@@ -178,6 +191,7 @@ def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False,
             "backbone": config.backbone.kind if config.backbone.kind == "unet" else config.backbone.arch,
             "patch_size": config.backbone.patch_size if config.backbone.kind == "vit" else None,
             "exported": which,
+            "init": config.init,
             "images": len(images),
             "steps": result.steps,
             "batch_size": config.data.batch_size * world_size,
