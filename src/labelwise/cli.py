@@ -1,6 +1,7 @@
 """``labelwise <command>``: a thin argument parser over the Python API.
 
-Commands: ``train``, ``evaluate``, ``predict``, ``demo``, ``attention``, ``pretrain``. Every option's help states its default.
+Commands: ``train``, ``evaluate``, ``predict``, ``demo``, ``attention``, ``pretrain``, ``unsupervised``
+(``train`` / ``evaluate`` / ``predict``; in :mod:`labelwise.cli_unsupervised`). Every option's help states its default.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from labelwise.cli_unsupervised import add_unsupervised, run_unsupervised
 from labelwise.errors import LabelwiseError
 
 HELP = argparse.ArgumentDefaultsHelpFormatter
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--precision", choices=["bf16", "fp32"], default="fp32",
                            help="fp32 (exact maps) or bf16 autocast")
     _add_pretrain(commands)
+    add_unsupervised(commands)
     return parser
 
 
@@ -235,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "pretrain":
         return _pretrain(args)
+    if args.command == "unsupervised":
+        return run_unsupervised(args)
     if args.command == "demo":
         supervised.demo(args.run_dir, steps=args.steps, device=args.device, precision=args.precision,
                         progress=not args.no_progress)

@@ -4,6 +4,7 @@ patch tokens of a backbone's output."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -11,9 +12,10 @@ from torch import Tensor
 
 from labelwise.errors import ConfigError
 
-__all__ = ["ATTENTION_KINDS", "neighbourhood_attention", "patch_tokens", "reduce_attention"]
+__all__ = ["ATTENTION_KINDS", "local_positive_weights", "neighbourhood_attention", "patch_tokens", "reduce_attention",
+           "row_quantile"]
 
-ATTENTION_KINDS = ("cls", "patch", "neighbourhood")
+ATTENTION_KINDS = ("cls", "patch", "neighbourhood", "local_positive")
 
 
 def neighbourhood_attention(patch_attention: Tensor, grid: Sequence[int], radius: int = 1) -> Tensor:
@@ -45,6 +47,44 @@ def neighbourhood_attention(patch_attention: Tensor, grid: Sequence[int], radius
     return out
 
 
+def row_quantile(x: Tensor, q: float) -> Tensor:
+    """Quantile ``q`` of each row of ``x [..., n]`` with linear interpolation (``torch.quantile``'s
+    default), via one sort: ``torch.quantile`` refuses inputs above 16M elements.
+
+    Returns ``[..., 1]``.
+    """
+    ordered = x.sort(dim=-1).values
+    position = q * (x.shape[-1] - 1)
+    low = int(position)
+    high = min(low + 1, x.shape[-1] - 1)
+    fraction = position - low
+    return ordered[..., low:low + 1] * (1 - fraction) + ordered[..., high:high + 1] * fraction
+
+
+def local_positive_weights(patch_attention: Tensor, grid: Sequence[int], scale: float | None = None,
+                           low: float = 0.1, high: float = 0.9) -> Tensor:
+    """Neighbour weights of HP's local hidden positives from head-averaged patch attention.
+
+    Each row (one querying patch) is clipped to its ``[low, high]`` quantiles, soft-maxed over
+    all patches, multiplied by ``scale`` (default ``sqrt(h * w)``: 28 at the paper's 28x28 grid,
+    the reference code's constant) and zeroed below its mean; then the 3x3 neighbourhood is
+    taken (:func:`neighbourhood_attention`).
+
+    Args:
+        patch_attention: ``[B, h*w, h*w]`` (class token and registers removed).
+        grid: ``(h, w)``.
+
+    Returns:
+        ``[B, 9, h, w]`` non-negative weights, 0 outside the grid.
+    """
+    h, w = int(grid[0]), int(grid[1])
+    rows = patch_attention.float()
+    rows = torch.maximum(torch.minimum(rows, row_quantile(rows, high)), row_quantile(rows, low))
+    rows = rows.softmax(dim=-1) * (math.sqrt(h * w) if scale is None else scale)
+    rows = rows * (rows >= rows.mean(dim=-1, keepdim=True))
+    return neighbourhood_attention(rows, (h, w))
+
+
 def reduce_attention(weights: Tensor, kind: str, prefix: int, grid: tuple[int, int]) -> Tensor:
     h, w = grid
     weights = weights.float()
@@ -55,6 +95,8 @@ def reduce_attention(weights: Tensor, kind: str, prefix: int, grid: tuple[int, i
         return patch
     if kind == "neighbourhood":
         return neighbourhood_attention(patch, grid)
+    if kind == "local_positive":
+        return local_positive_weights(patch, grid)
     raise ConfigError(f"attention_kinds: unknown kind {kind!r} (valid: {list(ATTENTION_KINDS)})")
 
 

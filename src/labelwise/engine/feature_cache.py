@@ -43,7 +43,10 @@ class token + registers; patches row-major):
 - ``"neighbourhood"``: the ``"patch"`` weights of each patch to its 3x3 neighbours,
   ``[N, 9, h, w]`` with neighbour ``(dy, dx)`` at index ``3 * (dy + 1) + (dx + 1)`` and 0 outside
   the grid (see :func:`neighbourhood_attention`; apply your own row processing to ``"patch"``
-  first if a method needs it).
+  first if a method needs it);
+- ``"local_positive"``: the neighbour weights of HP's local hidden positives, ``[N, 9, h, w]``
+  in the ``"neighbourhood"`` layout, from rows processed as
+  :func:`~labelwise.engine.feature_attention.local_positive_weights` describes.
 
 Modules: ``feature_preprocess`` (resize / crop), ``feature_key`` (the cache key),
 ``feature_attention`` (attention reductions), ``feature_store`` (:class:`FeatureCache`, the

@@ -1,0 +1,54 @@
+"""Unsupervised segmentation on frozen self-supervised ViT features (``labelwise unsupervised``).
+
+Methods (``UnsupervisedConfig.method``): ``hp`` (Hidden Positives, CVPR 2023: task-agnostic and
+task-specific global hidden positives, local hidden positives, photometric consistency; the
+``hp.task_specific`` / ``hp.local`` switches give the paper's ablation rows), ``stego``
+(STEGO's correspondence loss), ``picie`` (a DeepCluster / PiCIE-style clustering loss) and
+``kmeans`` (no training: k-means on the raw backbone features).
+
+    from labelwise.config import load_config
+    from labelwise.methods import unsupervised
+
+    config = load_config(unsupervised.UnsupervisedConfig, None, ["data.dataset=synthetic"])
+    result = unsupervised.train(config)                  # run_dir: head + centroids (no labels used)
+    scores = unsupervised.evaluate(result.run_dir)       # cluster probe (Hungarian), linear probe, CRF
+    unsupervised.predict(result.run_dir, ["photos/"], "out/")   # cluster-id / colour / overlay PNGs
+
+Modules: ``config``, ``data`` (five-crop / whole-image views, photometric copies), ``model``
+(the head and its export), ``train``, ``evaluate``, ``predict``.
+"""
+
+from labelwise.methods.unsupervised.config import (
+    METHODS,
+    ClusteringSettings,
+    FeatureConfig,
+    HPSettings,
+    StegoSettings,
+    UnsupervisedConfig,
+    UnsupervisedEvalConfig,
+)
+from labelwise.methods.unsupervised.evaluate import evaluate, evaluate_clusters
+from labelwise.methods.unsupervised.model import ExportedHead, UnsupervisedHead, load_head, save_head
+from labelwise.methods.unsupervised.predict import match_clusters, predict
+from labelwise.methods.unsupervised.train import SELECTION_RULE, UnsupervisedResult, train
+
+__all__ = [
+    "METHODS",
+    "SELECTION_RULE",
+    "ClusteringSettings",
+    "ExportedHead",
+    "FeatureConfig",
+    "HPSettings",
+    "StegoSettings",
+    "UnsupervisedConfig",
+    "UnsupervisedEvalConfig",
+    "UnsupervisedHead",
+    "UnsupervisedResult",
+    "evaluate",
+    "evaluate_clusters",
+    "load_head",
+    "match_clusters",
+    "predict",
+    "save_head",
+    "train",
+]

@@ -1,0 +1,172 @@
+"""The typed configuration of an unsupervised segmentation run (``labelwise unsupervised``).
+
+``load_config(UnsupervisedConfig, "configs/unsupervised_camvid.yaml", ["method=stego"])``;
+unknown keys, wrong types and out-of-range values raise
+:class:`~labelwise.errors.ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from labelwise.config import DataConfig
+from labelwise.errors import ConfigError
+
+METHODS = ("hp", "stego", "picie", "kmeans")
+
+
+@dataclass
+class FeatureConfig:
+    """Frozen backbone and the views its features are cached for.
+
+    ``backbone``: a name ``resolve_backbone`` knows (``labelwise_default``, ``dino_vits8`` ...) or
+    a checkpoint path. Training views: ``crop_mode: five`` (four corners + centre, sides
+    ``crop_ratio`` of the image's, each resized to ``crop_size``) or ``whole`` (the image resized
+    to ``crop_size``). Evaluation and prediction images are resized to ``eval_size`` ((H, W);
+    None: as loaded; their size must then be the same for the whole split). ``attention_block``:
+    the block whose attention gives HP's local positives (-1: the last).
+    """
+
+    backbone: str = "labelwise_default"
+    crop_mode: Literal["five", "whole"] = "five"
+    crop_ratio: float = 0.5
+    crop_size: int = 224
+    eval_size: tuple[int, int] | None = None
+    attention_block: int = -1
+    batch_size: int = 32
+    cache_dir: str | None = None
+
+
+@dataclass
+class HPSettings:
+    """Hidden Positives (DESIGN.md): head width ``dim``; ``task_specific`` / ``local`` switch the
+    task-specific positives and the LHP term (the ablation rows); ``lambda_warmup_steps`` before
+    lambda starts rising; pools of ``pool_size`` patches, the task-specific one rebuilt every
+    ``renew_every`` steps; ``consistency_weight`` of the photometric term (0 disables it and its
+    second feature cache)."""
+
+    dim: int = 512
+    dropout: float = 0.1
+    momentum: float = 0.99
+    pool_size: int = 2048
+    renew_every: int = 100
+    lambda_warmup_steps: int = 100
+    temperature: float = 0.8
+    rho: float = 0.02
+    task_specific: bool = True
+    local: bool = True
+    consistency_weight: float = 0.05
+    attention_scale: float | None = None
+    precision: Literal["bf16", "fp32"] = "bf16"
+
+
+@dataclass
+class StegoSettings:
+    """STEGO's correspondence loss (cocostuff defaults) and its kNN pairs."""
+
+    dim: int = 512
+    dropout: float = 0.1
+    knn: int = 7
+    feature_samples: int = 11
+    neg_samples: int = 5
+    pos_intra_weight: float = 0.67
+    pos_inter_weight: float = 0.25
+    neg_inter_weight: float = 0.63
+    pos_intra_shift: float = 0.08
+    pos_inter_shift: float = 0.02
+    neg_inter_shift: float = 0.66
+
+
+@dataclass
+class ClusteringSettings:
+    """PiCIE-style clustering loss: prototypes re-fitted by k-means on ``fit_points`` head codes
+    every ``recluster_every`` steps (one epoch by default), cross-entropy at ``temperature``."""
+
+    dim: int = 512
+    dropout: float = 0.1
+    clusters: int | None = None
+    temperature: float = 0.1
+    recluster_every: int | None = None
+    fit_points: int = 100_000
+
+
+@dataclass
+class UnsupervisedEvalConfig:
+    """Evaluation: cluster probe (``clusters`` K centroids, default the number of classes), the
+    linear probe (train-split labels; a feature-quality number), optional dense CRF
+    (DESIGN.md parameters) with ``crf_workers`` processes and a ``crf_timeout`` per batch."""
+
+    clusters: int | None = None
+    linear_probe: bool = True
+    crf: bool = False
+    crf_workers: int | None = None
+    crf_timeout: float = 600.0
+    probe_pixels_per_image: int = 1024
+
+
+@dataclass
+class UnsupervisedConfig:
+    """Everything an unsupervised run needs.
+
+    ``images``: folders of unlabelled training images (``--images DIR``); when empty, the
+    training images are those of ``data`` (its labels are never read for training). ``steps``
+    optimiser steps of ``batch_size`` cached views; AdamW ``lr`` / ``weight_decay``, gradient
+    clipping at ``grad_clip``. The reported model is the final one (``selection:
+    final_checkpoint``: no labels are used to choose it).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    images: list[str] = field(default_factory=list)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    method: Literal["hp", "stego", "picie", "kmeans"] = "hp"
+    hp: HPSettings = field(default_factory=HPSettings)
+    stego: StegoSettings = field(default_factory=StegoSettings)
+    clustering: ClusteringSettings = field(default_factory=ClusteringSettings)
+    eval: UnsupervisedEvalConfig = field(default_factory=UnsupervisedEvalConfig)
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    grad_clip: float = 10.0
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp32"] = "bf16"
+    run_dir: str = "runs/unsupervised"
+    checkpoint_every: int = 250
+    log_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Range checks (errors name the dotted key)."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+                    "features.crop_size": self.features.crop_size, "features.batch_size": self.features.batch_size,
+                    "hp.dim": self.hp.dim, "hp.pool_size": self.hp.pool_size, "hp.renew_every": self.hp.renew_every,
+                    "hp.temperature": self.hp.temperature, "stego.dim": self.stego.dim, "stego.knn": self.stego.knn,
+                    "stego.feature_samples": self.stego.feature_samples, "clustering.dim": self.clustering.dim,
+                    "clustering.temperature": self.clustering.temperature,
+                    "clustering.fit_points": self.clustering.fit_points, "checkpoint_every": self.checkpoint_every,
+                    "log_every": self.log_every, "eval.crf_timeout": self.eval.crf_timeout}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {value}")
+        for key, value in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip),
+                           ("hp.lambda_warmup_steps", self.hp.lambda_warmup_steps),
+                           ("hp.consistency_weight", self.hp.consistency_weight),
+                           ("stego.neg_samples", self.stego.neg_samples)):
+            if value < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {value}")
+        for key, value in (("hp.dropout", self.hp.dropout), ("stego.dropout", self.stego.dropout),
+                           ("clustering.dropout", self.clustering.dropout), ("hp.rho", self.hp.rho)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+        if not 0 < self.features.crop_ratio <= 1:
+            raise ConfigError(f"features.crop_ratio: must be in (0, 1], got {self.features.crop_ratio}")
+        if not 0 <= self.hp.momentum < 1:
+            raise ConfigError(f"hp.momentum: must be in [0, 1), got {self.hp.momentum}")
+        for key, value in (("eval.clusters", self.eval.clusters), ("clustering.clusters", self.clustering.clusters),
+                           ("clustering.recluster_every", self.clustering.recluster_every)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
+        if self.features.eval_size is not None and min(self.features.eval_size) < 1:
+            raise ConfigError(f"features.eval_size: must be two positive sizes or null, got {self.features.eval_size}")

@@ -1,0 +1,333 @@
+"""``train(config)``: cache the frozen backbone's features of the training views once, train the
+code head with the chosen objective through the shared Trainer, fit the cluster centroids on the
+training codes (no labels) and export the final model.
+
+Label-free model selection: the exported model is the one after the last step
+(``selection: "final_checkpoint"``); no labels of any split are read while training or choosing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from labelwise.config import OptimConfig, StageConfig, save_config
+from labelwise.data.images import ImageFolderDataset
+from labelwise.engine.atomic import atomic_write_json
+from labelwise.engine.feature_cache import FeatureCache, extract_features
+from labelwise.engine.runtime import resolve_device
+from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult, unwrap
+from labelwise.errors import ConfigError
+from labelwise.eval.kmeans import kmeans
+from labelwise.losses.clustering import clustering_loss, fit_prototypes
+from labelwise.losses.hidden_positives import HiddenPositiveLoss, HiddenPositiveLossConfig, lambda_schedule, mix_neighbourhood
+from labelwise.losses.stego import StegoConfig, knn_indices, sample_knn_partner, stego_correspondence_loss
+from labelwise.methods.common import build_datasets, build_eval_dataset, seed_everything
+from labelwise.methods.pretrain.objective import ema_update
+from labelwise.methods.unsupervised.config import UnsupervisedConfig
+from labelwise.methods.unsupervised.data import FiveCropDataset, PhotometricCopy, ResizedDataset
+from labelwise.methods.unsupervised.model import UnsupervisedHead, save_head
+from labelwise.models.vit_loading import load_vit
+
+__all__ = ["SELECTION_RULE", "UnsupervisedResult", "CachedViews", "build_training_caches", "load_backbone", "train",
+           "training_source", "training_views"]
+
+SELECTION_RULE = "final_checkpoint"
+LOCAL_KIND = "local_positive"
+
+
+@dataclass
+class UnsupervisedResult:
+    """Outcome of :func:`train`: the run folder (also the exported model folder), the trainer's
+    summary (None for k-means, which trains nothing) and the summary written to
+    ``unsupervised.json``."""
+
+    run_dir: Path
+    train: TrainResult | None
+    summary: dict[str, Any]
+
+
+def load_backbone(name_or_path: str) -> nn.Module:
+    """The frozen ViT of ``features.backbone`` (a name ``resolve_backbone`` knows or a file)."""
+    backbone = load_vit(name_or_path)
+    backbone.eval()
+    for param in backbone.parameters():
+        param.requires_grad_(False)
+    return backbone
+
+
+def training_source(config: UnsupervisedConfig) -> Dataset:
+    """The training images: the ``images`` folders, else the training split of ``data``."""
+    if config.images:
+        return ImageFolderDataset(config.images, on_error=config.data.on_error)
+    return build_datasets(config.data, seed=config.seed).train
+
+
+def training_views(config: UnsupervisedConfig, source: Dataset | None = None) -> Dataset:
+    """Five crops or whole images of the training source at ``features.crop_size``."""
+    source = source if source is not None else training_source(config)
+    if config.features.crop_mode == "five":
+        return FiveCropDataset(source, config.features.crop_size, config.features.crop_ratio)
+    return ResizedDataset(source, config.features.crop_size)
+
+
+def _needs_photometric_copy(config: UnsupervisedConfig) -> bool:
+    return (config.method == "hp" and config.hp.consistency_weight > 0) or config.method == "picie"
+
+
+def build_training_caches(config: UnsupervisedConfig, backbone: nn.Module, views: Dataset,
+                          device: torch.device) -> tuple[FeatureCache, FeatureCache | None]:
+    """Features (no labels) of the training views, with HP's local-positive attention weights
+    when the LHP term is on, and of their photometric copies when the objective uses them."""
+    local = config.method == "hp" and config.hp.local
+    common = dict(batch_size=config.features.batch_size, precision=config.precision, device=device,
+                  cache_dir=config.features.cache_dir, labels=False, progress=config.progress)
+    cache = extract_features(backbone, views, attention_blocks=[config.features.attention_block] if local else [],
+                             attention_kinds=[LOCAL_KIND], **common)
+    aug = None
+    if _needs_photometric_copy(config):
+        aug = extract_features(backbone, PhotometricCopy(views, seed=config.seed), **common)
+    return cache, aug
+
+
+class CachedViews(Dataset):
+    """Items ``{"features" [D, h, w], "index"}`` (+ ``"local_weights" [9, h, w]``, ``"aug_features"``)."""
+
+    def __init__(self, cache: FeatureCache, aug: FeatureCache | None, local_key: str | None) -> None:
+        self.cache, self.aug, self.local_key = cache, aug, local_key
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"features": torch.from_numpy(np.asarray(self.cache.features[index], np.float32)),
+                                "index": index}
+        if self.local_key is not None:
+            item["local_weights"] = torch.from_numpy(np.asarray(self.cache.attention[self.local_key][index],
+                                                                np.float32))
+        if self.aug is not None:
+            item["aug_features"] = torch.from_numpy(np.asarray(self.aug.features[index], np.float32))
+        return item
+
+
+def cached_rows(cache: FeatureCache, indices: np.ndarray) -> Tensor:
+    """Features ``[len(indices), D, h, w]`` float32 of the given samples (any order)."""
+    order = np.argsort(indices)
+    rows = np.asarray(cache.features[np.asarray(indices)[order]], np.float32)
+    out = np.empty_like(rows)
+    out[order] = rows
+    return torch.from_numpy(out)
+
+
+def random_patch_vectors(cache: FeatureCache, count: int, generator: torch.Generator) -> Tensor:
+    """``[count, D]``: one random patch of each of ``count`` random samples (without replacement
+    while the cache has enough of them), as HP fills its reference pools."""
+    n, _, h, w = cache.features.shape
+    images = torch.randperm(n, generator=generator)[:count] if count <= n else torch.randint(0, n, (count,),
+                                                                                           generator=generator)
+    patches = torch.randint(0, h * w, (count,), generator=generator)
+    rows = cached_rows(cache, images.numpy())
+    flat = rows.flatten(2)  # [count, D, h*w]
+    return flat[torch.arange(count), :, patches]
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, step, 7]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _fit_centroids(head: UnsupervisedHead, cache: FeatureCache, clusters: int, device: torch.device, seed: int,
+                   max_points: int = 200_000, batch: int = 32) -> Tensor:
+    """k-means (``clusters`` centroids, unit rows) on the normalised codes of the training views:
+    no labels. A seeded subset of ``max_points`` patches when there are more."""
+    head.eval()
+    rng = np.random.default_rng(seed)
+    n, _, h, w = cache.features.shape
+    per_image = max(1, min(h * w, max_points // max(1, n)))
+    points = []
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            features = torch.from_numpy(np.asarray(cache.features[start:start + batch], np.float32)).to(device)
+            codes = F.normalize(head(features).float(), dim=1).flatten(2)  # [b, C, h*w]
+            chosen = torch.from_numpy(rng.choice(h * w, size=per_image, replace=False)).to(device)
+            points.append(codes[:, :, chosen].permute(0, 2, 1).reshape(-1, codes.shape[1]))
+    x = torch.cat(points)
+    return F.normalize(kmeans(x, clusters, restarts=3, max_iter=100, seed=seed).centroids, dim=1)
+
+
+def _hp_step_fn(config: UnsupervisedConfig, cache: FeatureCache, total_steps: int) -> Callable[..., StepOutput]:
+    settings = config.hp
+    loss_fn = HiddenPositiveLoss(HiddenPositiveLossConfig(temperature=settings.temperature, rho=settings.rho,
+                                                          precision=settings.precision))
+
+    def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
+        head: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
+        generator = _step_generator(config.seed, context.step)
+        if context.step % settings.renew_every == 0:  # task-specific pool from the momentum head
+            with torch.no_grad(), torch.autocast(context.device.type, enabled=False):
+                vectors = random_patch_vectors(cache, settings.pool_size, generator).to(context.device)
+                head.momentum_head.eval()
+                pool = head.momentum_head(vectors[:, :, None, None])[:, :, 0, 0]
+                head.momentum_head.train()
+                head.pool_sp.copy_(F.normalize(pool.float(), dim=1))
+        features = batch["features"]
+        code = head.head(features)
+        z = head.projection(code)
+        with torch.no_grad():
+            momentum = head.momentum_head(features)
+        lam = lambda_schedule(context.step, total_steps, settings.lambda_warmup_steps) if settings.task_specific else 0.0
+        z_mix = head.projection(mix_neighbourhood(code, batch["local_weights"])) if settings.local else None
+        loss = loss_fn(z, features, momentum, head.pool_ag, head.pool_sp, lam, z_mix=z_mix, generator=generator)
+        logs = {"hp": float(loss), "lambda": lam, **loss_fn.last_stats}
+        if settings.consistency_weight > 0:
+            z_aug = head.projection(head.head(batch["aug_features"]))
+            consistency = (z.float() - z_aug.float()).norm(dim=1).mean()
+            loss = loss + settings.consistency_weight * consistency
+            logs["consistency"] = float(consistency)
+        return StepOutput(loss, logs, features.shape[0])
+
+    return step
+
+
+def _stego_step_fn(config: UnsupervisedConfig, cache: FeatureCache) -> Callable[..., StepOutput]:
+    settings = config.stego
+    loss_config = StegoConfig(feature_samples=settings.feature_samples, neg_samples=settings.neg_samples,
+                              pos_intra_weight=settings.pos_intra_weight, pos_inter_weight=settings.pos_inter_weight,
+                              neg_inter_weight=settings.neg_inter_weight, pos_intra_shift=settings.pos_intra_shift,
+                              pos_inter_shift=settings.pos_inter_shift, neg_inter_shift=settings.neg_inter_shift)
+    pooled = []
+    for start in range(0, len(cache), 256):
+        rows = torch.from_numpy(np.asarray(cache.features[start:start + 256], np.float32))
+        pooled.append(F.normalize(rows, dim=1).mean((2, 3)))
+    knn = knn_indices(torch.cat(pooled), min(settings.knn, len(cache) - 1))
+
+    def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
+        head: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
+        generator = _step_generator(config.seed, context.step)
+        partners = sample_knn_partner(knn, batch["index"].cpu(), generator)
+        features_knn = cached_rows(cache, partners.numpy()).to(context.device)
+        features = batch["features"]
+        loss, logs = stego_correspondence_loss(features, features_knn, head(features), head(features_knn),
+                                               loss_config, generator)
+        return StepOutput(loss, logs, features.shape[0])
+
+    return step
+
+
+def _picie_step_fn(config: UnsupervisedConfig, cache: FeatureCache, clusters: int) -> Callable[..., StepOutput]:
+    settings = config.clustering
+    every = settings.recluster_every or max(1, len(cache) // config.batch_size)
+
+    def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
+        head: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
+        if context.step % every == 0:  # re-cluster: prototypes from the current head, no gradient
+            generator = _step_generator(config.seed, context.step)
+            count = min(settings.fit_points, len(cache) * cache.grid[0] * cache.grid[1])
+            vectors = random_patch_vectors(cache, count, generator).to(context.device)
+            with torch.no_grad(), torch.autocast(context.device.type, enabled=False):
+                head.eval()
+                codes = head(vectors[:, :, None, None])[:, :, 0, 0]
+                head.train()
+            head.prototypes.copy_(fit_prototypes(codes, clusters, seed=config.seed + context.step, iters=30))
+        features = batch["features"]
+        loss = clustering_loss(head(features), head(batch["aug_features"]), head.prototypes, settings.temperature)
+        return StepOutput(loss, {"clustering": float(loss)}, features.shape[0])
+
+    return step
+
+
+def _num_clusters(config: UnsupervisedConfig) -> int:
+    """K: ``eval.clusters``, else the number of classes of ``data`` (not available for ``images``)."""
+    if config.eval.clusters is not None:
+        return config.eval.clusters
+    if config.images:
+        raise ConfigError("eval.clusters: give the number of clusters K (--clusters K) when training on --images")
+    return int(build_eval_dataset(config.data)[1].num_classes)
+
+
+def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None
+          ) -> UnsupervisedResult:
+    """Train the head of ``config.method`` on cached features of the training views and export
+    it (with centroids) into ``run_dir``; see the module docstring."""
+    config.validate()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    clusters = _num_clusters(config)
+    start = time.perf_counter()
+    backbone = load_backbone(config.features.backbone)
+    views = training_views(config)
+    cache, aug = build_training_caches(config, backbone, views, device)
+    cache_seconds = time.perf_counter() - start
+    dim = {"hp": config.hp.dim, "stego": config.stego.dim, "picie": config.clustering.dim}.get(config.method, 0)
+    dropout = {"hp": config.hp.dropout, "stego": config.stego.dropout, "picie": config.clustering.dropout}.get(
+        config.method, 0.0)
+    prototypes = config.clustering.clusters or clusters
+    head = UnsupervisedHead(config.method, cache.dim, dim, dropout, config.hp.pool_size, prototypes)
+    result: TrainResult | None = None
+    if config.method != "kmeans":
+        if config.method == "hp":
+            with torch.no_grad():
+                pool = random_patch_vectors(cache, config.hp.pool_size, torch.Generator().manual_seed(config.seed))
+                head.pool_ag.copy_(F.normalize(pool, dim=1))
+            step_fn = _hp_step_fn(config, cache, config.steps)
+        elif config.method == "stego":
+            step_fn = _stego_step_fn(config, cache)
+        else:
+            step_fn = _picie_step_fn(config, cache, prototypes)
+        local_key = None
+        if config.method == "hp" and config.hp.local:
+            local_key = next(k for k in cache.attention if k.startswith(LOCAL_KIND + "@"))
+        dataset = CachedViews(cache, aug, local_key)
+        options = TrainerOptions(
+            stages=[StageConfig(steps=config.steps, lr=config.lr, schedule="constant")],
+            optim=OptimConfig(name="adamw", weight_decay=config.weight_decay, grad_clip=config.grad_clip),
+            run_dir=run_dir, device=device, precision=config.precision, seed=config.seed,
+            batch_size=config.batch_size, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+            progress=config.progress,
+        )
+        def momentum_update(model: nn.Module, step: int) -> None:  # noqa: ARG001
+            bare: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
+            ema_update(bare.momentum_head, bare.head, config.hp.momentum)
+
+        trainer = Trainer(head, dataset, step_fn, options, collate_fn=default_collate,
+                          after_optimizer_step=momentum_update if config.method == "hp" else None)
+        result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
+        head = trainer.bare_model  # type: ignore[assignment]
+        if result.steps < config.steps:
+            return UnsupervisedResult(run_dir, result, {})
+    centroids = _fit_centroids(head, cache, clusters, device, config.seed)
+    summary = {
+        "backbone": config.features.backbone,
+        "crop_mode": config.features.crop_mode,
+        "crop_size": config.features.crop_size,
+        "eval_size": list(config.features.eval_size) if config.features.eval_size else None,
+        "selection": SELECTION_RULE,
+        "steps": config.steps if config.method != "kmeans" else 0,
+        "train_views": len(cache),
+        "cache_seconds": round(cache_seconds, 2),
+        "train_seconds": round(result.train_seconds, 2) if result else 0.0,
+        "variant": _variant(config),
+    }
+    save_head(run_dir, head.cpu(), centroids, summary)
+    atomic_write_json(run_dir / "train_summary.json", summary)
+    return UnsupervisedResult(run_dir, result, summary)
+
+
+def _variant(config: UnsupervisedConfig) -> str:
+    """The result-row method name: ``hp_ag``, ``hp_ag_sp``, ``hp_full`` (HP ablations) or the method."""
+    if config.method != "hp":
+        return config.method
+    if not config.hp.task_specific:
+        return "hp_ag" if not config.hp.local else "hp_ag_lhp"
+    return "hp_full" if config.hp.local else "hp_ag_sp"
