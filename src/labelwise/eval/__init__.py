@@ -1,6 +1,7 @@
 """Evaluation: streaming confusion matrix and metrics, Hungarian cluster matching,
-sliding-window inference, and frozen-feature probes (linear probe, k-means)."""
+sliding-window inference, frozen-feature probes (linear probe, k-means) and dense-CRF refinement."""
 
+from labelwise.eval.crf import CRFParams, CRFTimeoutError, crf_labels, crf_refine_batch, dense_crf
 from labelwise.eval.kmeans import KMeansProbeResult, kmeans, kmeans_probe
 from labelwise.eval.matching import hungarian_match, matched_confusion, remap
 from labelwise.eval.metrics import ConfusionMatrix, SegmentationMetrics, confusion_matrix, metrics_from_confusion
@@ -8,6 +9,11 @@ from labelwise.eval.probes import LinearProbeResult, linear_probe
 from labelwise.eval.sliding_window import predict_logits, sliding_window_logits
 
 __all__ = [
+    "CRFParams",
+    "CRFTimeoutError",
+    "crf_labels",
+    "crf_refine_batch",
+    "dense_crf",
     "ConfusionMatrix",
     "KMeansProbeResult",
     "LinearProbeResult",
