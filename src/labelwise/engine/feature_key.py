@@ -90,7 +90,7 @@ def weights_digest(module: nn.Module) -> str:
 def cache_key(backbone: nn.Module, dataset: Dataset, preprocessing: Mapping[str, Any] | None = None, *,
               precision: str = "bf16", attention_blocks: Sequence[int] = (),
               attention_kinds: Sequence[str] = ("cls",), labels: bool = True,
-              names: Sequence[str] | None = None) -> tuple[str, dict[str, Any]]:
+              names: Sequence[str] | None = None, storage: str = "float16") -> tuple[str, dict[str, Any]]:
     """``(key, description)`` of the cache ``extract_features`` would write for these inputs."""
     names = list(names) if names is not None else dataset_names(dataset)
     description = {
@@ -99,6 +99,7 @@ def cache_key(backbone: nn.Module, dataset: Dataset, preprocessing: Mapping[str,
         "weights_sha256": weights_digest(backbone),
         "preprocessing": normalise_preprocessing(preprocessing),
         "precision": precision,
+        **({"storage": storage} if storage != "float16" else {}),  # float16 keys stay what they were
         "attention": {"blocks": attention_block_indices(backbone, attention_blocks),
                       "kinds": sorted(attention_kinds) if attention_blocks else []},
         "labels": bool(labels),

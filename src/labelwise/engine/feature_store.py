@@ -68,7 +68,7 @@ class FeatureCache:
     Attributes:
         path: the cache folder.
         manifest: the parsed ``manifest.json``.
-        features: read-only float16 memmap ``[N, D, h, w]``.
+        features: read-only float16 (or float32, see ``storage``) memmap ``[N, D, h, w]``.
         names: the N sample names, in dataset order.
         labels: uint8/int16 memmap ``[N, H, W]`` at the preprocessed image resolution, or None.
         attention: ``{"<kind>@<block>": float16 memmap}`` (shapes in the module docstring).

@@ -25,7 +25,9 @@ class FeatureConfig:
     ``crop_ratio`` of the image's, each resized to ``crop_size``) or ``whole`` (the image resized
     to ``crop_size``). Evaluation and prediction images are resized to ``eval_size`` ((H, W);
     None: as loaded; their size must then be the same for the whole split). ``attention_block``:
-    the block whose attention gives HP's local positives (-1: the last).
+    the block whose attention gives HP's local positives (-1: the last). ``storage``: cache arrays
+    in ``float16`` (half the disk; the features are rounded, so a hard threshold such as HP's
+    positive selection can flip for borderline pairs) or ``float32`` (exactly the on-the-fly values).
     """
 
     backbone: str = "labelwise_default"
@@ -36,6 +38,7 @@ class FeatureConfig:
     attention_block: int = -1
     batch_size: int = 32
     cache_dir: str | None = None
+    storage: Literal["float16", "float32"] = "float16"
 
 
 @dataclass

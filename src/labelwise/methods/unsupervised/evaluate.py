@@ -52,7 +52,8 @@ def labelled_cache(backbone: torch.nn.Module, dataset: Dataset, config: Unsuperv
     if config.features.eval_size is not None:
         dataset = ResizedDataset(dataset, config.features.eval_size)
     return extract_features(backbone, dataset, batch_size=config.features.batch_size, precision=config.precision,
-                            device=device, cache_dir=config.features.cache_dir, labels=True, progress=config.progress)
+                            device=device, cache_dir=config.features.cache_dir, labels=True, progress=config.progress,
+                            storage=config.features.storage)
 
 
 def _images_for_crf(dataset: Dataset, config: UnsupervisedConfig, indices: range) -> list[np.ndarray]:

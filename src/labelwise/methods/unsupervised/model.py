@@ -37,11 +37,12 @@ class UnsupervisedHead(nn.Module):
 
     Attributes (when the method uses them): ``head`` (:class:`ProjectionHead`), ``momentum_head``
     (EMA copy, no gradient), ``projection`` (:class:`ContrastProjection`), buffers ``pool_ag``
-    ``[Q, D]`` / ``pool_sp`` ``[Q, dim]`` (HP) and ``prototypes`` ``[K, dim]`` (PiCIE).
+    ``[Q, D]`` / ``pool_sp`` ``[Q, dim]`` (HP) and ``prototypes`` ``[K, dim]`` (PiCIE);
+    ``training_parts=False`` builds the code head alone (what an export holds).
     """
 
     def __init__(self, method: str, in_dim: int, dim: int, dropout: float = 0.1, pool_size: int = 0,
-                 prototypes: int = 0) -> None:
+                 prototypes: int = 0, training_parts: bool = True) -> None:
         super().__init__()
         self.method = method
         self.in_dim = in_dim
@@ -49,6 +50,8 @@ class UnsupervisedHead(nn.Module):
         if method == "kmeans":
             return
         self.head = ProjectionHead(in_dim, dim, dropout)
+        if not training_parts:  # an export: the code head is all prediction needs
+            return
         if method == "hp":
             self.momentum_head = copy.deepcopy(self.head)
             for param in self.momentum_head.parameters():
@@ -113,7 +116,7 @@ def load_head(folder: str | Path) -> ExportedHead:
         raise CheckpointError(f"{weights_path}: unreadable ({exc})") from exc
     if "centroids" not in tensors:
         raise CheckpointError(f"{weights_path}: no 'centroids' tensor")
-    head = UnsupervisedHead(summary["method"], int(summary["in_dim"]), int(summary["dim"]))
+    head = UnsupervisedHead(summary["method"], int(summary["in_dim"]), int(summary["dim"]), training_parts=False)
     if head.method != "kmeans":
         state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
         missing, unexpected = head.head.load_state_dict(state, strict=False)

@@ -89,7 +89,8 @@ def build_training_caches(config: UnsupervisedConfig, backbone: nn.Module, views
     when the LHP term is on, and of their photometric copies when the objective uses them."""
     local = config.method == "hp" and config.hp.local
     common = dict(batch_size=config.features.batch_size, precision=config.precision, device=device,
-                  cache_dir=config.features.cache_dir, labels=False, progress=config.progress)
+                  cache_dir=config.features.cache_dir, labels=False, progress=config.progress,
+                  storage=config.features.storage)
     cache = extract_features(backbone, views, attention_blocks=[config.features.attention_block] if local else [],
                              attention_kinds=[LOCAL_KIND], **common)
     aug = None
@@ -108,13 +109,13 @@ class CachedViews(Dataset):
         return len(self.cache)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"features": torch.from_numpy(np.asarray(self.cache.features[index], np.float32)),
+        item: dict[str, Any] = {"features": torch.from_numpy(np.array(self.cache.features[index], np.float32)),
                                 "index": index}
         if self.local_key is not None:
-            item["local_weights"] = torch.from_numpy(np.asarray(self.cache.attention[self.local_key][index],
-                                                                np.float32))
+            item["local_weights"] = torch.from_numpy(np.array(self.cache.attention[self.local_key][index],
+                                                              np.float32))
         if self.aug is not None:
-            item["aug_features"] = torch.from_numpy(np.asarray(self.aug.features[index], np.float32))
+            item["aug_features"] = torch.from_numpy(np.array(self.aug.features[index], np.float32))
         return item
 
 
@@ -186,12 +187,12 @@ def _hp_step_fn(config: UnsupervisedConfig, cache: FeatureCache, total_steps: in
         lam = lambda_schedule(context.step, total_steps, settings.lambda_warmup_steps) if settings.task_specific else 0.0
         z_mix = head.projection(mix_neighbourhood(code, batch["local_weights"])) if settings.local else None
         loss = loss_fn(z, features, momentum, head.pool_ag, head.pool_sp, lam, z_mix=z_mix, generator=generator)
-        logs = {"hp": float(loss), "lambda": lam, **loss_fn.last_stats}
+        logs = {"hp": float(loss.detach()), "lambda": lam, **loss_fn.last_stats}
         if settings.consistency_weight > 0:
             z_aug = head.projection(head.head(batch["aug_features"]))
             consistency = (z.float() - z_aug.float()).norm(dim=1).mean()
             loss = loss + settings.consistency_weight * consistency
-            logs["consistency"] = float(consistency)
+            logs["consistency"] = float(consistency.detach())
         return StepOutput(loss, logs, features.shape[0])
 
     return step
@@ -239,7 +240,7 @@ def _picie_step_fn(config: UnsupervisedConfig, cache: FeatureCache, clusters: in
             head.prototypes.copy_(fit_prototypes(codes, clusters, seed=config.seed + context.step, iters=30))
         features = batch["features"]
         loss = clustering_loss(head(features), head(batch["aug_features"]), head.prototypes, settings.temperature)
-        return StepOutput(loss, {"clustering": float(loss)}, features.shape[0])
+        return StepOutput(loss, {"clustering": float(loss.detach())}, features.shape[0])
 
     return step
 
@@ -273,6 +274,7 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
     dropout = {"hp": config.hp.dropout, "stego": config.stego.dropout, "picie": config.clustering.dropout}.get(
         config.method, 0.0)
     prototypes = config.clustering.clusters or clusters
+    torch.manual_seed(config.seed)  # the head's initialisation must not depend on whether the caches existed
     head = UnsupervisedHead(config.method, cache.dim, dim, dropout, config.hp.pool_size, prototypes)
     result: TrainResult | None = None
     if config.method != "kmeans":
