@@ -26,8 +26,11 @@ each chunk the masks are built once and the value *and the gradient* with respec
 softmax over ``D_i``), so no ``[N, N]`` matrix and no autograd graph of the chunks is kept:
 memory is a few ``[chunk, N]`` matrices whatever the batch. The gradient is handed to autograd
 through a custom ``Function``, so ``z`` and ``z_mix`` may come from any differentiable head.
-``precision="bf16"`` runs the eight similarity / gradient products in bfloat16 (float32 results
-and float32 element-wise work); ``"fp32"`` keeps everything in float32.
+``precision="bf16"`` runs all similarity / gradient products in bfloat16 (float32 results and
+float32 element-wise work); ``"mixed"`` keeps the products that *select* positives (``f.f``,
+``m.m`` and the pool criteria, hard thresholds where a rounding flips a borderline pair) in
+float32 and runs the contrastive logits and gradients in bfloat16; ``"fp32"`` keeps everything
+in float32.
 """
 
 from __future__ import annotations
@@ -59,14 +62,14 @@ class HiddenPositiveLossConfig:
     temperature: ``tau`` of the similarities; base_temperature: the loss is scaled by
     ``tau / base_temperature``; rho: fraction of non-positive patches in each denominator;
     chunk_elements: anchors per chunk times ``N`` stays below this (memory knob, no effect on
-    the value); precision: ``bf16`` or ``fp32`` similarity products.
+    the value); precision: ``bf16``, ``mixed`` or ``fp32`` products (module docstring).
     """
 
     temperature: float = 0.8
     base_temperature: float = 0.07
     rho: float = 0.02
     chunk_elements: int = 1 << 24
-    precision: str = "bf16"
+    precision: str = "mixed"
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -77,8 +80,8 @@ class HiddenPositiveLossConfig:
             raise ConfigError(f"rho: must be in [0, 1], got {self.rho}")
         if self.chunk_elements < 1:
             raise ConfigError(f"chunk_elements: must be >= 1, got {self.chunk_elements}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"precision: must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("bf16", "mixed", "fp32"):
+            raise ConfigError(f"precision: must be 'bf16', 'mixed' or 'fp32', got {self.precision!r}")
 
 
 def lambda_schedule(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -210,12 +213,13 @@ def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor,
     if n % patches_per_image:
         raise ValueError(f"{n} patches is not a whole number of images of {patches_per_image} patches")
     num_images = n // patches_per_image
-    bf16 = config.precision == "bf16"
+    bf16 = config.precision in ("bf16", "mixed")
+    select_bf16 = config.precision == "bf16"
     z = z.detach().float()
     z_mix = None if z_mix is None else z_mix.detach().float()
     f, m = f.detach().float(), m.detach().float()
-    c_ag = pool_criterion(f, pool_ag.detach().float(), bf16=bf16)
-    c_sp = pool_criterion(m, pool_sp.detach().float(), bf16=bf16)
+    c_ag = pool_criterion(f, pool_ag.detach().float(), bf16=select_bf16)
+    c_sp = pool_criterion(m, pool_sp.detach().float(), bf16=select_bf16)
     grad_z = torch.zeros_like(z) if need_grad else None
     grad_mix = torch.zeros_like(z_mix) if need_grad and z_mix is not None else None
     images_per_chunk = max(1, config.chunk_elements // (patches_per_image * n))
@@ -226,7 +230,7 @@ def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor,
         last = min(num_images, first + images_per_chunk)
         rows = slice(first * patches_per_image, last * patches_per_image)
         selection, chunk_stats = _select(f, m, c_ag, c_sp, rows, lam, config.rho, patches_per_image,
-                                         num_images, scale, bf16, generator)
+                                         num_images, scale, select_bf16, generator)
         total = total + _contrastive_term(z, rows, selection, lam, config.temperature, bf16, grad_z)
         if z_mix is not None:
             total = total + _contrastive_term(z_mix, rows, selection, lam, config.temperature, bf16, grad_mix)

@@ -61,7 +61,7 @@ class HPSettings:
     local: bool = True
     consistency_weight: float = 0.05
     attention_scale: float | None = None
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["bf16", "mixed", "fp32"] = "mixed"
 
 
 @dataclass
