@@ -12,6 +12,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def fmt(value: object) -> str:
+    if isinstance(value, float) and 0 < abs(value) < 1e-2:
+        return f"{value:.1e}"
     if isinstance(value, float):
         return f"{value:.3f}" if value <= 1.0 else f"{value:.1f}"
     return "" if value is None else str(value)
@@ -24,8 +26,10 @@ def short(commit: str) -> str:
 
 def table(payload: dict) -> str:
     rows = payload["rows"]
-    keys = [k for k in ("method", "dataset", "split", "arch", "patch", "backbone", "precision", "miou", "pixel_acc",
-                        "mean_acc", "train_seconds", "images_per_second", "forward_images_per_second",
+    keys = [k for k in ("method", "implementation", "dataset", "split", "arch", "patch", "backbone", "crf",
+                        "precision", "miou", "pixel_acc", "mean_acc", "linear_miou", "selection", "seconds_per_step",
+                        "peak_rss_gb", "loss", "relative_difference", "speedup", "matmul_fraction", "status",
+                        "train_seconds", "images_per_second", "forward_images_per_second",
                         "pipeline_images_per_second", "pipeline_one_worker_images_per_second",
                         "pipeline_over_forward", "images", "epochs", "steps", "checkpoint", "eval") if any(k in r for r in rows)]
     lines = [f"### {payload['benchmark']}", "",
@@ -39,7 +43,8 @@ def table(payload: dict) -> str:
         names = list(per_class[0]["per_class_iou"])
         lines += ["", "| per-class IoU | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
         for row in per_class:
-            label = " ".join(str(row.get(k, "")) for k in ("method", "eval") if row.get(k))
+            label = " ".join(str(row.get(k, "")) for k in ("method", "backbone", "eval") if row.get(k))
+            label += " +crf" if row.get("crf") else ""
             lines.append(f"| {label} | " + " | ".join(fmt(row['per_class_iou'][n]) for n in names) + " |")
     return "\n".join(lines)
 

@@ -21,7 +21,14 @@ from labelwise.errors import ConfigError
 from labelwise.losses.hidden_positives import HiddenPositiveLoss, HiddenPositiveLossConfig, mix_neighbourhood
 from labelwise.methods import unsupervised
 from labelwise.methods.common import build_eval_dataset
-from labelwise.methods.unsupervised.data import FiveCropDataset, PhotometricCopy, ResizedDataset, five_crop_boxes
+from labelwise.methods.unsupervised.data import (
+    FiveCropDataset,
+    PhotometricCopy,
+    ResizedDataset,
+    TileWindows,
+    five_crop_boxes,
+    window_starts,
+)
 from labelwise.methods.unsupervised.model import load_head
 from labelwise.models import create_vit
 from labelwise.models.vit_loading import save_vit
@@ -229,3 +236,33 @@ def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.
     assert clusters.shape == (96, 128) and clusters.max() < 5
     truth = np.asarray(Image.open(labelled / "labels" / "000.png"))
     assert (ids == truth).mean() > 0.25  # matched pixel accuracy of random clusters: 1 / K = 0.2
+
+
+def test_window_starts_cover_every_pixel_once() -> None:
+    assert window_starts(10, 4) == [(0, 0, 4), (4, 4, 8), (6, 8, 10)]
+    assert window_starts(8, 4) == [(0, 0, 4), (4, 4, 8)]
+    assert window_starts(3, 4) == [(0, 0, 3)]
+
+
+def test_tile_windows_score_each_labelled_pixel_exactly_once() -> None:
+    source = SyntheticShapes(num_images=2, size=(23, 30), num_classes=4, seed=4)
+    windows = TileWindows(source, window=10)
+    assert len(windows) == 2 * 3 * 3
+    for index in range(2):
+        image, mask = source[index]["image"], source[index]["mask"]
+        counted = torch.zeros_like(mask)
+        for w, (src, y, x, *_rest) in enumerate(windows.windows):
+            if src != index:
+                continue
+            sample = windows[w]
+            assert sample["image"].shape == (3, 10, 10)
+            torch.testing.assert_close(sample["image"][:, :min(10, 23 - y), :min(10, 30 - x)],
+                                       image[:, y:y + 10, x:x + 10])
+            owned = sample["mask"] != 255
+            counted[y:y + 10, x:x + 10] += owned[:min(10, 23 - y), :min(10, 30 - x)].long()
+            assert torch.equal(sample["mask"][owned], mask[y:y + 10, x:x + 10][owned[:min(10, 23 - y), :min(10, 30 - x)]])
+        assert torch.equal(counted, torch.ones_like(mask))
+    small = TileWindows(SyntheticShapes(num_images=1, size=(8, 9), num_classes=4, seed=4), window=10)
+    sample = small[0]
+    assert sample["image"].shape == (3, 10, 10) and (sample["mask"][8:] == 255).all() and (sample["mask"][:, 9:] == 255).all()
+    assert (sample["mask"][:8, :9] != 255).all()

@@ -24,7 +24,10 @@ class FeatureConfig:
     a checkpoint path. Training views: ``crop_mode: five`` (four corners + centre, sides
     ``crop_ratio`` of the image's, each resized to ``crop_size``) or ``whole`` (the image resized
     to ``crop_size``). Evaluation and prediction images are resized to ``eval_size`` ((H, W);
-    None: as loaded; their size must then be the same for the whole split). ``attention_block``:
+    None: as loaded; their size must then be the same for the whole split). ``window``: cut large
+    images (aerial tiles) into windows of this many pixels, each labelled pixel scored once
+    (:class:`~labelwise.methods.unsupervised.data.TileWindows`); training then takes its views
+    from the windows of the whole training tiles. ``attention_block``:
     the block whose attention gives HP's local positives (-1: the last). ``storage``: cache arrays
     in ``float16`` (half the disk; the features are rounded, so a hard threshold such as HP's
     positive selection can flip for borderline pairs) or ``float32`` (exactly the on-the-fly values).
@@ -35,6 +38,7 @@ class FeatureConfig:
     crop_ratio: float = 0.5
     crop_size: int = 224
     eval_size: tuple[int, int] | None = None
+    window: int | None = None
     attention_block: int = -1
     batch_size: int = 32
     cache_dir: str | None = None
@@ -171,5 +175,7 @@ class UnsupervisedConfig:
                            ("clustering.recluster_every", self.clustering.recluster_every)):
             if value is not None and value < 1:
                 raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
+        if self.features.window is not None and self.features.window < 16:
+            raise ConfigError(f"features.window: must be >= 16 pixels or null, got {self.features.window}")
         if self.features.eval_size is not None and min(self.features.eval_size) < 1:
             raise ConfigError(f"features.eval_size: must be two positive sizes or null, got {self.features.eval_size}")

@@ -31,7 +31,7 @@ from labelwise.eval.metrics import ConfusionMatrix, metrics_from_confusion
 from labelwise.eval.probes import linear_probe
 from labelwise.methods.common import build_datasets, build_eval_dataset
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
-from labelwise.methods.unsupervised.data import ResizedDataset
+from labelwise.methods.unsupervised.data import ResizedDataset, TileWindows
 from labelwise.methods.unsupervised.model import ExportedHead, load_head
 from labelwise.methods.unsupervised.train import load_backbone
 
@@ -46,22 +46,29 @@ def cluster_scores(exported: ExportedHead, features: Tensor) -> Tensor:
     return torch.einsum("bchw,kc->bkhw", codes, exported.centroids.to(codes.device))
 
 
-def labelled_cache(backbone: torch.nn.Module, dataset: Dataset, config: UnsupervisedConfig, device: torch.device
-                   ) -> FeatureCache:
-    """Backbone features + labels of a labelled split (resized to ``features.eval_size`` when set)."""
+def eval_view(dataset: Dataset, config: UnsupervisedConfig) -> Dataset:
+    """A labelled split as it is scored: cut into ``features.window`` windows, or resized to
+    ``features.eval_size``, or as loaded."""
+    if config.features.window is not None:
+        class_map = getattr(dataset, "class_map", None)
+        return TileWindows(dataset, config.features.window, int(getattr(class_map, "ignore_index", 255)))
     if config.features.eval_size is not None:
-        dataset = ResizedDataset(dataset, config.features.eval_size)
-    return extract_features(backbone, dataset, batch_size=config.features.batch_size, precision=config.precision,
+        return ResizedDataset(dataset, config.features.eval_size)
+    return dataset
+
+
+def labelled_cache(backbone: torch.nn.Module, view: Dataset, config: UnsupervisedConfig, device: torch.device
+                   ) -> FeatureCache:
+    """Backbone features + labels of a labelled split already viewed by :func:`eval_view`."""
+    return extract_features(backbone, view, batch_size=config.features.batch_size, precision=config.precision,
                             device=device, cache_dir=config.features.cache_dir, labels=True, progress=config.progress,
                             storage=config.features.storage)
 
 
-def _images_for_crf(dataset: Dataset, config: UnsupervisedConfig, indices: range) -> list[np.ndarray]:
-    if config.features.eval_size is not None:
-        dataset = ResizedDataset(dataset, config.features.eval_size)
+def _images_for_crf(view: Dataset, indices: range) -> list[np.ndarray]:
     images = []
     for index in indices:
-        image = dataset[index]["image"]
+        image = view[index]["image"]
         images.append(np.ascontiguousarray((image.permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).byte().numpy()))
     return images
 
@@ -70,8 +77,9 @@ def _images_for_crf(dataset: Dataset, config: UnsupervisedConfig, indices: range
 def evaluate_clusters(exported: ExportedHead, cache: FeatureCache, num_classes: int, *, dataset: Dataset | None = None,
                       config: UnsupervisedConfig | None = None, crf: bool = False, batch_size: int = 8,
                       device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Cluster-probe metrics of a labelled cache (+ CRF metrics when ``crf``; then ``dataset``
-    and ``config`` give the images at label resolution).
+    """Cluster-probe metrics of a labelled cache (+ CRF metrics when ``crf``; then ``dataset`` is
+    the viewed split the cache was extracted from (its images at label resolution) and ``config``
+    gives the CRF workers and timeout).
 
     Returns ``{"metrics", "mapping", "confusion"}`` and, with CRF, ``"crf_metrics"``,
     ``"crf_mapping"``.
@@ -90,7 +98,7 @@ def evaluate_clusters(exported: ExportedHead, cache: FeatureCache, num_classes: 
         if crf:
             assert dataset is not None and config is not None
             probabilities = F.softmax(CRF_ALPHA * scores.float(), dim=1).cpu().numpy()
-            images = _images_for_crf(dataset, config, range(start, stop))
+            images = _images_for_crf(dataset, range(start, stop))
             marginals = crf_refine_batch(images, list(probabilities), crf_params, workers=config.eval.crf_workers,
                                          timeout=config.eval.crf_timeout)
             refined.update(torch.from_numpy(np.stack([m.argmax(0) for m in marginals])).long().to(device), labels)
@@ -135,8 +143,9 @@ def evaluate(model_dir: str | Path, config: UnsupervisedConfig | None = None, *,
     device = resolve_device(config.device)
     backbone = load_backbone(exported.summary["backbone"])
     dataset, class_map = build_eval_dataset(config.data, split)
-    cache = labelled_cache(backbone, dataset, config, device)
-    result = evaluate_clusters(exported, cache, class_map.num_classes, dataset=dataset, config=config, crf=crf,
+    view = eval_view(dataset, config)
+    cache = labelled_cache(backbone, view, config, device)
+    result = evaluate_clusters(exported, cache, class_map.num_classes, dataset=view, config=config, crf=crf,
                                device=device)
     names = list(class_map.names)
     row: dict[str, Any] = {**result["metrics"].to_dict(names), "mapping": result["mapping"],
@@ -144,8 +153,9 @@ def evaluate(model_dir: str | Path, config: UnsupervisedConfig | None = None, *,
     if crf:
         row["crf"] = {**result["crf_metrics"].to_dict(names), "mapping": result["crf_mapping"]}
     if linear:
-        train = build_datasets(config.data, seed=config.seed).train
-        train_cache = labelled_cache(backbone, train, config, device)
+        splits = build_datasets(config.data, seed=config.seed)
+        train = splits.train_source if config.features.window is not None else splits.train
+        train_cache = labelled_cache(backbone, eval_view(train, config), config, device)
         with tempfile.TemporaryDirectory(prefix="labelwise-codes-") as tmp:
             probe = linear_probe(_code_cache(exported, train_cache, Path(tmp) / "train"),
                                  _code_cache(exported, cache, Path(tmp) / "val"), num_classes=class_map.num_classes,

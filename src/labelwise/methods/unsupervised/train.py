@@ -33,7 +33,7 @@ from labelwise.losses.stego import StegoConfig, knn_indices, sample_knn_partner,
 from labelwise.methods.common import build_datasets, build_eval_dataset, seed_everything
 from labelwise.methods.pretrain.objective import ema_update
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
-from labelwise.methods.unsupervised.data import FiveCropDataset, PhotometricCopy, ResizedDataset
+from labelwise.methods.unsupervised.data import FiveCropDataset, PhotometricCopy, ResizedDataset, TileWindows
 from labelwise.methods.unsupervised.model import UnsupervisedHead, save_head
 from labelwise.models.vit_loading import load_vit
 
@@ -65,10 +65,17 @@ def load_backbone(name_or_path: str) -> nn.Module:
 
 
 def training_source(config: UnsupervisedConfig) -> Dataset:
-    """The training images: the ``images`` folders, else the training split of ``data``."""
+    """The training images: the ``images`` folders, else the training split of ``data`` (whole
+    images; with ``features.window``, the windows of whole images or tiles)."""
     if config.images:
-        return ImageFolderDataset(config.images, on_error=config.data.on_error)
-    return build_datasets(config.data, seed=config.seed).train
+        source: Dataset = ImageFolderDataset(config.images, on_error=config.data.on_error)
+    elif config.features.window is not None:
+        source = build_datasets(config.data, seed=config.seed).train_source
+    else:
+        return build_datasets(config.data, seed=config.seed).train
+    if config.features.window is not None:
+        return TileWindows(source, config.features.window)
+    return source
 
 
 def training_views(config: UnsupervisedConfig, source: Dataset | None = None) -> Dataset:
