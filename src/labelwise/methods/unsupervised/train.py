@@ -8,6 +8,7 @@ Label-free model selection: the exported model is the one after the last step
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +267,9 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
     """Train the head of ``config.method`` on cached features of the training views and export
     it (with centroids) into ``run_dir``; see the module docstring."""
     config.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("unsupervised training runs in one process (the head is small and HP needs every patch "
+                          "of the batch in one place); launch it without torchrun")
     seed_everything(config.seed)
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir)
