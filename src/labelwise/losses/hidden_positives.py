@@ -138,59 +138,73 @@ def positive_mask(similarity: Tensor, criterion_rows: Tensor, criterion_all: Ten
 class _Selection:
     """Everything about a chunk's anchors that does not depend on ``z``."""
 
-    positives_ag: Tensor  # bool [C, N]
-    positives_sp: Tensor  # bool [C, N]
-    denominator: Tensor  # bool [C, N]
+    start: int
+    positives_ag: Tensor  # [C, N] 0/1 in the product dtype
+    positives_sp: Tensor | None  # [C, N] 0/1 in the product dtype (None when lambda = 0)
+    denominator: Tensor | None  # bool [C, N]; None: every j != i
     total_weight: Tensor  # [C] W_i
     coefficient: Tensor  # [C] d total / d l_i (0 for dropped anchors)
 
 
-def _contrastive_term(z: Tensor, rows: slice, selection: _Selection, lam: float, tau: float, bf16: bool,
+def _contrastive_term(codes: Tensor, rows: slice, selection: _Selection, lam: float, tau: float, bf16: bool,
                       grad: Tensor | None) -> Tensor:
-    """``sum_i coef_i * l_i`` over the chunk's anchors; adds its gradient w.r.t. ``z`` into ``grad``."""
-    anchors = z[rows]
-    logits = _mm(anchors, z.T, bf16) / tau  # [C, N]
-    # |s| <= 1 / tau for unit vectors: shifting by 1 / tau keeps exp() <= 1 without a row max.
-    exp = torch.exp(logits - 1.0 / tau).mul_(selection.denominator)
+    """``sum_i coef_i * l_i`` over the chunk's anchors; adds its gradient w.r.t. ``codes`` into ``grad``.
+
+    Written so that the ``[C, N]`` matrices are touched by few element-wise passes (memory-bound
+    on a CPU) and everything else is a matrix product (fast): the positive sums use
+    ``sum_j w_ij s_ij = z_i . (w @ z)_i / tau`` and the gradient
+    ``dl_i/ds_ij = w_ij / W_i - p_ij`` is applied as products with ``w`` and ``exp`` separately.
+    """
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    anchors = codes[rows]
+    codes_p = codes.to(dtype)
+    anchors_p = anchors.to(dtype)
+    # exp(s_ij - 1/tau) with s = z.z / tau: |s| <= 1/tau for unit vectors, so exp() <= 1 without a row max
+    exp = torch.mm(anchors_p, codes_p.T).float().sub_(1.0).mul_(1.0 / tau).exp_()  # [C, N]
+    index = torch.arange(exp.shape[0], device=exp.device)
+    if selection.denominator is None:
+        exp[index, index + selection.start] = 0.0
+    else:
+        exp.mul_(selection.denominator)
     partition = exp.sum(1).clamp_min_(torch.finfo(torch.float32).tiny)
-    numerator = (logits * selection.positives_ag).sum(1)
-    if lam:
-        numerator = numerator + lam * (logits * selection.positives_sp).sum(1)
+    positive_sum = torch.mm(selection.positives_ag, codes_p).float()  # [C, E]: sum_j w_ij z_j
+    if selection.positives_sp is not None:
+        positive_sum.add_(torch.mm(selection.positives_sp, codes_p).float(), alpha=lam)
     weight = selection.total_weight.clamp_min(1e-12)
+    numerator = (anchors * positive_sum).sum(1) / tau
     mean_log_prob = numerator / weight - (1.0 / tau + torch.log(partition))
     value = (selection.coefficient * mean_log_prob).sum()
     if grad is not None:
-        scale = (selection.coefficient / weight)[:, None]
-        g = selection.positives_ag.float()
-        if lam:
-            g.add_(selection.positives_sp, alpha=lam)
-        g.mul_(scale)
-        g.sub_(exp.mul_((selection.coefficient / partition)[:, None]))  # dl/ds, [C, N]
-        grad[rows] += _mm(g, z, bf16) / tau
-        grad += _mm(g.T, anchors, bf16) / tau
+        u = (selection.coefficient / weight)[:, None]
+        v = (selection.coefficient / partition)[:, None]
+        exp_p = exp.to(dtype)
+        grad[rows] += (u * positive_sum - v * torch.mm(exp_p, codes_p).float()) / tau
+        pulled = (u * anchors).to(dtype)
+        back = torch.mm(selection.positives_ag.T, pulled).float()
+        if selection.positives_sp is not None:
+            back.add_(torch.mm(selection.positives_sp.T, pulled).float(), alpha=lam)
+        back.sub_(torch.mm(exp_p.T, (v * anchors).to(dtype)).float())
+        grad += back / tau
     return value
 
 
 def _select(f: Tensor, m: Tensor, c_ag: Tensor, c_sp: Tensor, rows: slice, lam: float, rho: float,
-            patches_per_image: int, num_images: int, scale: float, bf16: bool, generator: torch.Generator | None
-            ) -> tuple[_Selection, dict[str, float]]:
+            patches_per_image: int, num_images: int, scale: float, bf16: bool, product_dtype: torch.dtype,
+            generator: torch.Generator | None) -> tuple[_Selection, dict[str, float]]:
     start = rows.start
     pos_ag = positive_mask(_mm(f[rows], f.T, bf16), c_ag[rows], c_ag, start)
     pos_sp = positive_mask(_mm(m[rows], m.T, bf16), c_sp[rows], c_sp, start)
     count_ag = pos_ag.sum(1).float()
     count_sp = pos_sp.sum(1).float()
-    if rho >= 1:
-        denominator = torch.ones_like(pos_ag)
-        index = torch.arange(pos_ag.shape[0], device=f.device)
-        denominator[index, index + start] = False
-    elif rho > 0:
-        noise = torch.rand(pos_ag.shape, generator=generator, device=f.device) if generator is not None \
-            else torch.rand(pos_ag.shape, device=f.device)
-        denominator = pos_ag | (noise < rho)
-        index = torch.arange(pos_ag.shape[0], device=f.device)
-        denominator[index, index + start] = False
-    else:
+    denominator: Tensor | None = None
+    if rho < 1:
         denominator = pos_ag.clone()
+        if rho > 0:
+            noise = torch.rand(pos_ag.shape, generator=generator, device=f.device) if generator is not None \
+                else torch.rand(pos_ag.shape, device=f.device)
+            denominator |= noise < rho
+            index = torch.arange(pos_ag.shape[0], device=f.device)
+            denominator[index, index + start] = False
     total = count_ag + lam * count_sp
     kept = count_ag > 0
     # per-image anchor weights normalised to mean 1 over the image's kept anchors
@@ -202,7 +216,9 @@ def _select(f: Tensor, m: Tensor, c_ag: Tensor, c_sp: Tensor, rows: slice, lam: 
     coefficient = -scale * pnm * per_image_kept / kept_count.clamp_min(1) / (2 * num_images)
     stats = {"anchors_kept": float(kept.sum()), "positives_ag": float(count_ag.sum()),
              "positives_sp": float(count_sp.sum())}
-    return _Selection(pos_ag, pos_sp, denominator, total, coefficient.reshape(-1)), stats
+    selection = _Selection(start, pos_ag.to(product_dtype), pos_sp.to(product_dtype) if lam else None, denominator,
+                           total, coefficient.reshape(-1))
+    return selection, stats
 
 
 def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor, m: Tensor, pool_ag: Tensor,
@@ -230,7 +246,8 @@ def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor,
         last = min(num_images, first + images_per_chunk)
         rows = slice(first * patches_per_image, last * patches_per_image)
         selection, chunk_stats = _select(f, m, c_ag, c_sp, rows, lam, config.rho, patches_per_image,
-                                         num_images, scale, select_bf16, generator)
+                                         num_images, scale, select_bf16,
+                                         torch.bfloat16 if bf16 else torch.float32, generator)
         total = total + _contrastive_term(z, rows, selection, lam, config.temperature, bf16, grad_z)
         if z_mix is not None:
             total = total + _contrastive_term(z_mix, rows, selection, lam, config.temperature, bf16, grad_mix)
