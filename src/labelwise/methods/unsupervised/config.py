@@ -12,6 +12,7 @@ from typing import Literal
 
 from labelwise.config import DataConfig
 from labelwise.errors import ConfigError
+from labelwise.losses.stego import StegoConfig
 
 METHODS = ("hp", "stego", "picie", "kmeans")
 
@@ -69,20 +70,14 @@ class HPSettings:
 
 
 @dataclass
-class StegoSettings:
-    """STEGO's correspondence loss (cocostuff defaults) and its kNN pairs."""
+class StegoSettings(StegoConfig):
+    """STEGO's correspondence loss (the :class:`~labelwise.losses.stego.StegoConfig` fields,
+    cocostuff defaults), the head width ``dim`` and its ``dropout``, and ``knn`` neighbours per
+    image for the kNN pairs."""
 
     dim: int = 512
     dropout: float = 0.1
     knn: int = 7
-    feature_samples: int = 11
-    neg_samples: int = 5
-    pos_intra_weight: float = 0.67
-    pos_inter_weight: float = 0.25
-    neg_inter_weight: float = 0.63
-    pos_intra_shift: float = 0.08
-    pos_inter_shift: float = 0.02
-    neg_inter_shift: float = 0.66
 
 
 @dataclass
@@ -171,6 +166,10 @@ class UnsupervisedConfig:
             raise ConfigError(f"features.crop_ratio: must be in (0, 1], got {self.features.crop_ratio}")
         if not 0 <= self.hp.momentum < 1:
             raise ConfigError(f"hp.momentum: must be in [0, 1), got {self.hp.momentum}")
+        try:
+            self.stego.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"stego.{exc}") from exc
         for key, value in (("eval.clusters", self.eval.clusters), ("clustering.clusters", self.clustering.clusters),
                            ("clustering.recluster_every", self.clustering.recluster_every)):
             if value is not None and value < 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -208,10 +208,7 @@ def _hp_step_fn(config: UnsupervisedConfig, cache: FeatureCache, total_steps: in
 
 def _stego_step_fn(config: UnsupervisedConfig, cache: FeatureCache) -> Callable[..., StepOutput]:
     settings = config.stego
-    loss_config = StegoConfig(feature_samples=settings.feature_samples, neg_samples=settings.neg_samples,
-                              pos_intra_weight=settings.pos_intra_weight, pos_inter_weight=settings.pos_inter_weight,
-                              neg_inter_weight=settings.neg_inter_weight, pos_intra_shift=settings.pos_intra_shift,
-                              pos_inter_shift=settings.pos_inter_shift, neg_inter_shift=settings.neg_inter_shift)
+    loss_config = StegoConfig(**{f.name: getattr(settings, f.name) for f in fields(StegoConfig)})
     pooled = []
     for start in range(0, len(cache), 256):
         rows = torch.from_numpy(np.asarray(cache.features[start:start + 256], np.float32))
