@@ -191,19 +191,27 @@ def measure_loss(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_matmul() -> dict[str, Any]:
-    m, k, n = MATMUL_SHAPE
+    """Best achieved GFLOP/s of a bare matmul over the loss's own product shapes (one image of 784
+    anchors against 16 images, and MATMUL_SHAPE), after three warm-up calls each: the floor the
+    loss is compared with, so taking the best makes ``matmul_fraction`` conservative."""
     generator = torch.Generator().manual_seed(0)
     out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a = torch.randn(m, k, generator=generator).to(dtype)
-        b = torch.randn(k, n, generator=generator).to(dtype)
-        torch.mm(a, b)
-        seconds = []
-        for _ in range(MATMUL_REPEATS):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            seconds.append(time.perf_counter() - start)
-        out[precision] = {"seconds": statistics.median(seconds), "gflops": 2 * m * k * n / statistics.median(seconds) / 1e9}
+        best: dict[str, Any] = {"gflops": 0.0}
+        for m, k, n in ((784, 512, 12544), MATMUL_SHAPE):
+            a = torch.randn(m, k, generator=generator).to(dtype)
+            b = torch.randn(k, n, generator=generator).to(dtype)
+            for _ in range(3):
+                torch.mm(a, b)
+            seconds = []
+            for _ in range(MATMUL_REPEATS):
+                start = time.perf_counter()
+                torch.mm(a, b)
+                seconds.append(time.perf_counter() - start)
+            gflops = 2 * m * k * n / statistics.median(seconds) / 1e9
+            if gflops > best["gflops"]:
+                best = {"seconds": statistics.median(seconds), "gflops": gflops, "shape": [m, k, n]}
+        out[precision] = best
     return out
 
 
@@ -339,7 +347,7 @@ def main() -> None:
         status, matmul = run_worker({"mode": "matmul", "threads": args.threads}, workdir, args.timeout, memory_limit)
         if matmul is None:
             sys.exit(f"bare matmul measurement {status}")
-        print(f"bare matmul {MATMUL_SHAPE}: bf16 {matmul['bf16']['gflops']:.0f} GFLOP/s, "
+        print(f"bare matmul (best of the loss shapes): bf16 {matmul['bf16']['gflops']:.0f} GFLOP/s, "
               f"fp32 {matmul['fp32']['gflops']:.0f} GFLOP/s", flush=True)
 
         for images in args.images:
@@ -403,7 +411,7 @@ def main() -> None:
                    "temperature": args.temperature, "base_temperature": BASE_TEMPERATURE, "with_z_mix": True},
         "repeats": args.repeats,
         "relative_difference_target": 1e-3,
-        "matmul": {"shape": list(MATMUL_SHAPE), "bf16_gflops": round(matmul["bf16"]["gflops"], 1),
+        "matmul": {"shape_bf16": matmul["bf16"]["shape"], "shape_fp32": matmul["fp32"]["shape"], "bf16_gflops": round(matmul["bf16"]["gflops"], 1),
                    "fp32_gflops": round(matmul["fp32"]["gflops"], 1)},
         "official": None if official_path is None else {
             "path": str(official_path), "sha256": hashlib.sha256(official_path.read_bytes()).hexdigest(),
