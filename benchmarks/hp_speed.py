@@ -411,8 +411,8 @@ def main() -> None:
                    "temperature": args.temperature, "base_temperature": BASE_TEMPERATURE, "with_z_mix": True},
         "repeats": args.repeats,
         "relative_difference_target": 1e-3,
-        "matmul": {"shape_bf16": matmul["bf16"]["shape"], "shape_fp32": matmul["fp32"]["shape"], "bf16_gflops": round(matmul["bf16"]["gflops"], 1),
-                   "fp32_gflops": round(matmul["fp32"]["gflops"], 1)},
+        "matmul": {"shape_bf16": matmul["bf16"]["shape"], "shape_fp32": matmul["fp32"]["shape"],
+                   "bf16_gflops": round(matmul["bf16"]["gflops"], 1), "fp32_gflops": round(matmul["fp32"]["gflops"], 1)},
         "official": None if official_path is None else {
             "path": str(official_path), "sha256": hashlib.sha256(official_path.read_bytes()).hexdigest(),
             "images": official_images, "products": "fp32 (torch.cuda.amp.autocast inactive on CPU)"},
