@@ -67,6 +67,9 @@ def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private sub
     predict.add_argument("--class-map", type=Path, default=None,
                          help="class map JSON for --match-with (default: DIR/classes.json)")
     predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
+    predict.add_argument("--window", type=int, default=1024,
+                         help="images with a side above this many pixels go through the ViT window by window "
+                              "(0 = always whole)")
     predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                          help="where to run: auto picks CUDA when available")
     predict.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="backbone precision")
@@ -101,6 +104,6 @@ def run_unsupervised(args: argparse.Namespace) -> int:
         return 0
     written = unsupervised.predict(args.model, args.inputs, args.out, match_with=args.match_with,
                                    class_map=args.class_map, device=args.device, precision=args.precision,
-                                   alpha=args.alpha)
+                                   alpha=args.alpha, window=args.window or None)
     print(f"wrote predictions of {len(written)} image(s) to {args.out}/{{clusters,ids,color,overlay}}")
     return 0

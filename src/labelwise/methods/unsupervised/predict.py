@@ -29,6 +29,7 @@ from labelwise.eval.kmeans import upsample_scores
 from labelwise.eval.matching import hungarian_match
 from labelwise.eval.metrics import ConfusionMatrix
 from labelwise.methods.supervised import list_images
+from labelwise.methods.unsupervised.data import window_starts
 from labelwise.methods.unsupervised.evaluate import cluster_scores
 from labelwise.methods.unsupervised.model import ExportedHead, load_head
 from labelwise.methods.unsupervised.train import load_backbone
@@ -37,12 +38,31 @@ from labelwise.report.png import _save, write_prediction_pngs
 __all__ = ["MAPPING_FILE", "cluster_map", "match_clusters", "predict", "predict_clusters"]
 
 MAPPING_FILE = "cluster_mapping.json"
+DEFAULT_WINDOW = 1024
 
 
 @torch.no_grad()
 def predict_clusters(exported: ExportedHead, backbone: torch.nn.Module, image: Tensor, device: torch.device,
-                     precision: str = "bf16") -> Tensor:
-    """Cluster id ``[H, W]`` (int64) of every pixel of ``image [3, H, W]`` in [0, 1]."""
+                     precision: str = "bf16", window: int | None = None) -> Tensor:
+    """Cluster id ``[H, W]`` (int64) of every pixel of ``image [3, H, W]`` in [0, 1].
+
+    Images with a side above ``window`` are processed window by window (the grid of
+    :func:`~labelwise.methods.unsupervised.data.window_starts`, each pixel taken from the first
+    window covering it), so a large aerial tile never goes through the ViT whole.
+    """
+    height, width = image.shape[-2:]
+    if window is None or (height <= window and width <= window):
+        return _window_clusters(exported, backbone, image, device, precision)
+    out = torch.empty(height, width, dtype=torch.long)
+    for y, y_from, y_to in window_starts(height, window):
+        for x, x_from, x_to in window_starts(width, window):
+            clusters = _window_clusters(exported, backbone, image[:, y:y + window, x:x + window], device, precision)
+            out[y_from:y_to, x_from:x_to] = clusters[y_from - y:y_to - y, x_from - x:x_to - x]
+    return out
+
+
+def _window_clusters(exported: ExportedHead, backbone: torch.nn.Module, image: Tensor, device: torch.device,
+                     precision: str) -> Tensor:
     height, width = image.shape[-2:]
     with autocast(device, precision):
         features = patch_tokens(backbone(image[None].to(device))).float()
@@ -58,7 +78,7 @@ def cluster_map(clusters: int) -> ClassMap:
 
 def match_clusters(exported: ExportedHead, backbone: torch.nn.Module, labelled: str | Path,
                    class_map: ClassMap | str | Path | None = None, device: str | torch.device = "cpu",
-                   precision: str = "bf16") -> tuple[np.ndarray, ClassMap]:
+                   precision: str = "bf16", window: int | None = DEFAULT_WINDOW) -> tuple[np.ndarray, ClassMap]:
     """Map clusters to classes with a few labelled images.
 
     Returns ``(mapping [K], class_map)``: ``mapping[k]`` is the class of cluster ``k`` by
@@ -72,7 +92,7 @@ def match_clusters(exported: ExportedHead, backbone: torch.nn.Module, labelled: 
                                 num_pred=k)
     for index in range(len(dataset)):
         sample = dataset[index]
-        confusion.update(predict_clusters(exported, backbone, sample["image"], torch_device, precision)[None],
+        confusion.update(predict_clusters(exported, backbone, sample["image"], torch_device, precision, window)[None],
                          sample["mask"][None])
     counts = confusion.matrix.cpu().numpy()
     mapping = np.asarray(hungarian_match(counts))
@@ -81,9 +101,10 @@ def match_clusters(exported: ExportedHead, backbone: torch.nn.Module, labelled: 
 
 def predict(model_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
             match_with: str | Path | None = None, class_map: str | Path | None = None, device: str = "auto",
-            precision: str = "bf16", alpha: float = 0.5) -> list[Path]:
-    """Segment every image of ``inputs`` (files or folders); see the module docstring. Returns
-    the written ``ids/`` PNG paths."""
+            precision: str = "bf16", alpha: float = 0.5, window: int | None = DEFAULT_WINDOW) -> list[Path]:
+    """Segment every image of ``inputs`` (files or folders); see the module docstring. Images with
+    a side above ``window`` pixels go through the backbone window by window (None: whole).
+    Returns the written ``ids/`` PNG paths."""
     exported = load_head(model_dir)
     torch_device = resolve_device(device)
     backbone = load_backbone(exported.summary["backbone"]).to(torch_device)
@@ -92,7 +113,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | 
     mapping: np.ndarray | None = None
     display = cluster_map(k)
     if match_with is not None:
-        mapping, display = match_clusters(exported, backbone, match_with, class_map, torch_device, precision)
+        mapping, display = match_clusters(exported, backbone, match_with, class_map, torch_device, precision, window)
         record: dict[str, Any] = {"clusters": k, "matched_with": str(match_with),
                                   "mapping": {f"cluster_{i}": display.names[int(c)] for i, c in enumerate(mapping)}}
         out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +122,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | 
     for path in list_images(inputs):
         image = read_image(path)
         tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
-        clusters = predict_clusters(exported, backbone, tensor, torch_device, precision).numpy()
+        clusters = predict_clusters(exported, backbone, tensor, torch_device, precision, window).numpy()
         _save(clusters.astype(np.uint8 if k <= 255 else np.uint16), out / "clusters" / f"{path.stem}.png")
         labels = clusters if mapping is None else mapping[clusters]
         written.append(write_prediction_pngs(labels, image, display, out, path.stem, alpha)["ids"])
