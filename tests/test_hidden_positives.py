@@ -248,3 +248,19 @@ def test_module_form_takes_maps() -> None:
                                   config=HiddenPositiveLossConfig(rho=1.0, precision="fp32"))
     assert float(value) == pytest.approx(float(direct), rel=1e-6)
     assert set(loss.last_stats) == {"anchors_kept", "positives_ag", "positives_sp"}
+
+
+def test_mixed_precision_selects_the_same_positives_as_fp32() -> None:
+    z, z_mix, f, m, pool_ag, pool_sp = [t.float() for t in _inputs(images=4, patches=16, seed=9)]
+    results = {}
+    for precision in ("fp32", "mixed"):
+        zz = z.clone().requires_grad_(True)
+        stats: dict[str, float] = {}
+        value = hidden_positive_loss(zz, f, m, pool_ag, pool_sp, lam=0.3, patches_per_image=16, z_mix=z_mix,
+                                     config=HiddenPositiveLossConfig(rho=1.0, precision=precision), stats=stats)
+        value.backward()
+        results[precision] = (float(value.detach()), zz.grad.clone(), stats)
+    assert results["mixed"][2] == results["fp32"][2]
+    assert results["mixed"][0] == pytest.approx(results["fp32"][0], rel=1e-3)
+    cosine = F.cosine_similarity(results["mixed"][1].flatten(), results["fp32"][1].flatten(), dim=0)
+    assert float(cosine) > 0.999

@@ -139,21 +139,21 @@ class _Selection:
     """Everything about a chunk's anchors that does not depend on ``z``."""
 
     start: int
-    positives_ag: Tensor  # [C, N] 0/1 in the product dtype
-    positives_sp: Tensor | None  # [C, N] 0/1 in the product dtype (None when lambda = 0)
+    weights: Tensor  # [C, N] w_ij = A_ij + lambda S_ij in the product dtype
     denominator: Tensor | None  # bool [C, N]; None: every j != i
     total_weight: Tensor  # [C] W_i
     coefficient: Tensor  # [C] d total / d l_i (0 for dropped anchors)
 
 
-def _contrastive_term(codes: Tensor, rows: slice, selection: _Selection, lam: float, tau: float, bf16: bool,
+def _contrastive_term(codes: Tensor, rows: slice, selection: _Selection, tau: float, bf16: bool,
                       grad: Tensor | None) -> Tensor:
     """``sum_i coef_i * l_i`` over the chunk's anchors; adds its gradient w.r.t. ``codes`` into ``grad``.
 
     Written so that the ``[C, N]`` matrices are touched by few element-wise passes (memory-bound
     on a CPU) and everything else is a matrix product (fast): the positive sums use
     ``sum_j w_ij s_ij = z_i . (w @ z)_i / tau`` and the gradient
-    ``dl_i/ds_ij = w_ij / W_i - p_ij`` is applied as products with ``w`` and ``exp`` separately.
+    ``dl_i/ds_ij = w_ij / W_i - p_ij`` is applied as products with ``w`` and ``exp`` separately
+    (five ``[C, N] x [N, E]`` products per term).
     """
     dtype = torch.bfloat16 if bf16 else torch.float32
     anchors = codes[rows]
@@ -167,9 +167,7 @@ def _contrastive_term(codes: Tensor, rows: slice, selection: _Selection, lam: fl
     else:
         exp.mul_(selection.denominator)
     partition = exp.sum(1).clamp_min_(torch.finfo(torch.float32).tiny)
-    positive_sum = torch.mm(selection.positives_ag, codes_p).float()  # [C, E]: sum_j w_ij z_j
-    if selection.positives_sp is not None:
-        positive_sum.add_(torch.mm(selection.positives_sp, codes_p).float(), alpha=lam)
+    positive_sum = torch.mm(selection.weights, codes_p).float()  # [C, E]: sum_j w_ij z_j
     weight = selection.total_weight.clamp_min(1e-12)
     numerator = (anchors * positive_sum).sum(1) / tau
     mean_log_prob = numerator / weight - (1.0 / tau + torch.log(partition))
@@ -179,10 +177,7 @@ def _contrastive_term(codes: Tensor, rows: slice, selection: _Selection, lam: fl
         v = (selection.coefficient / partition)[:, None]
         exp_p = exp.to(dtype)
         grad[rows] += (u * positive_sum - v * torch.mm(exp_p, codes_p).float()) / tau
-        pulled = (u * anchors).to(dtype)
-        back = torch.mm(selection.positives_ag.T, pulled).float()
-        if selection.positives_sp is not None:
-            back.add_(torch.mm(selection.positives_sp.T, pulled).float(), alpha=lam)
+        back = torch.mm(selection.weights.T, (u * anchors).to(dtype)).float()
         back.sub_(torch.mm(exp_p.T, (v * anchors).to(dtype)).float())
         grad += back / tau
     return value
@@ -205,7 +200,12 @@ def _select(f: Tensor, m: Tensor, c_ag: Tensor, c_sp: Tensor, rows: slice, lam: 
             denominator |= noise < rho
             index = torch.arange(pos_ag.shape[0], device=f.device)
             denominator[index, index + start] = False
-    total = count_ag + lam * count_sp
+    weights = pos_ag.to(product_dtype)
+    if lam:
+        weights.add_(pos_sp.to(product_dtype), alpha=lam)
+    # W_i from the weights as stored: in bfloat16, 1 + lambda is rounded (<= 0.4%), and the
+    # gradient's sum_j w_ij / W_i = 1 must hold for the stored weights
+    total = weights.sum(1, dtype=torch.float32) if product_dtype != torch.float32 else count_ag + lam * count_sp
     kept = count_ag > 0
     # per-image anchor weights normalised to mean 1 over the image's kept anchors
     per_image_total = total.view(-1, patches_per_image)
@@ -216,8 +216,7 @@ def _select(f: Tensor, m: Tensor, c_ag: Tensor, c_sp: Tensor, rows: slice, lam: 
     coefficient = -scale * pnm * per_image_kept / kept_count.clamp_min(1) / (2 * num_images)
     stats = {"anchors_kept": float(kept.sum()), "positives_ag": float(count_ag.sum()),
              "positives_sp": float(count_sp.sum())}
-    selection = _Selection(start, pos_ag.to(product_dtype), pos_sp.to(product_dtype) if lam else None, denominator,
-                           total, coefficient.reshape(-1))
+    selection = _Selection(start, weights, denominator, total, coefficient.reshape(-1))
     return selection, stats
 
 
@@ -248,9 +247,9 @@ def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor,
         selection, chunk_stats = _select(f, m, c_ag, c_sp, rows, lam, config.rho, patches_per_image,
                                          num_images, scale, select_bf16,
                                          torch.bfloat16 if bf16 else torch.float32, generator)
-        total = total + _contrastive_term(z, rows, selection, lam, config.temperature, bf16, grad_z)
+        total = total + _contrastive_term(z, rows, selection, config.temperature, bf16, grad_z)
         if z_mix is not None:
-            total = total + _contrastive_term(z_mix, rows, selection, lam, config.temperature, bf16, grad_mix)
+            total = total + _contrastive_term(z_mix, rows, selection, config.temperature, bf16, grad_mix)
         for key, value in chunk_stats.items():
             stats[key] += value
     stats = {"anchors_kept": stats["anchors_kept"] / n,
