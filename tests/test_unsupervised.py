@@ -287,3 +287,21 @@ def test_windowed_prediction_stitches_each_window_into_the_pixels_it_owns(tiny_v
             assert torch.equal(stitched[y_from:y_to, x_from:x_to], alone[y_from - y:y_to - y, x_from - x:x_to - x])
     whole = predict_clusters(exported, vit, image, device, "fp32", window=None)
     assert whole.shape == (40, 45)
+
+
+def test_random_patch_vectors_pick_the_stored_vectors(tmp_path: Path) -> None:
+    from labelwise.engine.feature_store import write_feature_cache
+    from labelwise.methods.unsupervised.train import random_patch_vectors
+
+    features = torch.randn(5, 3, 2, 4)
+    cache = write_feature_cache(tmp_path / "c", features.numpy(), [f"s{i}" for i in range(5)], stride=8)
+    stored = torch.from_numpy(np.asarray(cache.features, np.float32)).flatten(2)  # [5, 3, 8]
+    for count in (4, 23):  # without and with replacement; block smaller than the samples
+        vectors = random_patch_vectors(cache, count, torch.Generator().manual_seed(1), block=2)
+        assert vectors.shape == (count, 3)
+        candidates = stored.permute(0, 2, 1).reshape(-1, 3)
+        for vector in vectors:
+            assert (candidates == vector).all(1).any()
+    distinct = random_patch_vectors(cache, 5, torch.Generator().manual_seed(2))
+    owners = [int(torch.nonzero((stored.permute(0, 2, 1) == v).all(2))[0, 0]) for v in distinct]
+    assert sorted(owners) == [0, 1, 2, 3, 4]

@@ -136,16 +136,21 @@ def cached_rows(cache: FeatureCache, indices: np.ndarray) -> Tensor:
     return torch.from_numpy(out)
 
 
-def random_patch_vectors(cache: FeatureCache, count: int, generator: torch.Generator) -> Tensor:
+def random_patch_vectors(cache: FeatureCache, count: int, generator: torch.Generator, block: int = 512) -> Tensor:
     """``[count, D]``: one random patch of each of ``count`` random samples (without replacement
-    while the cache has enough of them), as HP fills its reference pools."""
-    n, _, h, w = cache.features.shape
+    while the cache has enough of them, as HP fills its reference pools). Each sample's row is
+    read once, ``block`` samples at a time, however many of its patches are drawn."""
+    n, d, h, w = cache.features.shape
     images = torch.randperm(n, generator=generator)[:count] if count <= n else torch.randint(0, n, (count,),
                                                                                            generator=generator)
     patches = torch.randint(0, h * w, (count,), generator=generator)
-    rows = cached_rows(cache, images.numpy())
-    flat = rows.flatten(2)  # [count, D, h*w]
-    return flat[torch.arange(count), :, patches]
+    unique, inverse = np.unique(images.numpy(), return_inverse=True)
+    out = torch.empty(count, d)
+    for first in range(0, len(unique), block):
+        rows = cached_rows(cache, unique[first:first + block]).flatten(2)  # [b, D, h*w]
+        wanted = np.flatnonzero((inverse >= first) & (inverse < first + block))
+        out[torch.from_numpy(wanted)] = rows[torch.from_numpy(inverse[wanted] - first), :, patches[wanted]]
+    return out
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
