@@ -145,7 +145,7 @@ class _Selection:
     coefficient: Tensor  # [C] d total / d l_i (0 for dropped anchors)
 
 
-def _contrastive_term(codes: Tensor, rows: slice, selection: _Selection, tau: float, bf16: bool,
+def _contrastive_term(codes: Tensor, codes_p: Tensor, rows: slice, selection: _Selection, tau: float,
                       grad: Tensor | None) -> Tensor:
     """``sum_i coef_i * l_i`` over the chunk's anchors; adds its gradient w.r.t. ``codes`` into ``grad``.
 
@@ -153,14 +153,12 @@ def _contrastive_term(codes: Tensor, rows: slice, selection: _Selection, tau: fl
     on a CPU) and everything else is a matrix product (fast): the positive sums use
     ``sum_j w_ij s_ij = z_i . (w @ z)_i / tau`` and the gradient
     ``dl_i/ds_ij = w_ij / W_i - p_ij`` is applied as products with ``w`` and ``exp`` separately
-    (five ``[C, N] x [N, E]`` products per term).
+    (five ``[C, N] x [N, E]`` products per term). ``codes_p``: ``codes`` in the product dtype.
     """
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = codes_p.dtype
     anchors = codes[rows]
-    codes_p = codes.to(dtype)
-    anchors_p = anchors.to(dtype)
     # exp(s_ij - 1/tau) with s = z.z / tau: |s| <= 1/tau for unit vectors, so exp() <= 1 without a row max
-    exp = torch.mm(anchors_p, codes_p.T).float().sub_(1.0).mul_(1.0 / tau).exp_()  # [C, N]
+    exp = torch.mm((anchors / tau).to(dtype), codes_p.T).float().sub_(1.0 / tau).exp_()  # [C, N]
     index = torch.arange(exp.shape[0], device=exp.device)
     if selection.denominator is None:
         exp[index, index + selection.start] = 0.0
@@ -235,6 +233,9 @@ def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor,
     f, m = f.detach().float(), m.detach().float()
     c_ag = pool_criterion(f, pool_ag.detach().float(), bf16=select_bf16)
     c_sp = pool_criterion(m, pool_sp.detach().float(), bf16=select_bf16)
+    product_dtype = torch.bfloat16 if bf16 else torch.float32
+    z_p = z.to(product_dtype)
+    z_mix_p = None if z_mix is None else z_mix.to(product_dtype)
     grad_z = torch.zeros_like(z) if need_grad else None
     grad_mix = torch.zeros_like(z_mix) if need_grad and z_mix is not None else None
     images_per_chunk = max(1, config.chunk_elements // (patches_per_image * n))
@@ -245,11 +246,10 @@ def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor,
         last = min(num_images, first + images_per_chunk)
         rows = slice(first * patches_per_image, last * patches_per_image)
         selection, chunk_stats = _select(f, m, c_ag, c_sp, rows, lam, config.rho, patches_per_image,
-                                         num_images, scale, select_bf16,
-                                         torch.bfloat16 if bf16 else torch.float32, generator)
-        total = total + _contrastive_term(z, rows, selection, config.temperature, bf16, grad_z)
+                                         num_images, scale, select_bf16, product_dtype, generator)
+        total = total + _contrastive_term(z, z_p, rows, selection, config.temperature, grad_z)
         if z_mix is not None:
-            total = total + _contrastive_term(z_mix, rows, selection, config.temperature, bf16, grad_mix)
+            total = total + _contrastive_term(z_mix, z_mix_p, rows, selection, config.temperature, grad_mix)
         for key, value in chunk_stats.items():
             stats[key] += value
     stats = {"anchors_kept": stats["anchors_kept"] / n,
