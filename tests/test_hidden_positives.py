@@ -107,7 +107,7 @@ def test_chunking_does_not_change_value_or_gradient() -> None:
         value = hidden_positive_loss(zz, f, m, pool_ag, pool_sp, lam=0.3, patches_per_image=9, z_mix=z_mix,
                                      config=config)
         value.backward()
-        results.append((float(value), zz.grad.clone()))
+        results.append((float(value.detach()), zz.grad.clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
 
