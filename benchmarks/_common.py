@@ -71,12 +71,22 @@ def write_results(name: str, rows: list[dict[str, Any]], device: torch.device, e
     return path
 
 
+#: The default backbone's recipe: (config, run folder, results suffix) of each pretraining stage,
+#: in order; the second stage continues the first one's export (its config's ``init``).
+DEFAULT_BACKBONE_STAGES = (
+    ("configs/pretrain_vit_tiny.yaml", "benchmarks/runs/pretrain_dino", ""),
+    ("configs/pretrain_vit_tiny_continue.yaml", "benchmarks/runs/pretrain_dino_continue", "_continue"),
+)
+
+
 def ensure_default_backbone(rebuild: bool = True) -> Path | None:
     """The project's pretrained ViT (``weights/labelwise_vit.safetensors``).
 
     When the file is missing and ``rebuild`` is true, it is rebuilt by running
-    ``benchmarks/pretrain_dino.py`` (the command in ``weights/README.md``; about 85 minutes on 2
-    CPU cores, resumable). Returns ``None`` when it is missing and ``rebuild`` is false.
+    ``benchmarks/pretrain_dino.py`` once per stage of :data:`DEFAULT_BACKBONE_STAGES` (the
+    commands in ``weights/README.md``; about 80 + 50 minutes on 2 CPU cores, each resumable);
+    only the last stage writes the file. Returns ``None`` when it is missing and ``rebuild`` is
+    false.
     """
     from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH
 
@@ -84,9 +94,15 @@ def ensure_default_backbone(rebuild: bool = True) -> Path | None:
         return DEFAULT_BACKBONE_PATH
     if not rebuild:
         return None
-    print(f"{DEFAULT_BACKBONE_PATH} is missing: rebuilding it with benchmarks/pretrain_dino.py (about 85 min on 2 "
-          "CPU cores; interrupt and re-run to resume)", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pretrain_dino.py")], cwd=ROOT, check=True)
+    print(f"{DEFAULT_BACKBONE_PATH} is missing: rebuilding it with benchmarks/pretrain_dino.py in "
+          f"{len(DEFAULT_BACKBONE_STAGES)} stages (about 130 min on 2 CPU cores; interrupt and re-run to resume)",
+          flush=True)
+    for index, (config, run_dir, suffix) in enumerate(DEFAULT_BACKBONE_STAGES):
+        command = [sys.executable, str(ROOT / "benchmarks" / "pretrain_dino.py"), "--config", config,
+                   "--run-dir", run_dir, "--suffix", suffix]
+        if index < len(DEFAULT_BACKBONE_STAGES) - 1:
+            command.append("--no-export")
+        subprocess.run(command, cwd=ROOT, check=True)
     if not DEFAULT_BACKBONE_PATH.is_file():
         sys.exit(f"benchmarks/pretrain_dino.py finished without writing {DEFAULT_BACKBONE_PATH}")
     return DEFAULT_BACKBONE_PATH

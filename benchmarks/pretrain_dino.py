@@ -9,6 +9,11 @@ arch, patch, images, epochs, train_seconds, checkpoint. The data are the unlabel
 of `../shared/data/unlabeled` plus the images (never the labels) of CamVid train+val and the
 Dubai aerial tiles, as listed in the config.
 
+The default backbone has two stages (`benchmarks/_common.DEFAULT_BACKBONE_STAGES`): this command
+with `--no-export`, then `--config configs/pretrain_vit_tiny_continue.yaml --run-dir
+benchmarks/runs/pretrain_dino_continue --suffix _continue`, which continues the first stage's
+export (the config's `init`) and writes the weights file.
+
 Afterwards: `benchmarks/probe_camvid.py` (probe numbers of the exported backbone) and
 `benchmarks/attention_figures.py` (class-token attention PNGs of 4 CamVid images).
 """
