@@ -223,7 +223,3 @@ class TileWindows(Dataset):
             out["mask"] = mask
         return out
 
-
-def upsample_to(scores: Tensor, size: Sequence[int]) -> Tensor:
-    """``[B, C, h, w]`` -> ``[B, C, H, W]`` bilinear (``align_corners=False``)."""
-    return F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
