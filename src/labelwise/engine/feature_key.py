@@ -52,6 +52,12 @@ def _dataset_identity(dataset: Dataset) -> dict[str, Any]:
     return identity
 
 
+def dataset_identity(dataset: Dataset) -> dict[str, Any]:
+    """What the cache key records of a dataset: its ``cache_identity()`` when it has one, else its
+    class, length and plain public attributes (wrappers call this on the dataset they wrap)."""
+    return _dataset_identity(dataset)
+
+
 def dataset_names(dataset: Dataset) -> list[str]:
     """Sample names: ``dataset.names`` when it has them (a Subset maps its indices), otherwise
     read from every sample (one pass over the data, without the backbone)."""

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from labelwise.data.transforms import AugmentConfig, PairedAugment
-from labelwise.engine.feature_key import dataset_names
+from labelwise.engine.feature_key import dataset_identity, dataset_names
 from labelwise.engine.feature_preprocess import preprocess
 from labelwise.errors import ConfigError
 
@@ -60,9 +60,7 @@ class ResizedDataset(Dataset):
         return len(self.names)
 
     def cache_identity(self) -> dict[str, Any]:
-        from labelwise.engine.feature_key import _dataset_identity
-
-        return {"resized": list(self.size), "of": _dataset_identity(self.dataset)}
+        return {"resized": list(self.size), "of": dataset_identity(self.dataset)}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.dataset[index]
@@ -93,9 +91,7 @@ class FiveCropDataset(Dataset):
         return len(self.names)
 
     def cache_identity(self) -> dict[str, Any]:
-        from labelwise.engine.feature_key import _dataset_identity
-
-        return {"five_crop": list(self.size), "ratio": repr(self.crop_ratio), "of": _dataset_identity(self.dataset)}
+        return {"five_crop": list(self.size), "ratio": repr(self.crop_ratio), "of": dataset_identity(self.dataset)}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source, crop = divmod(index, len(FIVE_CROPS))
@@ -132,10 +128,8 @@ class PhotometricCopy(Dataset):
         return len(self.names)
 
     def cache_identity(self) -> dict[str, Any]:
-        from labelwise.engine.feature_key import _dataset_identity
-
         return {"photometric": [repr(self.brightness), repr(self.contrast), repr(self.saturation), repr(self.hue)],
-                "seed": self.seed, "of": _dataset_identity(self.dataset)}
+                "seed": self.seed, "of": dataset_identity(self.dataset)}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = dict(self.dataset[index])
@@ -202,9 +196,7 @@ class TileWindows(Dataset):
         return len(self.windows)
 
     def cache_identity(self) -> dict[str, Any]:
-        from labelwise.engine.feature_key import _dataset_identity
-
-        return {"tile_windows": self.window, "of": _dataset_identity(self.dataset)}
+        return {"tile_windows": self.window, "of": dataset_identity(self.dataset)}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source, y, x, own_y0, own_y1, own_x0, own_x1 = self.windows[index]
