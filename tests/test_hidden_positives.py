@@ -264,3 +264,38 @@ def test_mixed_precision_selects_the_same_positives_as_fp32() -> None:
     assert results["mixed"][0] == pytest.approx(results["fp32"][0], rel=1e-3)
     cosine = F.cosine_similarity(results["mixed"][1].flatten(), results["fp32"][1].flatten(), dim=0)
     assert float(cosine) > 0.999
+
+
+def _near_threshold_case(n: int = 96, dim: int = 48, seed: int = 11):  # noqa: ANN202
+    """Unit vectors and criteria placed within bfloat16 rounding of chosen pair similarities, so
+    that a plain bfloat16 product misjudges some pairs (float64 reference similarities)."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1)
+    sim = x @ x.T
+    partner = torch.randint(0, n, (n,), generator=g)
+    offset = (1e-5 + 2e-3 * torch.rand(n, generator=g, dtype=torch.float64)) * torch.where(
+        torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    criterion = sim[torch.arange(n), partner] + offset
+    return x, sim, criterion
+
+
+def test_bf16_products_with_band_refinement_decide_like_float64() -> None:
+    from labelwise.losses.hidden_positives import _fill_positive_mask, _Workspace, bf16_product_error_bound
+
+    x, sim, criterion = _near_threshold_case()
+    n, dim = x.shape
+    expected = sim > torch.minimum(criterion[:, None], criterion[None, :])
+    expected.fill_diagonal_(False)
+    xf, cf = x.float(), criterion.float()
+    x_p = xf.bfloat16()
+    decided = {}
+    for name, tolerance in (("refined", bf16_product_error_bound(dim, 1.0, 1.0)), ("plain", 0.0)):
+        workspace = _Workspace(32, n, torch.bfloat16, torch.device("cpu"))
+        out = torch.empty(n, n, dtype=torch.bool)
+        for start in (0, 32, 64):  # chunks of 32 anchors against all 96
+            rows = slice(start, start + 32)
+            _fill_positive_mask(out[rows], xf[rows], x_p[rows], x_p.T.contiguous(), xf, cf[rows], cf, start,
+                                tolerance, workspace)
+        decided[name] = out
+    assert torch.equal(decided["refined"], expected)
+    assert not torch.equal(decided["plain"], expected)  # the case really sits inside the rounding

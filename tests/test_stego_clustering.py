@@ -20,6 +20,7 @@ from labelwise.losses.clustering import (
 from labelwise.losses.stego import (
     StegoConfig,
     StegoLoss,
+    calibrated_shifts,
     draw_stego_samples,
     knn_indices,
     random_derangement,
@@ -82,6 +83,17 @@ def _reference_term(pairs: list[tuple[list, list, list, list]], shift: float, cf
                     cd = torch.clamp(cd, max=0.8)
                 total = total - cd * (fd[b][p][q] - shift)
     return total / count
+
+
+def _reference_centred(fas: list, fbs: list) -> list[float]:
+    """Pointwise-centred feature correlations of one term over the batch (``fas[b]`` / ``fbs[b]``
+    the point features of image ``b`` and of its partner), flattened."""
+    raw = [[[float(_dot(_unit(fa), _unit(fb))) for fb in fbs[b]] for fa in fas[b]] for b in range(len(fas))]
+    count = sum(len(r) * len(r[0]) for r in raw)
+    mean_raw = sum(v for r in raw for row in r for v in row) / count
+    centred = [[v - sum(row) / len(row) for v in row] for r in raw for row in r]
+    mean_centred = sum(v for row in centred for v in row) / count
+    return [v - mean_centred + mean_raw for row in centred for v in row]
 
 
 def _reference_stego(feats, feats_knn, code, code_knn, samples, cfg):
@@ -388,3 +400,23 @@ def test_losses_run_in_float32_under_bf16_autocast():
     assert mixed.dtype == torch.float32 and mixed_cluster.dtype == torch.float32
     assert abs(float(mixed.detach()) - float(plain.detach())) < 0.02
     assert abs(float(mixed_cluster.detach()) - float(plain_cluster.detach())) < 0.02
+
+
+def test_calibrated_shifts_are_quantiles_of_the_centred_correlations():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(3, 5, 4, 4, generator=g, dtype=torch.float64)
+    feats_knn = torch.randn(3, 5, 4, 4, generator=g, dtype=torch.float64)
+    cfg = StegoConfig(feature_samples=3, neg_samples=2)
+    quantiles = (0.5, 0.25, 0.9)
+    shifts = calibrated_shifts(feats, feats_knn, quantiles, cfg, torch.Generator().manual_seed(7))
+    samples = draw_stego_samples(3, cfg, torch.Generator().manual_seed(7))  # the same draws
+    fa = [_points(feats[b], samples.anchor[b]) for b in range(3)]
+    fk = [_points(feats_knn[b], samples.partner[b]) for b in range(3)]
+    negatives = []
+    for perm in samples.negatives.tolist():
+        negatives += _reference_centred(fa, [_points(feats[perm[b]], samples.partner[b]) for b in range(3)])
+    expected = [np.quantile(_reference_centred(fa, fa), 0.5), np.quantile(_reference_centred(fa, fk), 0.25),
+                np.quantile(negatives, 0.9)]
+    assert shifts == pytest.approx(expected, abs=1e-9)
+    # the shift is the attract / repel line: a quantile q leaves a fraction 1 - q of the pairs above it
+    assert np.mean(np.array(negatives) > shifts[2]) == pytest.approx(0.1, abs=0.02)

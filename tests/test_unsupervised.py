@@ -162,6 +162,21 @@ def test_resume_continues_exactly(tiny_vit: Path, tmp_path: Path, method: str) -
     assert a.summary["selection"] == "final_checkpoint"
 
 
+def test_stego_shifts_are_calibrated_or_taken_as_given(tiny_vit: Path, tmp_path: Path) -> None:
+    cache = f"features.cache_dir={tmp_path / 'cache'}"
+    calibrated = unsupervised.train(_tiny_config(tmp_path / "a", tiny_vit, "method=stego", cache)).summary
+    fixed = unsupervised.train(_tiny_config(tmp_path / "b", tiny_vit, "method=stego", "stego.shifts=fixed",
+                                            "stego.neg_inter_shift=0.3", cache)).summary
+    assert fixed["stego_shifts"] == {"rule": "fixed", "pos_intra_shift": 0.08, "pos_inter_shift": 0.02,
+                                     "neg_inter_shift": 0.3}
+    shifts = calibrated["stego_shifts"]
+    assert shifts["rule"] == "calibrated"
+    assert all(-1.0 <= shifts[k] <= 1.0 for k in ("pos_intra_shift", "pos_inter_shift", "neg_inter_shift"))
+    assert shifts["pos_intra_shift"] != 0.08
+    with pytest.raises(ConfigError, match="stego.calibration_quantiles"):
+        _tiny_config(tmp_path / "c", tiny_vit, "stego.calibration_quantiles=[0.5, 2, null]")
+
+
 def test_centroids_are_deterministic_for_a_seed(tiny_vit: Path, tmp_path: Path) -> None:
     one = unsupervised.train(_tiny_config(tmp_path / "a", tiny_vit, "method=kmeans",
                                           f"features.cache_dir={tmp_path / 'cache'}"))

@@ -134,76 +134,191 @@ def positive_mask(similarity: Tensor, criterion_rows: Tensor, criterion_all: Ten
     return mask
 
 
+#: unit roundoff of bfloat16 (8 significant bits) and float32 (24)
+_BF16_ROUNDOFF = 2.0 ** -8
+_FP32_ROUNDOFF = 2.0 ** -24
+
+
+def bf16_product_error_bound(depth: int, max_norm_a: float, max_norm_b: float) -> float:
+    """Upper bound on ``|a . b - p|`` for ``p`` one entry of a bfloat16 product: both inputs
+    rounded to bfloat16 (relative ``u = 2^-8`` each), float32 accumulation over ``depth`` terms
+    (``depth * 2^-24`` relative, doubled as a margin) and the result rounded to bfloat16
+    (``u``), for rows of norm at most ``max_norm_a`` / ``max_norm_b``."""
+    u = _BF16_ROUNDOFF
+    return (3 * u + 3 * u * u + 2 * depth * _FP32_ROUNDOFF) * max_norm_a * max_norm_b
+
+
+class _Workspace:
+    """``[chunk, N]`` buffers reused by every chunk of one loss evaluation: a fresh 40 MB tensor
+    per element-wise step costs more in page faults than the step itself on a CPU."""
+
+    def __init__(self, rows: int, n: int, product_dtype: torch.dtype, device: torch.device) -> None:
+        self.n = n
+        # float32: similarity - criterion, the criteria; float32 copies for reductions (mixed-dtype
+        # element-wise ops and dtype= reductions convert through a hidden temporary: slower)
+        self.difference = torch.empty(rows * n, device=device)
+        self.criterion = torch.empty(rows * n, device=device)
+        self.similarity = torch.empty(rows * n, dtype=product_dtype, device=device)
+        self.masks = torch.empty(3, rows * n, dtype=torch.bool, device=device)  # A, S, scratch
+        # [2C, N]: w_ij on top, exp(s_ij) below, so [w; exp] @ z and [w; exp]^T @ [.; .] are one product each
+        self.stack = torch.empty(2 * rows * n, dtype=product_dtype, device=device)
+        self._gather: Tensor | None = None
+
+    gather_rows = 1 << 14
+
+    def gather(self, which: int, pairs: int, dim: int) -> Tensor:
+        """``[pairs, dim]`` float32 buffer ``which`` (0 or 1) for the exact recomputation of band pairs."""
+        size = self.gather_rows * dim
+        if self._gather is None or self._gather.shape[1] < size:
+            self._gather = self.difference.new_empty(2, size)
+        return self._gather[which, :pairs * dim].view(pairs, dim)
+
+    def view(self, buffer: Tensor, rows: int) -> Tensor:
+        return buffer[:rows * self.n].view(rows, self.n)
+
+    def stacked(self, rows: int) -> Tensor:
+        return self.stack[:2 * rows * self.n].view(2 * rows, self.n)
+
+
+def _fill_positive_mask(out: Tensor, rows: Tensor, rows_p: Tensor, all_t_p: Tensor, vectors: Tensor,
+                        criterion_rows: Tensor, criterion_all: Tensor, row_offset: int, tolerance: float,
+                        workspace: _Workspace) -> None:
+    """``out[i, j] = x_i . x_j > min(c_i, c_j)`` (False at ``j = i``) for a chunk of anchors.
+
+    The similarities come from one product of ``rows_p [C, D]`` and ``all_t_p [D, N]`` (float32
+    or bfloat16). With ``tolerance > 0`` (a bound on that product's error), every pair whose
+    approximate similarity lies within ``tolerance`` of its criterion is recomputed in float32
+    from ``rows`` / ``vectors``, so the mask equals the float32 one while the product runs in
+    bfloat16: the pairs that decide are few, and only they pay for float32.
+    """
+    c = rows.shape[0]
+    similarity = torch.mm(rows_p, all_t_p, out=workspace.view(workspace.similarity, c))
+    difference = workspace.view(workspace.difference, c)
+    difference.copy_(similarity)
+    difference.sub_(torch.minimum(criterion_rows[:, None], criterion_all[None, :],
+                                  out=workspace.view(workspace.criterion, c)))
+    torch.gt(difference, 0.0, out=out)
+    if tolerance > 0:
+        band = torch.le(difference.abs_(), tolerance, out=workspace.view(workspace.masks[2], c))
+        i, j = band.nonzero(as_tuple=True)
+        block = workspace.gather_rows
+        for first in range(0, i.numel(), block):  # bounded [pairs, D] gathers into reused buffers
+            bi, bj = i[first:first + block], j[first:first + block]
+            left = torch.index_select(rows, 0, bi, out=workspace.gather(0, bi.numel(), rows.shape[1]))
+            right = torch.index_select(vectors, 0, bj, out=workspace.gather(1, bj.numel(), rows.shape[1]))
+            exact = torch.linalg.vecdot(left, right)
+            out[bi, bj] = exact > torch.minimum(criterion_rows[bi], criterion_all[bj])
+    index = torch.arange(c, device=out.device)
+    out[index, index + row_offset] = False
+
+
 @dataclass
 class _Selection:
     """Everything about a chunk's anchors that does not depend on ``z``."""
 
     start: int
-    weights: Tensor  # [C, N] w_ij = A_ij + lambda S_ij in the product dtype
+    stack: Tensor  # [2C, N] product dtype: w_ij = A_ij + lambda S_ij on top, room for exp(s_ij) below
     denominator: Tensor | None  # bool [C, N]; None: every j != i
     total_weight: Tensor  # [C] W_i
     coefficient: Tensor  # [C] d total / d l_i (0 for dropped anchors)
 
 
+@dataclass
+class _Operands:
+    """Per-call copies of the selection inputs in the layouts the chunk products read."""
+
+    f: Tensor
+    m: Tensor
+    f_p: Tensor  # [N, D] product dtype
+    m_p: Tensor
+    f_t_p: Tensor  # [D, N] product dtype, contiguous
+    m_t_p: Tensor
+    c_ag: Tensor
+    c_sp: Tensor
+    tolerance_ag: float
+    tolerance_sp: float
+
+
 def _contrastive_term(codes: Tensor, codes_p: Tensor, rows: slice, selection: _Selection, tau: float,
-                      grad: Tensor | None) -> Tensor:
+                      grad: Tensor | None, workspace: _Workspace) -> Tensor:
     """``sum_i coef_i * l_i`` over the chunk's anchors; adds its gradient w.r.t. ``codes`` into ``grad``.
 
-    Written so that the ``[C, N]`` matrices are touched by few element-wise passes (memory-bound
-    on a CPU) and everything else is a matrix product (fast): the positive sums use
-    ``sum_j w_ij s_ij = z_i . (w @ z)_i / tau`` and the gradient
-    ``dl_i/ds_ij = w_ij / W_i - p_ij`` is applied as products with ``w`` and ``exp`` separately
-    (five ``[C, N] x [N, E]`` products per term). ``codes_p``: ``codes`` in the product dtype.
+    Few element-wise passes over ``[C, N]`` (memory-bound on a CPU), everything else matrix
+    products: ``exp(s_ij)`` is written below ``w`` in the selection's stack, so the positive sums
+    ``sum_j w_ij z_j`` and ``sum_j exp_ij z_j`` are one product and the backward terms
+    ``sum_i (u_i w_ij - v_i exp_ij) z_i`` (``dl_i/ds_ij = w_ij / W_i - p_ij``) another.
+    ``codes_p``: ``codes`` in the product dtype.
     """
     dtype = codes_p.dtype
     anchors = codes[rows]
-    # exp(s_ij - 1/tau) with s = z.z / tau: |s| <= 1/tau for unit vectors, so exp() <= 1 without a row max
-    exp = torch.mm((anchors / tau).to(dtype), codes_p.T).float().sub_(1.0 / tau).exp_()  # [C, N]
-    index = torch.arange(exp.shape[0], device=exp.device)
+    c = anchors.shape[0]
+    stack = selection.stack
+    exp = stack[c:]
+    # |s| <= 1/tau for unit vectors; exp(s) needs no shift below 1/tau = 30 (the sums stay far
+    # from overflow), and skipping it keeps the bfloat16 exponent error at that of s itself
+    shift = 1.0 / tau if tau < 1.0 / 30 else 0.0
+    torch.mm((anchors / tau).to(dtype), codes_p.T, out=exp)
+    if shift:
+        exp.sub_(shift)
+    exp.exp_()
+    index = torch.arange(c, device=exp.device)
     if selection.denominator is None:
         exp[index, index + selection.start] = 0.0
     else:
         exp.mul_(selection.denominator)
-    partition = exp.sum(1).clamp_min_(torch.finfo(torch.float32).tiny)
-    positive_sum = torch.mm(selection.weights, codes_p).float()  # [C, E]: sum_j w_ij z_j
+    if exp.dtype == torch.float32:
+        partition = exp.sum(1)
+    else:
+        partition = workspace.view(workspace.difference, c).copy_(exp).sum(1)
+    partition.clamp_min_(torch.finfo(torch.float32).tiny)
+    sums = torch.mm(stack, codes_p).float()  # [2C, E]: sum_j w_ij z_j; sum_j exp_ij z_j
+    positive_sum, exp_sum = sums[:c], sums[c:]
     weight = selection.total_weight.clamp_min(1e-12)
     numerator = (anchors * positive_sum).sum(1) / tau
-    mean_log_prob = numerator / weight - (1.0 / tau + torch.log(partition))
+    mean_log_prob = numerator / weight - (shift + torch.log(partition))
     value = (selection.coefficient * mean_log_prob).sum()
     if grad is not None:
         u = (selection.coefficient / weight)[:, None]
         v = (selection.coefficient / partition)[:, None]
-        exp_p = exp.to(dtype)
-        grad[rows] += (u * positive_sum - v * torch.mm(exp_p, codes_p).float()) / tau
-        back = torch.mm(selection.weights.T, (u * anchors).to(dtype)).float()
-        back.sub_(torch.mm(exp_p.T, (v * anchors).to(dtype)).float())
-        grad += back / tau
+        grad[rows] += (u * positive_sum - v * exp_sum) / tau
+        back = torch.mm(stack.T, torch.cat([u * anchors, -v * anchors]).to(dtype))  # [N, E]
+        grad.add_(back, alpha=1.0 / tau)
     return value
 
 
-def _select(f: Tensor, m: Tensor, c_ag: Tensor, c_sp: Tensor, rows: slice, lam: float, rho: float,
-            patches_per_image: int, num_images: int, scale: float, bf16: bool, product_dtype: torch.dtype,
-            generator: torch.Generator | None) -> tuple[_Selection, dict[str, float]]:
+def _select(ops: _Operands, rows: slice, lam: float, rho: float, patches_per_image: int, num_images: int,
+            scale: float, generator: torch.Generator | None, workspace: _Workspace
+            ) -> tuple[_Selection, dict[str, float]]:
     start = rows.start
-    pos_ag = positive_mask(_mm(f[rows], f.T, bf16), c_ag[rows], c_ag, start)
-    pos_sp = positive_mask(_mm(m[rows], m.T, bf16), c_sp[rows], c_sp, start)
-    count_ag = pos_ag.sum(1).float()
-    count_sp = pos_sp.sum(1).float()
+    c = rows.stop - rows.start
+    pos_ag = workspace.view(workspace.masks[0], c)
+    pos_sp = workspace.view(workspace.masks[1], c)
+    _fill_positive_mask(pos_ag, ops.f[rows], ops.f_p[rows], ops.f_t_p, ops.f, ops.c_ag[rows], ops.c_ag, start,
+                        ops.tolerance_ag, workspace)
+    _fill_positive_mask(pos_sp, ops.m[rows], ops.m_p[rows], ops.m_t_p, ops.m, ops.c_sp[rows], ops.c_sp, start,
+                        ops.tolerance_sp, workspace)
     denominator: Tensor | None = None
     if rho < 1:
-        denominator = pos_ag.clone()
+        denominator = workspace.view(workspace.masks[2], c)
         if rho > 0:
-            noise = torch.rand(pos_ag.shape, generator=generator, device=f.device) if generator is not None \
-                else torch.rand(pos_ag.shape, device=f.device)
-            denominator |= noise < rho
-            index = torch.arange(pos_ag.shape[0], device=f.device)
+            noise = workspace.view(workspace.difference, c)
+            noise.uniform_(generator=generator)
+            torch.lt(noise, rho, out=denominator)
+            denominator |= pos_ag
+            index = torch.arange(c, device=pos_ag.device)
             denominator[index, index + start] = False
-    weights = pos_ag.to(product_dtype)
+        else:
+            denominator.copy_(pos_ag)
+    stack = workspace.stacked(c)
+    weights = stack[:c]
+    scratch = workspace.view(workspace.difference, c)
+    weights.copy_(pos_ag)  # bool -> product dtype: one conversion pass
+    count_ag = scratch.copy_(weights).sum(1)
+    sp = stack[c:].copy_(pos_sp)  # the lower half is free until the contrastive terms
+    count_sp = scratch.copy_(sp).sum(1)
     if lam:
-        weights.add_(pos_sp.to(product_dtype), alpha=lam)
-    # W_i from the weights as stored: in bfloat16, 1 + lambda is rounded (<= 0.4%), and the
-    # gradient's sum_j w_ij / W_i = 1 must hold for the stored weights
-    total = weights.sum(1, dtype=torch.float32) if product_dtype != torch.float32 else count_ag + lam * count_sp
+        weights.add_(sp, alpha=lam)  # lam is exact in the product dtype (see _product_lambda)
+    total = count_ag + lam * count_sp
     kept = count_ag > 0
     # per-image anchor weights normalised to mean 1 over the image's kept anchors
     per_image_total = total.view(-1, patches_per_image)
@@ -214,8 +329,32 @@ def _select(f: Tensor, m: Tensor, c_ag: Tensor, c_sp: Tensor, rows: slice, lam: 
     coefficient = -scale * pnm * per_image_kept / kept_count.clamp_min(1) / (2 * num_images)
     stats = {"anchors_kept": float(kept.sum()), "positives_ag": float(count_ag.sum()),
              "positives_sp": float(count_sp.sum())}
-    selection = _Selection(start, weights, denominator, total, coefficient.reshape(-1))
+    selection = _Selection(start, stack, denominator, total, coefficient.reshape(-1))
     return selection, stats
+
+
+def _product_lambda(lam: float, product_dtype: torch.dtype) -> float:
+    """``lambda`` as used with weights stored in ``product_dtype``: in bfloat16 it is rounded to a
+    multiple of 2^-7 (<= 0.4% of the schedule's step), so that ``lambda`` and ``1 + lambda`` are
+    exact and ``W_i = |A_i| + lambda |S_i|`` is exactly the row sum of the stored weights (the
+    gradient's ``sum_j w_ij / W_i = 1`` must hold for them)."""
+    if product_dtype == torch.float32:
+        return lam
+    return round(lam * 128) / 128
+
+
+def _operands(f: Tensor, m: Tensor, pool_ag: Tensor, pool_sp: Tensor, precision: str,
+              product_dtype: torch.dtype) -> _Operands:
+    select_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    c_ag = pool_criterion(f, pool_ag, bf16=precision == "bf16")
+    c_sp = pool_criterion(m, pool_sp, bf16=precision == "bf16")
+    f_p, m_p = f.to(select_dtype), m.to(select_dtype)
+    tolerance_ag = tolerance_sp = 0.0
+    if precision == "mixed":  # bf16 products, float32 decisions (see _fill_positive_mask)
+        norm_f, norm_m = float(f.norm(dim=1).max()), float(m.norm(dim=1).max())
+        tolerance_ag = bf16_product_error_bound(f.shape[1], norm_f, norm_f)
+        tolerance_sp = bf16_product_error_bound(m.shape[1], norm_m, norm_m)
+    return _Operands(f, m, f_p, m_p, f_p.T.contiguous(), m_p.T.contiguous(), c_ag, c_sp, tolerance_ag, tolerance_sp)
 
 
 def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor, m: Tensor, pool_ag: Tensor,
@@ -226,30 +365,30 @@ def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor,
     if n % patches_per_image:
         raise ValueError(f"{n} patches is not a whole number of images of {patches_per_image} patches")
     num_images = n // patches_per_image
-    bf16 = config.precision in ("bf16", "mixed")
-    select_bf16 = config.precision == "bf16"
+    product_dtype = torch.float32 if config.precision == "fp32" else torch.bfloat16
+    lam = _product_lambda(lam, product_dtype)
     z = z.detach().float()
     z_mix = None if z_mix is None else z_mix.detach().float()
-    f, m = f.detach().float(), m.detach().float()
-    c_ag = pool_criterion(f, pool_ag.detach().float(), bf16=select_bf16)
-    c_sp = pool_criterion(m, pool_sp.detach().float(), bf16=select_bf16)
-    product_dtype = torch.bfloat16 if bf16 else torch.float32
+    ops = _operands(f.detach().float(), m.detach().float(), pool_ag.detach().float(), pool_sp.detach().float(),
+                    config.precision, product_dtype)
     z_p = z.to(product_dtype)
     z_mix_p = None if z_mix is None else z_mix.to(product_dtype)
     grad_z = torch.zeros_like(z) if need_grad else None
     grad_mix = torch.zeros_like(z_mix) if need_grad and z_mix is not None else None
-    images_per_chunk = max(1, config.chunk_elements // (patches_per_image * n))
+    images_per_chunk = min(num_images, max(1, config.chunk_elements // (patches_per_image * n)))
+    workspace = _Workspace(images_per_chunk * patches_per_image, n, product_dtype, z.device)
     scale = config.temperature / config.base_temperature
     total = z.new_zeros(())
     stats = {"anchors_kept": 0.0, "positives_ag": 0.0, "positives_sp": 0.0}
     for first in range(0, num_images, images_per_chunk):
         last = min(num_images, first + images_per_chunk)
         rows = slice(first * patches_per_image, last * patches_per_image)
-        selection, chunk_stats = _select(f, m, c_ag, c_sp, rows, lam, config.rho, patches_per_image,
-                                         num_images, scale, select_bf16, product_dtype, generator)
-        total = total + _contrastive_term(z, z_p, rows, selection, config.temperature, grad_z)
+        selection, chunk_stats = _select(ops, rows, lam, config.rho, patches_per_image, num_images, scale,
+                                         generator, workspace)
+        total = total + _contrastive_term(z, z_p, rows, selection, config.temperature, grad_z, workspace)
         if z_mix is not None:
-            total = total + _contrastive_term(z_mix, z_mix_p, rows, selection, config.temperature, grad_mix)
+            total = total + _contrastive_term(z_mix, z_mix_p, rows, selection, config.temperature, grad_mix,
+                                              workspace)
         for key, value in chunk_stats.items():
             stats[key] += value
     stats = {"anchors_kept": stats["anchors_kept"] / n,

@@ -52,6 +52,7 @@ __all__ = [
     "StegoConfig",
     "StegoLoss",
     "StegoSamples",
+    "calibrated_shifts",
     "draw_stego_samples",
     "knn_indices",
     "random_derangement",
@@ -168,14 +169,20 @@ def _sample(x: Tensor, coords: Tensor) -> Tensor:
                          align_corners=True)
 
 
+def _feature_correlation(f1: Tensor, f2: Tensor, config: StegoConfig) -> Tensor:
+    """``F`` of one term, ``[B, S, S, S, S]``, centred pointwise when ``config.pointwise``."""
+    fd = tensor_correlation(f1, f2)
+    if config.pointwise:
+        old_mean = fd.mean()
+        fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+        fd = fd - fd.mean() + old_mean
+    return fd
+
+
 def _term(f1: Tensor, f2: Tensor, c1: Tensor, c2: Tensor, shift: float, config: StegoConfig) -> Tensor:
     """Mean of ``-clamp(code corr) * (centred feature corr - shift)`` over the whole batch."""
     with torch.no_grad():
-        fd = tensor_correlation(f1, f2)
-        if config.pointwise:
-            old_mean = fd.mean()
-            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
-            fd = fd - fd.mean() + old_mean
+        fd = _feature_correlation(f1, f2, config)
     cd = tensor_correlation(c1, c2)
     if config.zero_clamp or config.stabilize:
         cd = cd.clamp(min=0.0 if config.zero_clamp else None, max=0.8 if config.stabilize else None)
@@ -256,6 +263,37 @@ def stego_correspondence_loss(feats: Tensor, feats_knn: Tensor, code: Tensor, co
         raise ValueError(f"the random-negative term needs a batch of at least 2 images, got {feats.shape[0]}")
     samples = draw_stego_samples(feats.shape[0], config, generator)
     return stego_loss_from_samples(feats, feats_knn, code, code_knn, samples, config)
+
+
+@torch.no_grad()
+def calibrated_shifts(feats: Tensor, feats_knn: Tensor, quantiles: tuple[float, float, float],
+                      config: StegoConfig | None = None, generator: torch.Generator | None = None
+                      ) -> tuple[float, float, float]:
+    """Label-free shifts ``(pos_intra, pos_inter, neg_inter)``: the given quantiles of each term's
+    feature correlations ``F`` (centred as the loss centres them) on sample points drawn as
+    training draws them.
+
+    The shift is the line between pairs the loss pulls together (``F > shift``) and pairs it
+    pushes apart, so a quantile ``q`` makes the fraction ``1 - q`` of the pairs attract. The
+    published shifts were tuned by hand per dataset and backbone; a backbone whose patches are
+    all more alike (a higher mean ``F``) turns them into "attract almost everything", and the
+    codes collapse to one cluster.
+
+    Args:
+        feats / feats_knn: ``[B, D, h, w]`` backbone features of images and of a kNN partner of
+            each (``B >= 2``).
+        quantiles: ``(self, knn, random)`` quantiles in ``[0, 1]``.
+    """
+    config = config or StegoConfig()
+    samples = draw_stego_samples(feats.shape[0], config, generator)
+    feats = feats.to(_compute_dtype(feats))
+    anchor = _sample(feats, samples.anchor)
+    knn = _sample(feats_knn.to(feats.dtype), samples.partner)
+    terms = [_feature_correlation(anchor, anchor, config), _feature_correlation(anchor, knn, config)]
+    negatives = samples.negatives if len(samples.negatives) else random_derangement(feats.shape[0], generator)[None]
+    terms.append(torch.cat([_feature_correlation(anchor, _sample(feats[perm], samples.partner), config).flatten()
+                            for perm in negatives]))
+    return tuple(float(torch.quantile(t.flatten()[:1 << 24], q)) for t, q in zip(terms, quantiles))  # type: ignore[return-value]
 
 
 class StegoLoss(nn.Module):

@@ -73,11 +73,23 @@ class HPSettings:
 class StegoSettings(StegoConfig):
     """STEGO's correspondence loss (the :class:`~labelwise.losses.stego.StegoConfig` fields,
     cocostuff defaults), the head width ``dim`` and its ``dropout``, and ``knn`` neighbours per
-    image for the kNN pairs."""
+    image for the kNN pairs.
+
+    ``shifts``: ``calibrated`` (default) replaces the three ``*_shift`` values, before training,
+    by quantiles of the backbone's own feature correlations on ``calibration_images`` training
+    views (:func:`~labelwise.losses.stego.calibrated_shifts`; no labels): ``calibration_quantiles``
+    ``[self, knn, random]``, where ``null`` for random means ``1 - 1/K`` (K clusters: two random
+    patches share a cluster about that rarely). ``fixed`` uses the ``*_shift`` values as given;
+    the published ones were tuned per dataset and backbone and collapse the codes of a backbone
+    whose patches are all more alike.
+    """
 
     dim: int = 512
     dropout: float = 0.1
     knn: int = 7
+    shifts: Literal["calibrated", "fixed"] = "calibrated"
+    calibration_quantiles: list[float | None] = field(default_factory=lambda: [0.5, 0.5, None])
+    calibration_images: int = 256
 
 
 @dataclass
@@ -166,6 +178,12 @@ class UnsupervisedConfig:
             raise ConfigError(f"features.crop_ratio: must be in (0, 1], got {self.features.crop_ratio}")
         if not 0 <= self.hp.momentum < 1:
             raise ConfigError(f"hp.momentum: must be in [0, 1), got {self.hp.momentum}")
+        quantiles = self.stego.calibration_quantiles
+        if len(quantiles) != 3 or any(q is not None and not 0 <= q <= 1 for q in quantiles) or None in quantiles[:2]:
+            raise ConfigError(f"stego.calibration_quantiles: must be [self, knn, random] in [0, 1] (random may be "
+                              f"null), got {quantiles}")
+        if self.stego.calibration_images < 2:
+            raise ConfigError(f"stego.calibration_images: must be >= 2, got {self.stego.calibration_images}")
         try:
             self.stego.validate()
         except ConfigError as exc:

@@ -8,6 +8,7 @@ Label-free model selection: the exported model is the one after the last step
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, fields
@@ -30,7 +31,13 @@ from labelwise.errors import ConfigError
 from labelwise.eval.kmeans import kmeans
 from labelwise.losses.clustering import clustering_loss, fit_prototypes
 from labelwise.losses.hidden_positives import HiddenPositiveLoss, HiddenPositiveLossConfig, lambda_schedule, mix_neighbourhood
-from labelwise.losses.stego import StegoConfig, knn_indices, sample_knn_partner, stego_correspondence_loss
+from labelwise.losses.stego import (
+    StegoConfig,
+    calibrated_shifts,
+    knn_indices,
+    sample_knn_partner,
+    stego_correspondence_loss,
+)
 from labelwise.methods.common import build_datasets, build_eval_dataset, seed_everything
 from labelwise.methods.pretrain.objective import ema_update
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
@@ -211,14 +218,38 @@ def _hp_step_fn(config: UnsupervisedConfig, cache: FeatureCache, total_steps: in
     return step
 
 
+def stego_shifts(config: UnsupervisedConfig, cache: FeatureCache, knn: Tensor) -> dict[str, float]:
+    """The three STEGO shifts training uses: as configured (``stego.shifts: fixed``) or
+    calibrated on a seeded sample of training views and their kNN partners (no labels)."""
+    settings = config.stego
+    if settings.shifts == "fixed":
+        return {name: getattr(settings, name) for name in SHIFT_NAMES}
+    generator = torch.Generator().manual_seed(config.seed + 11)
+    count = min(settings.calibration_images, len(cache))
+    images = torch.randperm(len(cache), generator=generator)[:count]
+    partners = sample_knn_partner(knn, images, generator)
+    q_self, q_knn, q_random = settings.calibration_quantiles
+    if q_random is None:
+        q_random = 1.0 - 1.0 / _num_clusters(config)
+    loss_config = StegoConfig(**{f.name: getattr(settings, f.name) for f in fields(StegoConfig)})
+    shifts = calibrated_shifts(cached_rows(cache, images.numpy()), cached_rows(cache, partners.numpy()),
+                               (q_self, q_knn, q_random), loss_config, generator)
+    return {name: round(value, 6) for name, value in zip(SHIFT_NAMES, shifts)}
+
+
+SHIFT_NAMES = ("pos_intra_shift", "pos_inter_shift", "neg_inter_shift")
+
+
 def _stego_step_fn(config: UnsupervisedConfig, cache: FeatureCache) -> Callable[..., StepOutput]:
     settings = config.stego
-    loss_config = StegoConfig(**{f.name: getattr(settings, f.name) for f in fields(StegoConfig)})
     pooled = []
     for start in range(0, len(cache), 256):
         rows = torch.from_numpy(np.asarray(cache.features[start:start + 256], np.float32))
         pooled.append(F.normalize(rows, dim=1).mean((2, 3)))
     knn = knn_indices(torch.cat(pooled), min(settings.knn, len(cache) - 1))
+    shifts = stego_shifts(config, cache, knn)
+    loss_config = StegoConfig(**{**{f.name: getattr(settings, f.name) for f in fields(StegoConfig)}, **shifts})
+    atomic_write_json(Path(config.run_dir) / "stego_shifts.json", {"rule": settings.shifts, **shifts})
 
     def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
         head: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
@@ -334,6 +365,9 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
         "train_seconds": round(result.train_seconds, 2) if result else 0.0,
         "variant": _variant(config),
     }
+    shifts_file = run_dir / "stego_shifts.json"
+    if config.method == "stego" and shifts_file.exists():
+        summary["stego_shifts"] = json.loads(shifts_file.read_text())
     save_head(run_dir, head.cpu(), centroids, summary)
     atomic_write_json(run_dir / "train_summary.json", summary)
     return UnsupervisedResult(run_dir, result, summary)
