@@ -26,11 +26,13 @@ each chunk the masks are built once and the value *and the gradient* with respec
 softmax over ``D_i``), so no ``[N, N]`` matrix and no autograd graph of the chunks is kept:
 memory is a few ``[chunk, N]`` matrices whatever the batch. The gradient is handed to autograd
 through a custom ``Function``, so ``z`` and ``z_mix`` may come from any differentiable head.
-``precision="bf16"`` runs all similarity / gradient products in bfloat16 (float32 results and
-float32 element-wise work); ``"mixed"`` keeps the products that *select* positives (``f.f``,
-``m.m`` and the pool criteria, hard thresholds where a rounding flips a borderline pair) in
-float32 and runs the contrastive logits and gradients in bfloat16; ``"fp32"`` keeps everything
-in float32.
+``precision="bf16"`` runs every product in bfloat16 (float32 accumulation, bfloat16 results):
+borderline pairs of the hard positive thresholds may flip. ``"mixed"`` runs the selection
+products ``f.f`` and ``m.m`` in bfloat16 too, but recomputes in float32 every pair whose
+similarity lies within the product's worst-case error (:func:`bf16_product_error_bound`) of its
+threshold, so it selects the float32 positives; the pool criteria stay float32 and the
+contrastive logits and gradients are bfloat16 products. ``"fp32"`` keeps everything in float32.
+In bfloat16 modes ``lambda`` is rounded to a multiple of 2^-7 (see :func:`_product_lambda`).
 """
 
 from __future__ import annotations
