@@ -304,6 +304,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement, after one warm-up")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None: torch's default")
+    parser.add_argument("--precisions", nargs="+", choices=["mixed", "bf16", "fp32"], default=["mixed", "bf16", "fp32"],
+                        help="our precisions to measure")
     parser.add_argument("--official", default=None,
                         help="path to the official HP repository's loss.py (or the folder holding it); "
                              "without it the official rows are skipped")
@@ -355,7 +357,7 @@ def main() -> None:
             size_rows = []
             grads: dict[str, Path] = {}
             compare = official_path is not None and images in official_images
-            for precision in ("mixed", "bf16", "fp32"):
+            for precision in args.precisions:
                 grads[precision] = workdir / f"grads_{images}_{precision}.pt"
                 spec = {**base, "mode": "loss", "implementation": "labelwise", "precision": precision,
                         "images": images, "grads_path": str(grads[precision]) if compare else None}
