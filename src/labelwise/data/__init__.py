@@ -19,6 +19,7 @@ from labelwise.data.images import ImageFolderDataset
 from labelwise.data.io import read_image, read_label
 from labelwise.data.stats import class_balanced_weights, class_frequencies, one_hot
 from labelwise.data.synthetic import SyntheticShapes
+from labelwise.data.tags import ImageTags, read_tag_file, tags_from_dataset, tags_from_masks
 from labelwise.data.transforms import AugmentConfig, PairedAugment, resize_batch
 from labelwise.errors import ConfigError
 
@@ -29,6 +30,7 @@ __all__ = [
     "ClassMap",
     "FolderDataset",
     "ImageFolderDataset",
+    "ImageTags",
     "PairSource",
     "PairedAugment",
     "RandomCropDataset",
@@ -42,7 +44,10 @@ __all__ = [
     "pad_collate",
     "read_image",
     "read_label",
+    "read_tag_file",
     "resize_batch",
+    "tags_from_dataset",
+    "tags_from_masks",
 ]
 
 DATASET_KINDS: dict[str, Callable[..., SegmentationDataset]] = {
