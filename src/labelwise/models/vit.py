@@ -414,13 +414,17 @@ class VisionTransformer(nn.Module):
         return wanted
 
     def forward_tokens(
-        self, x: Tensor, masks: Tensor | None = None, return_attention: Sequence[int] = ()
+        self, x: Tensor, masks: Tensor | None = None, return_attention: Sequence[int] = (),
+        class_tokens: Tensor | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Normalised, padded images ``x [B, C, H, W]`` (H, W multiples of ``patch_size``) ->
         (tokens ``[B, 1 + R + h * w, D]`` after the final norm, ``{block: [B, heads, N, N]}``).
 
         ``masks``: optional bool ``[B, h * w]``; True replaces that patch embedding by
         ``mask_token`` (before the position embedding is added, as iBOT / DINOv2).
+        ``class_tokens``: optional ``[1 or B, K, D]`` tokens (their position embedding already
+        added) that replace ``cls_token + pos_embed[:, :1]``: the output then starts with ``K``
+        class tokens (the multi-class-token Transformer).
         """
         batch, _, height, width = x.shape
         p = self.patch_size
@@ -441,7 +445,8 @@ class VisionTransformer(nn.Module):
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         pos = self.interpolate_pos_embed(h, w)
         tokens = tokens + pos[:, 1:]
-        prefix = [(self.cls_token + pos[:, :1]).expand(batch, -1, -1)]
+        first = self.cls_token + pos[:, :1] if class_tokens is None else class_tokens
+        prefix = [first.expand(batch, -1, -1)]
         if self.register_tokens is not None:
             prefix.append(self.register_tokens.expand(batch, -1, -1))
         tokens = torch.cat([*(t.to(tokens.dtype) for t in prefix), tokens], dim=1)

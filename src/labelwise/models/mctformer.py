@@ -1,0 +1,118 @@
+"""Multi-class-token Transformer (MCTformer, CVPR 2022): a ViT classifier whose class-to-patch
+attention localises each class, for weak supervision from image-level tags.
+
+``MultiClassTokenViT(backbone, num_classes, variant)`` wraps any labelwise
+:class:`~labelwise.models.vit.VisionTransformer` (own pretrained, DINO, DeiT layouts loaded by
+``labelwise.models.vit_loading``): its single class token is replaced by ``K = num_classes``
+class tokens, each initialised from the pretrained class token, with position embeddings
+initialised from the class token's. ``forward(images [B, 3, H, W] in [0, 1])`` returns an
+:class:`MCTOutput`:
+
+- ``class_tokens [B, K, D]`` (after the final norm) and ``scores [B, K]``: the mean over the
+  embedding of each output class token (the class logits);
+- ``patch_tokens [B, D, h, w]``;
+- variant ``v2`` only: ``patch_cams [B, K, h, w]`` from a 3x3 convolution on the patch tokens
+  and ``patch_scores [B, K]``, their global average (logits of the same classes);
+- ``attentions {block: [B, heads, N, N]}`` of the requested blocks, token order
+  ``[K class tokens, R registers, h * w patches]``.
+
+:func:`mct_loss` is the multi-label soft-margin loss of ``scores`` (plus that of
+``patch_scores`` for v2) against ``[B, K]`` tags; :func:`class_to_patch_attention` and
+:func:`patch_to_patch_attention` cut the CAM ingredients out of the attention maps.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from labelwise.models.base import pad_to_multiple
+from labelwise.models.vit import VisionTransformer
+
+__all__ = ["MCTOutput", "MultiClassTokenViT", "class_to_patch_attention", "mct_loss", "patch_to_patch_attention"]
+
+
+class MCTOutput(NamedTuple):
+    """What :meth:`MultiClassTokenViT.forward` returns (module docstring)."""
+
+    class_tokens: Tensor
+    scores: Tensor
+    patch_tokens: Tensor
+    patch_cams: Tensor | None
+    patch_scores: Tensor | None
+    attentions: dict[int, Tensor]
+
+
+class MultiClassTokenViT(nn.Module):
+    """``K`` class tokens on a ViT backbone (module docstring). The backbone's own ``cls_token``
+    is kept but unused; its other parameters are shared (trained together)."""
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int, variant: Literal["v1", "v2"] = "v2") -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if variant not in ("v1", "v2"):
+            raise ValueError(f"variant must be 'v1' or 'v2', got {variant!r}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.variant = variant
+        with torch.no_grad():
+            self.class_tokens = nn.Parameter(backbone.cls_token.detach().clone().repeat(1, num_classes, 1))
+            self.class_pos = nn.Parameter(backbone.pos_embed[:, :1].detach().clone().repeat(1, num_classes, 1))
+        self.patch_head = nn.Conv2d(backbone.embed_dim, num_classes, 3, padding=1) if variant == "v2" else None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the ``K`` class tokens and the registers."""
+        return self.num_classes + self.backbone.num_registers
+
+    def forward(self, images: Tensor, return_attention: Sequence[int] = ()) -> MCTOutput:
+        """``images [B, 3, H, W]`` in [0, 1] (padded bottom/right to the patch size as the
+        backbone pads) -> :class:`MCTOutput`."""
+        backbone = self.backbone
+        if images.dim() != 4 or images.shape[1] != backbone.config.in_channels:
+            raise ValueError(f"expected images [B, {backbone.config.in_channels}, H, W], got {list(images.shape)}")
+        x = pad_to_multiple((images - backbone.pixel_mean) / backbone.pixel_std, backbone.patch_size)
+        tokens, attentions = backbone.forward_tokens(x, return_attention=return_attention,
+                                                     class_tokens=self.class_tokens + self.class_pos)
+        h, w = x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size
+        class_tokens = tokens[:, :self.num_classes]
+        patches = tokens[:, self.num_prefix_tokens:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        patch_cams = patch_scores = None
+        if self.patch_head is not None:
+            patch_cams = self.patch_head(patches)
+            patch_scores = patch_cams.mean((2, 3))
+        return MCTOutput(class_tokens, class_tokens.mean(-1), patches, patch_cams, patch_scores, attentions)
+
+
+def mct_loss(output: MCTOutput, tags: Tensor) -> Tensor:
+    """Multi-label soft-margin loss of the class-token scores against ``tags [B, K]`` (0/1),
+    plus the same loss of the patch scores for v2."""
+    target = tags.to(output.scores.dtype)
+    loss = F.multilabel_soft_margin_loss(output.scores.float(), target.float())
+    if output.patch_scores is not None:
+        loss = loss + F.multilabel_soft_margin_loss(output.patch_scores.float(), target.float())
+    return loss
+
+
+def _mean_over_heads(attentions: dict[int, Tensor], blocks: Sequence[int]) -> Tensor:
+    missing = [b for b in blocks if b not in attentions]
+    if missing:
+        raise KeyError(f"attention of blocks {missing} was not returned (pass them as return_attention)")
+    return torch.stack([attentions[b].float().mean(1) for b in blocks]).sum(0)  # [B, N, N]
+
+
+def class_to_patch_attention(attentions: dict[int, Tensor], blocks: Sequence[int], num_classes: int,
+                             num_prefix_tokens: int) -> Tensor:
+    """``[B, K, h * w]``: attention of each class token to each patch, averaged over heads and
+    summed over ``blocks`` (``attn[:K, prefix:]``)."""
+    return _mean_over_heads(attentions, blocks)[:, :num_classes, num_prefix_tokens:]
+
+
+def patch_to_patch_attention(attentions: dict[int, Tensor], blocks: Sequence[int], num_prefix_tokens: int) -> Tensor:
+    """``[B, h * w, h * w]``: patch-to-patch attention averaged over heads and summed over
+    ``blocks`` (``attn[prefix:, prefix:]``), the affinity that refines the CAMs."""
+    return _mean_over_heads(attentions, blocks)[:, num_prefix_tokens:, num_prefix_tokens:]

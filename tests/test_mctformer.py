@@ -1,0 +1,124 @@
+"""Multi-class-token ViT: class-token initialisation, equivalence with the backbone for one
+token, attention slices against a literal recomputation, the multi-label loss by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labelwise.models.base import pad_to_multiple
+from labelwise.models.mctformer import (
+    MultiClassTokenViT,
+    class_to_patch_attention,
+    mct_loss,
+    patch_to_patch_attention,
+)
+from labelwise.models.vit import ViTConfig, VisionTransformer
+
+
+def _backbone(seed: int = 0, registers: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    model = VisionTransformer(ViTConfig(arch="custom", embed_dim=16, depth=2, num_heads=2, patch_size=8, pos_grid=3,
+                                        num_registers=registers)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+def test_class_tokens_start_as_copies_of_the_pretrained_token_and_position() -> None:
+    backbone = _backbone()
+    model = MultiClassTokenViT(backbone, num_classes=4, variant="v1")
+    for k in range(4):
+        assert torch.equal(model.class_tokens[0, k], backbone.cls_token[0, 0])
+        assert torch.equal(model.class_pos[0, k], backbone.pos_embed[0, 0])
+    model.class_tokens.data.add_(1.0)  # copies, not views
+    assert not torch.equal(model.class_tokens[0, 0], backbone.cls_token[0, 0])
+
+
+def test_one_class_token_reproduces_the_backbone() -> None:
+    backbone = _backbone(seed=1)
+    model = MultiClassTokenViT(backbone, num_classes=1, variant="v1").eval()
+    images = torch.rand(2, 3, 24, 20)
+    with torch.no_grad():
+        ours = model(images, return_attention=[0, 1])
+        reference = backbone(images, return_attention=[0, 1])
+    torch.testing.assert_close(ours.class_tokens[:, 0], reference.cls_token)
+    torch.testing.assert_close(ours.patch_tokens, reference.patch_tokens)
+    torch.testing.assert_close(ours.scores[:, 0], reference.cls_token.mean(-1))
+    torch.testing.assert_close(ours.attentions[1], reference.attentions[1])
+    assert ours.patch_cams is None and ours.patch_scores is None
+
+
+def _literal_attentions(model: MultiClassTokenViT, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's attention recomputed head by head with explicit dot products."""
+    backbone = model.backbone
+    x = pad_to_multiple((images - backbone.pixel_mean) / backbone.pixel_std, backbone.patch_size)
+    h, w = x.shape[-2] // 8, x.shape[-1] // 8
+    patches = backbone.patch_embed(x).flatten(2).transpose(1, 2) + backbone.interpolate_pos_embed(h, w)[:, 1:]
+    tokens = torch.cat([(model.class_tokens + model.class_pos).expand(len(images), -1, -1), patches], 1)
+    maps = []
+    heads, dim = backbone.num_heads, backbone.embed_dim
+    d = dim // heads
+    for block in backbone.blocks:
+        qkv = block.attn.qkv(block.norm1(tokens))
+        n = tokens.shape[1]
+        attention = torch.zeros(len(images), heads, n, n)
+        for b in range(len(images)):
+            for head in range(heads):
+                q = qkv[b, :, head * d:(head + 1) * d]
+                k = qkv[b, :, dim + head * d:dim + (head + 1) * d]
+                for i in range(n):
+                    logits = torch.stack([q[i] @ k[j] / math.sqrt(d) for j in range(n)])
+                    attention[b, head, i] = torch.softmax(logits, 0)
+        maps.append(attention)
+        tokens, _ = block(tokens)
+    return maps
+
+
+def test_attention_slices_match_a_literal_computation() -> None:
+    model = MultiClassTokenViT(_backbone(seed=2), num_classes=3, variant="v2").eval()
+    with torch.no_grad():
+        model.class_tokens.add_(0.3 * torch.randn_like(model.class_tokens))  # distinct tokens
+        images = torch.rand(2, 3, 16, 24)
+        output = model(images, return_attention=[0, 1])
+        literal = _literal_attentions(model, images)
+    k, prefix, patches = 3, model.num_prefix_tokens, 2 * 3
+    expected_c2p = torch.zeros(2, k, patches)
+    expected_p2p = torch.zeros(2, patches, patches)
+    for attention in literal:
+        for b in range(2):
+            for c in range(k):
+                for p in range(patches):
+                    expected_c2p[b, c, p] += sum(attention[b, hd, c, prefix + p] for hd in range(2)) / 2
+            for p in range(patches):
+                for q in range(patches):
+                    expected_p2p[b, p, q] += sum(attention[b, hd, prefix + p, prefix + q] for hd in range(2)) / 2
+    torch.testing.assert_close(class_to_patch_attention(output.attentions, [0, 1], k, prefix), expected_c2p,
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(patch_to_patch_attention(output.attentions, [0, 1], prefix), expected_p2p,
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(KeyError, match="blocks"):
+        class_to_patch_attention(output.attentions, [0, 5], k, prefix)
+
+
+def test_v2_patch_scores_and_the_loss_by_hand() -> None:
+    model = MultiClassTokenViT(_backbone(seed=3, registers=2), num_classes=3, variant="v2")
+    images = torch.rand(2, 3, 24, 24)
+    tags = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    output = model(images)
+    assert output.patch_cams.shape == (2, 3, 3, 3) and output.class_tokens.shape == (2, 3, 16)
+    torch.testing.assert_close(output.patch_scores, output.patch_cams.mean((2, 3)))
+
+    def soft_margin(x: torch.Tensor) -> torch.Tensor:
+        y = tags.float()
+        return -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x)).mean(1).mean()
+
+    loss = mct_loss(output, tags)
+    torch.testing.assert_close(loss, soft_margin(output.scores) + soft_margin(output.patch_scores))
+    loss.backward()
+    assert model.class_tokens.grad is not None and model.class_tokens.grad.abs().sum() > 0
+    assert model.patch_head.weight.grad is not None
