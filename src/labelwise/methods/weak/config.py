@@ -1,0 +1,74 @@
+"""Typed configuration of weak supervision (``labelwise weak``); validated at load time with
+errors that name the dotted key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from labelwise.config import DataConfig
+from labelwise.errors import ConfigError
+from labelwise.methods.weak.cams import CAMConfig
+from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig
+
+__all__ = ["WeakConfig"]
+
+
+@dataclass
+class WeakConfig:
+    """Everything the weak-supervision stages need.
+
+    Training images: the ``images`` folders with the ``tags`` file (class names from
+    ``data.class_map``, a ``classes.json``), or, when ``images`` is empty, the training split of
+    ``data`` with tags derived from its masks (a class is present when it covers at least
+    ``tag_min_fraction`` of an image's labelled pixels; benchmarks). The classifier is a
+    multi-class-token ViT (``variant`` v1 / v2) on ``backbone`` (a name or a ViT file), trained
+    for ``steps`` of ``batch_size`` images resized to ``image_size`` (``[H, W]``, multiples of the
+    patch size), AdamW ``lr`` / ``weight_decay``, horizontal flips with probability ``hflip``.
+    ``cams`` and ``pseudo_masks``: the later stages.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    images: list[str] = field(default_factory=list)
+    tags: str | None = None
+    tag_min_fraction: float = 0.01
+    backbone: str = "labelwise_default"
+    variant: Literal["v1", "v2"] = "v2"
+    image_size: list[int] = field(default_factory=lambda: [224, 224])
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    grad_clip: float = 5.0
+    hflip: float = 0.5
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp32"] = "bf16"
+    run_dir: str = "runs/weak"
+    checkpoint_every: int = 250
+    log_every: int = 10
+    progress: bool = True
+    cams: CAMConfig = field(default_factory=CAMConfig)
+    pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
+
+    def validate(self) -> None:
+        """Range checks (errors name the dotted key)."""
+        for key, value in (("steps", self.steps), ("batch_size", self.batch_size), ("lr", self.lr),
+                           ("checkpoint_every", self.checkpoint_every), ("log_every", self.log_every)):
+            if value <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {value}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"weight_decay / grad_clip: must be >= 0, got {self.weight_decay} / {self.grad_clip}")
+        if not 0 < self.tag_min_fraction <= 1:
+            raise ConfigError(f"tag_min_fraction: must be in (0, 1], got {self.tag_min_fraction}")
+        if not 0 <= self.hflip <= 1:
+            raise ConfigError(f"hflip: must be in [0, 1], got {self.hflip}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ConfigError(f"image_size: must be [H, W] of positive sizes, got {self.image_size}")
+        if self.images and not self.tags:
+            raise ConfigError("tags: a tag file is required with images (or leave images empty to derive tags "
+                              "from the masks of data)")
+        try:
+            self.cams.validate()
+        except ConfigError as exc:
+            raise ConfigError(str(exc)) from exc

@@ -1,0 +1,154 @@
+"""Stage 1 of weak supervision: train the multi-class-token ViT classifier on image-level tags.
+
+``train_classifier(config)`` builds the tagged training images (:mod:`.data`), the
+:class:`~labelwise.models.mctformer.MultiClassTokenViT` on the configured backbone (every
+parameter trained), and runs the project's :class:`~labelwise.engine.trainer.Trainer`
+(checkpoints, exact resume, bf16 autocast) with the multi-label soft-margin loss; batches are
+flipped horizontally per image with probability ``hflip``. The final model is exported to
+``run_dir`` as ``mct.safetensors`` + ``mct.json`` (:func:`save_classifier`,
+:func:`load_classifier`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from labelwise.config import OptimConfig, StageConfig, save_config
+from labelwise.data.classmap import ClassMap
+from labelwise.data.images import ImageFolderDataset
+from labelwise.data.tags import read_tag_file
+from labelwise.engine.atomic import atomic_path, atomic_write_json
+from labelwise.engine.runtime import resolve_device
+from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
+from labelwise.errors import CheckpointError, ConfigError
+from labelwise.methods.common import build_datasets, seed_everything
+from labelwise.methods.weak.config import WeakConfig
+from labelwise.methods.weak.data import TaggedImages
+from labelwise.models.mctformer import MultiClassTokenViT, mct_loss
+from labelwise.models.vit import ViTConfig, VisionTransformer
+from labelwise.models.vit_loading import load_vit
+
+__all__ = ["WeakClassifierResult", "load_classifier", "save_classifier", "tagged_training_images",
+           "train_classifier"]
+
+MODEL_FILE = "mct.safetensors"
+SUMMARY_FILE = "mct.json"
+
+
+@dataclass
+class WeakClassifierResult:
+    """The run folder (holding the exported classifier) and the trainer's summary."""
+
+    run_dir: Path
+    train: TrainResult
+
+
+def tagged_training_images(config: WeakConfig) -> tuple[TaggedImages, ClassMap]:
+    """The training images with their tags: ``images`` + the ``tags`` file, or the training
+    split of ``data`` with tags from its masks."""
+    size = config.image_size
+    if config.images:
+        if not config.data.class_map:
+            raise ConfigError("data.class_map: the classes.json of the tag file's class names is required "
+                              "with images")
+        class_map = ClassMap.from_json(config.data.class_map)
+        source: Dataset = ImageFolderDataset(config.images, on_error=config.data.on_error)
+        names = [str(n) for n in source.names]  # type: ignore[attr-defined]
+        tags = read_tag_file(config.tags or "", class_map, names)
+        return TaggedImages(source, class_map.num_classes, size, tags=tags), class_map
+    splits = build_datasets(config.data, seed=config.seed)
+    return TaggedImages(splits.train, splits.class_map.num_classes, size, min_fraction=config.tag_min_fraction,
+                        ignore_index=splits.class_map.ignore_index), splits.class_map
+
+
+def save_classifier(folder: str | Path, model: MultiClassTokenViT, class_names: list[str],
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write ``mct.safetensors`` (all weights) and ``mct.json`` (architecture, classes) atomically."""
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / MODEL_FILE) as tmp:
+        save_file(state, str(tmp))
+    summary = {"vit": model.backbone.config.to_dict(), "num_classes": model.num_classes, "variant": model.variant,
+               "class_names": class_names, **(extra or {})}
+    atomic_write_json(folder / SUMMARY_FILE, summary)
+    return folder
+
+
+def load_classifier(folder: str | Path) -> tuple[MultiClassTokenViT, dict[str, Any]]:
+    """The classifier exported by :func:`save_classifier` (eval mode) and its summary;
+    ``CheckpointError`` naming the file otherwise."""
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+        state = load_file(str(folder / MODEL_FILE))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{exc.filename}: missing (not a weak-supervision classifier folder)") from exc
+    except (json.JSONDecodeError, OSError) as exc:
+        raise CheckpointError(f"{folder}: unreadable classifier export: {exc}") from exc
+    backbone = VisionTransformer(ViTConfig.from_dict(summary["vit"]))
+    model = MultiClassTokenViT(backbone, summary["num_classes"], summary["variant"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folder / MODEL_FILE}: weights do not match {SUMMARY_FILE}: {exc}") from exc
+    return model.eval(), summary
+
+
+def _step_fn(config: WeakConfig) -> Callable[..., StepOutput]:
+    def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
+        images, tags = batch["images"], batch["tags"]
+        state = np.random.SeedSequence([config.seed, context.step, 5]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        flip = (torch.rand(images.shape[0], generator=generator) < config.hflip).to(images.device)
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        output = model(images)
+        loss = mct_loss(output, tags)
+        return StepOutput(loss, {"mlsm": float(loss.detach())}, images.shape[0])
+
+    return step
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = default_collate([{"images": i["image"], "tags": i["tags"]} for i in items])
+    batch["names"] = [i["name"] for i in items]
+    return batch
+
+
+def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool = False,
+                     stop_at: int | None = None) -> WeakClassifierResult:
+    """Train and export the classifier (module docstring); resumable from ``run_dir``."""
+    config.validate()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    dataset, class_map = tagged_training_images(config)
+    backbone = load_vit(config.backbone)
+    patch = backbone.patch_size
+    if any(s % patch for s in config.image_size):
+        raise ConfigError(f"image_size: {config.image_size} must be multiples of the patch size {patch}")
+    torch.manual_seed(config.seed)
+    model = MultiClassTokenViT(backbone, class_map.num_classes, config.variant)
+    options = TrainerOptions(
+        stages=[StageConfig(steps=config.steps, lr=config.lr, schedule="cosine", warmup_steps=min(100, config.steps // 10))],
+        optim=OptimConfig(name="adamw", weight_decay=config.weight_decay, grad_clip=config.grad_clip),
+        run_dir=run_dir, device=device, precision=config.precision, seed=config.seed, batch_size=config.batch_size,
+        checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=config.progress,
+    )
+    trainer = Trainer(model, dataset, _step_fn(config), options, collate_fn=_collate)
+    result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
+    if result.steps >= config.steps:
+        save_classifier(run_dir, trainer.bare_model, list(class_map.names),  # type: ignore[arg-type]
+                        {"backbone": config.backbone, "steps": result.steps,
+                         "train_seconds": round(result.train_seconds, 2)})
+    return WeakClassifierResult(run_dir, result)

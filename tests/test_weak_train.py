@@ -1,0 +1,92 @@
+"""Stage 1 of weak supervision: tagged training images, classifier training, export, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from labelwise.config import load_config
+from labelwise.data.synthetic import SyntheticShapes
+from labelwise.data.tags import tags_from_masks
+from labelwise.errors import CheckpointError, ConfigError, DataError
+from labelwise.methods.weak.config import WeakConfig
+from labelwise.methods.weak.train import load_classifier, tagged_training_images, train_classifier
+from labelwise.models import create_vit
+from labelwise.models.vit_loading import save_vit
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_vit(create_vit("custom", 8, embed_dim=32, depth=2, num_heads=2),
+                    tmp_path_factory.mktemp("vit") / "tiny.safetensors")
+
+
+def _config(tmp_path: Path, backbone: Path, *extra: str) -> WeakConfig:
+    return load_config(WeakConfig, None, [
+        "data.dataset=synthetic", "data.synthetic_train_images=16", "data.synthetic_size=[32, 48]",
+        f"backbone={backbone}", "image_size=[32, 48]", "steps=40", "batch_size=8", "lr=0.002",
+        f"run_dir={tmp_path / 'run'}", "device=cpu", "progress=false", "log_every=5", "checkpoint_every=20",
+        "precision=fp32", *extra])
+
+
+def test_derived_tags_are_those_of_each_sample_mask(tiny_vit: Path, tmp_path: Path) -> None:
+    dataset, class_map = tagged_training_images(_config(tmp_path, tiny_vit, "tag_min_fraction=0.05"))
+    source = SyntheticShapes(num_images=16, size=(32, 48), num_classes=5, seed=0)
+    for i in (0, 7):
+        expected = tags_from_masks(source[i]["mask"][None], 5, 0.05)[0].float()
+        assert torch.equal(dataset[i]["tags"], expected)
+        assert dataset[i]["image"].shape == (3, 32, 48)
+
+
+def test_training_learns_the_tags_and_the_export_reloads(tiny_vit: Path, tmp_path: Path) -> None:
+    result = train_classifier(_config(tmp_path, tiny_vit))
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["mlsm"] for line in lines if "mlsm" in line]
+    assert losses[-1] < losses[0]
+    model, summary = load_classifier(result.run_dir)
+    assert summary["class_names"] == ["background", "disc", "box", "stripes", "blob"]
+    assert summary["num_classes"] == 5 and summary["variant"] == "v2"
+    # the exported weights are the trained ones: same scores as the trainer's model on a batch
+    dataset, _ = tagged_training_images(_config(tmp_path, tiny_vit))
+    images = torch.stack([dataset[i]["image"] for i in range(4)])
+    with torch.no_grad():
+        scores = model(images).scores
+    assert scores.shape == (4, 5) and torch.isfinite(scores).all()
+    with pytest.raises(CheckpointError, match="mct.json"):
+        load_classifier(tmp_path)
+
+
+def test_resume_continues_exactly(tiny_vit: Path, tmp_path: Path) -> None:
+    full = train_classifier(_config(tmp_path / "a", tiny_vit, f"run_dir={tmp_path / 'a'}"))
+    config = _config(tmp_path / "b", tiny_vit, f"run_dir={tmp_path / 'b'}")
+    train_classifier(config, stop_at=20)
+    resumed = train_classifier(config, resume=True)
+    a, _ = load_classifier(full.run_dir)
+    b, _ = load_classifier(resumed.run_dir)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+
+
+def test_user_images_with_a_tag_file(tiny_vit: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.full((16, 24, 3), 128, np.uint8)).save(folder / f"{name}.png")
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": ["sky", "road"]}))
+    (tmp_path / "tags.csv").write_text("image,tags\na,sky\nb,sky;road\n")
+    config = _config(tmp_path, tiny_vit, f"images=[{folder}]", f"tags={tmp_path / 'tags.csv'}",
+                     f"data.class_map={tmp_path / 'classes.json'}", "image_size=[16, 24]")
+    dataset, class_map = tagged_training_images(config)
+    assert list(class_map.names) == ["sky", "road"]
+    assert dataset[1]["tags"].tolist() == [1.0, 1.0] and dataset[0]["tags"].tolist() == [1.0, 0.0]
+    (tmp_path / "tags.csv").write_text("image,tags\na,sky\n")
+    with pytest.raises(DataError, match=r"tags\.csv: 1 image\(s\) have no entry: \['b'\]"):
+        tagged_training_images(config)
+    with pytest.raises(ConfigError, match="tags"):
+        _config(tmp_path, tiny_vit, f"images=[{folder}]").validate()
