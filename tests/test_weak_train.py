@@ -90,3 +90,29 @@ def test_user_images_with_a_tag_file(tiny_vit: Path, tmp_path: Path) -> None:
         tagged_training_images(config)
     with pytest.raises(ConfigError, match="tags"):
         _config(tmp_path, tiny_vit, f"images=[{folder}]").validate()
+
+
+def test_pseudo_masks_stage_writes_a_folder_dataset_and_scores(tiny_vit: Path, tmp_path: Path) -> None:
+    from labelwise.data.folder import FolderDataset
+    from labelwise.data.classmap import ClassMap
+    from labelwise.methods.weak.cams import CAMConfig
+    from labelwise.methods.weak.data import TaggedImages
+    from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig
+    from labelwise.methods.weak.stages import make_pseudo_masks
+
+    result = train_classifier(_config(tmp_path, tiny_vit, "steps=10"))
+    source = SyntheticShapes(num_images=5, size=(32, 48), num_classes=5, seed=0)
+    items = TaggedImages(source, 5, None, min_fraction=0.05)
+    report = make_pseudo_masks(result.run_dir, items, tmp_path / "out", CAMConfig(blocks=2),
+                               PseudoMaskConfig(ignore_fraction=0.25), batch_size=2)
+    assert report["images"] == 5
+    assert 0.7 <= report["pseudo_masks"]["kept_fraction"] <= 0.8  # a quarter of each image ignored
+    assert 0 <= report["cams"]["miou"] <= 1
+    pseudo = FolderDataset(tmp_path / "out" / "pseudo" / "train",
+                           ClassMap.from_json(tmp_path / "out" / "pseudo" / "classes.json"))
+    assert len(pseudo) == 5
+    sample = pseudo[0]
+    tagged = set(torch.nonzero(items[0]["tags"]).flatten().tolist())
+    assert set(sample["mask"].unique().tolist()) <= tagged | {255}  # only tagged classes or ignore
+    written = sorted(p.name for p in (tmp_path / "out" / "cams" / source[0]["name"]).iterdir())
+    assert written == sorted(f"{source.class_map.names[c]}.png" for c in tagged)

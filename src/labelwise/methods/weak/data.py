@@ -23,21 +23,23 @@ __all__ = ["TaggedImages"]
 
 
 class TaggedImages(Dataset):
-    """Items ``{"image": float [3, *size] in [0, 1], "tags": float [K] (0/1), "name": str}``.
+    """Items ``{"image": float [3, *size] in [0, 1], "tags": float [K] (0/1), "name": str}``
+    (+ the source's ``"mask"`` when ``size`` is None and it has one).
 
     Args:
         source: the images (and masks, when ``tags`` is None).
         num_classes: ``K``.
-        size: ``(H, W)`` every image is resized to (bilinear, antialiased), so batches stack.
+        size: ``(H, W)`` every image is resized to (bilinear, antialiased), so batches stack;
+            None keeps each image's own size (CAMs and pseudo-masks at full resolution).
         tags: tags by sample name; None derives them from ``mask`` (``min_fraction`` of the
             labelled pixels, ``ignore_index`` excluded).
     """
 
-    def __init__(self, source: Dataset, num_classes: int, size: Sequence[int], tags: ImageTags | None = None,
+    def __init__(self, source: Dataset, num_classes: int, size: Sequence[int] | None, tags: ImageTags | None = None,
                  min_fraction: float = 0.01, ignore_index: int = 255) -> None:
         self.source = source
         self.num_classes = num_classes
-        self.size = (int(size[0]), int(size[1]))
+        self.size = None if size is None else (int(size[0]), int(size[1]))
         self.tags = tags
         self.rows = tags.index() if tags is not None else None
         self.min_fraction = min_fraction
@@ -62,6 +64,11 @@ class TaggedImages(Dataset):
             present = tags_from_masks(torch.as_tensor(sample["mask"])[None], self.num_classes, self.min_fraction,
                                       self.ignore_index)[0]
         image = sample["image"]
+        if self.size is None:
+            item = {"image": image, "tags": present.float(), "name": name}
+            if "mask" in sample:
+                item["mask"] = torch.as_tensor(sample["mask"])
+            return item
         if tuple(image.shape[-2:]) != self.size:
             image = F.interpolate(image[None], size=self.size, mode="bilinear", align_corners=False,
                                   antialias=True)[0].clamp_(0, 1)

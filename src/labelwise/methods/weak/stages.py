@@ -1,0 +1,115 @@
+"""Stages 2 and 3 of weak supervision over a dataset: CAMs and pseudo-masks of every tagged
+training image, written as PNGs and scored against ground truth when the images have masks.
+
+``make_pseudo_masks(classifier_dir, items, out_dir, ...)`` runs the exported classifier on each
+image at its own size (consecutive images of the same size in batches of ``batch_size``):
+CAMs (:func:`~labelwise.methods.weak.cams.class_activation_maps`), then pseudo-masks
+(:func:`~labelwise.methods.weak.pseudo_masks.pseudo_masks`). It writes
+
+- ``out_dir/cams/<name>/<class>.png`` (with ``write_cams``): each tagged class's map, 8-bit;
+- ``out_dir/pseudo/train/images/<name>.png`` and ``out_dir/pseudo/train/labels/<name>.png``
+  (class ids, ``ignore_index`` where unsure) and ``out_dir/pseudo/classes.json``: a labelwise
+  folder dataset, so the second stage is an ordinary ``labelwise train --set
+  data.dataset=folder --set data.root=out_dir/pseudo``;
+
+and returns the scores when the items carry masks: ``cams`` (argmax of the CAMs over the tagged
+classes, plus the background rule when there is a background class, on every labelled pixel)
+and ``pseudo_masks`` (the pseudo-labels on the labelled pixels they keep; ``kept_fraction`` is
+the share of labelled pixels not ignored).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from labelwise.data.classmap import ClassMap
+from labelwise.engine.atomic import atomic_write_json
+from labelwise.eval.metrics import ConfusionMatrix
+from labelwise.methods.weak.cams import CAMConfig, class_activation_maps
+from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig, pseudo_masks
+from labelwise.methods.weak.train import load_classifier
+from labelwise.report.png import _save, write_rgb_png
+
+__all__ = ["make_pseudo_masks", "same_size_batches"]
+
+
+def same_size_batches(items: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive items grouped while their images have the same size, at most ``batch_size``."""
+    batch: list[dict[str, Any]] = []
+    for item in items:
+        if batch and (len(batch) == batch_size or batch[0]["image"].shape != item["image"].shape):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def _cam_labels(cams: torch.Tensor, tags: torch.Tensor, config: PseudoMaskConfig) -> torch.Tensor:
+    """Argmax of the CAMs over the tagged classes (and the background rule): no ignore."""
+    return pseudo_masks(cams, tags, PseudoMaskConfig(background_class=config.background_class,
+                                                     background_threshold=config.background_threshold,
+                                                     ignore_fraction=0.0, ignore_index=config.ignore_index))
+
+
+@torch.no_grad()
+def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]], out_dir: str | Path,
+                      cam_config: CAMConfig | None = None, mask_config: PseudoMaskConfig | None = None,
+                      batch_size: int = 8, write_cams: bool = True, device: torch.device | str = "cpu"
+                      ) -> dict[str, Any]:
+    """Stages 2-3 (module docstring). ``items``: ``{"image" [3, H, W], "tags" [K], "name"}``
+    (+ ``"mask"`` to be scored), e.g. :class:`~labelwise.methods.weak.data.TaggedImages` with
+    ``size=None``."""
+    cam_config = cam_config or CAMConfig()
+    mask_config = mask_config or PseudoMaskConfig()
+    model, summary = load_classifier(classifier_dir)
+    model.to(device)
+    class_names = list(summary["class_names"])
+    class_map = ClassMap.from_names(class_names, ignore_index=mask_config.ignore_index)
+    out = Path(out_dir)
+    pseudo_root = out / "pseudo"
+    atomic_write_json(pseudo_root / "classes.json", {"classes": class_names})
+    k = len(class_names)
+    cam_matrix = ConfusionMatrix(k, mask_config.ignore_index)
+    pseudo_matrix = ConfusionMatrix(k, mask_config.ignore_index)
+    labelled = kept = images_done = 0
+    for batch in same_size_batches(items, batch_size):
+        images = torch.stack([item["image"] for item in batch]).to(device)
+        tags = torch.stack([torch.as_tensor(item["tags"]) for item in batch]).bool().to(device)
+        cams = class_activation_maps(model, images, tags, cam_config)
+        labels = pseudo_masks(cams, tags, mask_config, images=images)
+        if all("mask" in item for item in batch):
+            target = torch.stack([torch.as_tensor(item["mask"]) for item in batch]).long().to(device)
+            ignore = mask_config.ignore_index
+            cam_labels = _cam_labels(cams, tags, mask_config)
+            # an image without any candidate class has no CAM label: scored as class 0
+            cam_matrix.update(cam_labels.masked_fill(cam_labels == ignore, 0), target)
+            valid = target != ignore
+            unsure = labels == ignore
+            labelled += int(valid.sum())
+            kept += int((valid & ~unsure).sum())
+            pseudo_matrix.update(labels.masked_fill(unsure, 0), target.masked_fill(unsure, ignore))
+        for index, item in enumerate(batch):
+            name = str(item["name"])
+            rgb = (images[index].permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+            write_rgb_png(rgb, pseudo_root / "train" / "images" / f"{name}.png")
+            _save(labels[index].cpu().numpy().astype(np.uint8 if k < 255 else np.uint16),
+                  pseudo_root / "train" / "labels" / f"{name}.png")
+            if write_cams:
+                for c in torch.nonzero(tags[index]).flatten().tolist():
+                    heat = (cams[index, c].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+                    _save(heat, out / "cams" / name / f"{class_names[c]}.png")
+        images_done += len(batch)
+    report: dict[str, Any] = {"images": images_done, "classes": class_names, "pseudo_root": str(pseudo_root)}
+    if labelled:
+        report["cams"] = cam_matrix.compute().to_dict(class_map.names)
+        report["pseudo_masks"] = pseudo_matrix.compute().to_dict(class_map.names)
+        report["pseudo_masks"]["kept_fraction"] = kept / labelled
+    atomic_write_json(out / "pseudo_masks.json", {k_: (None if isinstance(v, float) and math.isnan(v) else v)
+                                                  for k_, v in report.items()})
+    return report
