@@ -32,7 +32,7 @@ def _config(tmp_path: Path, backbone: Path, *extra: str) -> WeakConfig:
         "data.dataset=synthetic", "data.synthetic_train_images=16", "data.synthetic_size=[32, 48]",
         f"backbone={backbone}", "image_size=[32, 48]", "steps=40", "batch_size=8", "lr=0.002",
         f"run_dir={tmp_path / 'run'}", "device=cpu", "progress=false", "log_every=5", "checkpoint_every=20",
-        "precision=fp32", *extra])
+        "precision=fp32", "cams.blocks=2", *extra])
 
 
 def test_derived_tags_are_those_of_each_sample_mask(tiny_vit: Path, tmp_path: Path) -> None:
@@ -116,3 +116,21 @@ def test_pseudo_masks_stage_writes_a_folder_dataset_and_scores(tiny_vit: Path, t
     assert set(sample["mask"].unique().tolist()) <= tagged | {255}  # only tagged classes or ignore
     written = sorted(p.name for p in (tmp_path / "out" / "cams" / source[0]["name"]).iterdir())
     assert written == sorted(f"{source.class_map.names[c]}.png" for c in tagged)
+
+
+def test_cli_train_then_cams_and_pseudo_masks(tiny_vit: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                               ) -> None:
+    from labelwise.cli import main
+
+    common = ["--set", "data.dataset=synthetic", "--set", "data.synthetic_train_images=4",
+              "--set", "data.synthetic_size=[32, 48]", "--set", "image_size=[32, 48]", "--set", "batch_size=4",
+              "--set", "progress=false", "--set", "precision=fp32", "--set", "cams.blocks=2", "--device", "cpu"]
+    run = tmp_path / "run"
+    assert main(["weak", "train", *common, "--backbone", str(tiny_vit), "--steps", "3", "--run-dir", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+    assert main(["weak", "cams", str(run), "--out", str(tmp_path / "cams")]) == 0
+    assert (tmp_path / "cams" / "cams").is_dir() and not (tmp_path / "cams" / "pseudo").exists()
+    assert main(["weak", "pseudo-masks", str(run), "--batch-size", "2"]) == 0
+    report = json.loads((run / "pseudo_masks" / "pseudo_masks.json").read_text())
+    assert report["images"] == 4 and "miou" in report["pseudo_masks"]
+    assert len(list((run / "pseudo_masks" / "pseudo" / "train" / "labels").glob("*.png"))) == 4

@@ -1,7 +1,8 @@
 """``labelwise <command>``: a thin argument parser over the Python API.
 
 Commands: ``train``, ``evaluate``, ``predict``, ``demo``, ``attention``, ``pretrain``, ``unsupervised``
-(``train`` / ``evaluate`` / ``predict``; in :mod:`labelwise.cli_unsupervised`). Every option's help states its default.
+(``train`` / ``evaluate`` / ``predict``; in :mod:`labelwise.cli_unsupervised`), ``weak`` (``train`` /
+``cams`` / ``pseudo-masks``; in :mod:`labelwise.cli_weak`). Every option's help states its default.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from labelwise.cli_unsupervised import add_unsupervised, run_unsupervised
+from labelwise.cli_weak import add_weak, run_weak
 from labelwise.errors import LabelwiseError
 
 HELP = argparse.ArgumentDefaultsHelpFormatter
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="fp32 (exact maps) or bf16 autocast")
     _add_pretrain(commands)
     add_unsupervised(commands)
+    add_weak(commands)
     return parser
 
 
@@ -240,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         return _pretrain(args)
     if args.command == "unsupervised":
         return run_unsupervised(args)
+    if args.command == "weak":
+        return run_weak(args)
     if args.command == "demo":
         supervised.demo(args.run_dir, steps=args.steps, device=args.device, precision=args.precision,
                         progress=not args.no_progress)

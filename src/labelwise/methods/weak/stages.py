@@ -60,11 +60,11 @@ def _cam_labels(cams: torch.Tensor, tags: torch.Tensor, config: PseudoMaskConfig
 @torch.no_grad()
 def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]], out_dir: str | Path,
                       cam_config: CAMConfig | None = None, mask_config: PseudoMaskConfig | None = None,
-                      batch_size: int = 8, write_cams: bool = True, device: torch.device | str = "cpu"
-                      ) -> dict[str, Any]:
+                      batch_size: int = 8, write_cams: bool = True, write_pseudo: bool = True,
+                      device: torch.device | str = "cpu") -> dict[str, Any]:
     """Stages 2-3 (module docstring). ``items``: ``{"image" [3, H, W], "tags" [K], "name"}``
     (+ ``"mask"`` to be scored), e.g. :class:`~labelwise.methods.weak.data.TaggedImages` with
-    ``size=None``."""
+    ``size=None``. ``write_cams`` / ``write_pseudo`` switch the two kinds of PNG output."""
     cam_config = cam_config or CAMConfig()
     mask_config = mask_config or PseudoMaskConfig()
     model, summary = load_classifier(classifier_dir)
@@ -73,7 +73,8 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
     class_map = ClassMap.from_names(class_names, ignore_index=mask_config.ignore_index)
     out = Path(out_dir)
     pseudo_root = out / "pseudo"
-    atomic_write_json(pseudo_root / "classes.json", {"classes": class_names})
+    if write_pseudo:
+        atomic_write_json(pseudo_root / "classes.json", {"classes": class_names})
     k = len(class_names)
     cam_matrix = ConfusionMatrix(k, mask_config.ignore_index)
     pseudo_matrix = ConfusionMatrix(k, mask_config.ignore_index)
@@ -96,16 +97,18 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
             pseudo_matrix.update(labels.masked_fill(unsure, 0), target.masked_fill(unsure, ignore))
         for index, item in enumerate(batch):
             name = str(item["name"])
-            rgb = (images[index].permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-            write_rgb_png(rgb, pseudo_root / "train" / "images" / f"{name}.png")
-            _save(labels[index].cpu().numpy().astype(np.uint8 if k < 255 else np.uint16),
-                  pseudo_root / "train" / "labels" / f"{name}.png")
+            if write_pseudo:
+                rgb = (images[index].permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+                write_rgb_png(rgb, pseudo_root / "train" / "images" / f"{name}.png")
+                _save(labels[index].cpu().numpy().astype(np.uint8 if k < 255 else np.uint16),
+                      pseudo_root / "train" / "labels" / f"{name}.png")
             if write_cams:
                 for c in torch.nonzero(tags[index]).flatten().tolist():
                     heat = (cams[index, c].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
                     _save(heat, out / "cams" / name / f"{class_names[c]}.png")
         images_done += len(batch)
-    report: dict[str, Any] = {"images": images_done, "classes": class_names, "pseudo_root": str(pseudo_root)}
+    report: dict[str, Any] = {"images": images_done, "classes": class_names,
+                              "pseudo_root": str(pseudo_root) if write_pseudo else None}
     if labelled:
         report["cams"] = cam_matrix.compute().to_dict(class_map.names)
         report["pseudo_masks"] = pseudo_matrix.compute().to_dict(class_map.names)

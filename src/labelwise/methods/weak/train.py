@@ -134,6 +134,7 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
     save_config(config, run_dir / "config.yaml")
     dataset, class_map = tagged_training_images(config)
     backbone = load_vit(config.backbone)
+    config.cams.validate(backbone.depth)  # fail now, not after training, when cams.blocks exceeds the depth
     patch = backbone.patch_size
     if any(s % patch for s in config.image_size):
         raise ConfigError(f"image_size: {config.image_size} must be multiples of the patch size {patch}")
