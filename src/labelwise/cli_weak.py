@@ -1,4 +1,4 @@
-"""``labelwise weak train | cams | pseudo-masks``: argument parsing over
+"""``labelwise weak train | cams | pseudo-masks | run``: argument parsing over
 :mod:`labelwise.methods.weak` (kept apart from ``cli.py`` so each file stays short)."""
 
 from __future__ import annotations
@@ -45,6 +45,16 @@ def add_weak(commands) -> None:  # noqa: ANN001 - argparse's private subparsers 
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --run-dir")
 
+    run = sub.add_parser("run", help="every stage: classifier, pseudo-masks, segmenter trained on them, and "
+                         "its score on the data's validation split when the data is labelled", formatter_class=HELP)
+    run.add_argument("--config", type=Path, default=None,
+                     help="YAML WeakConfig (default: built-in defaults on the synthetic dataset)")
+    _add_data_options(run)
+    run.add_argument("--backbone", default=None, help="ViT to start from (default: the config's backbone)")
+    run.add_argument("--steps", type=int, default=None, help="classifier steps (default: the config's steps, 1000)")
+    run.add_argument("--run-dir", type=Path, default=None, help="output folder (default: the config's run_dir)")
+    run.add_argument("--resume", action="store_true", help="continue the stages already started in --run-dir")
+
     for action, text in (("cams", "write each tagged class's activation map of every training image (PNG)"),
                          ("pseudo-masks", "write pseudo-masks of every training image as a labelwise folder "
                                           "dataset (and the CAM PNGs)")):
@@ -78,6 +88,10 @@ def run_weak(args: argparse.Namespace) -> int:
         result = weak.train_classifier(config, resume=args.resume, overwrite=args.overwrite)
         print(json.dumps({"run_dir": str(result.run_dir), "steps": result.train.steps,
                           "train_seconds": round(result.train.train_seconds, 2)}))
+        return 0
+    if args.action == "run":
+        config = load_config(weak.WeakConfig, args.config, _overrides(args))
+        print(json.dumps(weak.run(config, resume=args.resume), indent=2))
         return 0
     config = load_config(weak.WeakConfig, args.model / "config.yaml", _overrides(args))
     config.validate()

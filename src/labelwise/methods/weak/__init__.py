@@ -4,15 +4,18 @@ pseudo-masks -> a segmentation network. In progress: tag files and tags from mas
 CAMs (``cams``), the pseudo-mask rule (``pseudo_masks``), the typed configuration (``config``) and
 stage 1, the classifier training on tags (``train``: :func:`train_classifier`) and stages 2-3, CAMs
 and pseudo-masks of a dataset written as a labelwise folder dataset (``stages``:
-:func:`make_pseudo_masks`) exist; the second stage and the ``labelwise weak`` CLI follow.
+:func:`make_pseudo_masks`) and :func:`run`, every stage including the segmenter trained on the
+pseudo-masks (``pipeline``), exist; the benchmarks follow.
 """
 
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps, refine_with_affinity
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
+from labelwise.methods.weak.pipeline import run
 from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig, pseudo_masks
 from labelwise.methods.weak.stages import make_pseudo_masks
 from labelwise.methods.weak.train import load_classifier, save_classifier, train_classifier
 
 __all__ = ["CAMConfig", "PseudoMaskConfig", "TaggedImages", "WeakConfig", "class_activation_maps", "load_classifier",
-           "make_pseudo_masks", "pseudo_masks", "refine_with_affinity", "save_classifier", "train_classifier"]
+           "make_pseudo_masks", "pseudo_masks", "refine_with_affinity", "run", "save_classifier",
+           "train_classifier"]

@@ -25,7 +25,11 @@ class WeakConfig:
     multi-class-token ViT (``variant`` v1 / v2) on ``backbone`` (a name or a ViT file), trained
     for ``steps`` of ``batch_size`` images resized to ``image_size`` (``[H, W]``, multiples of the
     patch size), AdamW ``lr`` / ``weight_decay``, horizontal flips with probability ``hflip``.
-    ``cams`` and ``pseudo_masks``: the later stages.
+    ``cams`` and ``pseudo_masks``: stages 2-3. The second stage (``weak run``) trains
+    ``labelwise train``'s segmenter on the pseudo-masks: the ``TrainConfig`` YAML ``segmenter``
+    (default: the built-in U-Net defaults) with ``segmenter_overrides`` (``KEY=VALUE``), and with
+    class-balanced cross-entropy weights from the pseudo-masks' class frequencies unless the
+    overrides set ``loss.class_weights``.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -50,6 +54,8 @@ class WeakConfig:
     progress: bool = True
     cams: CAMConfig = field(default_factory=CAMConfig)
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
+    segmenter: str | None = None
+    segmenter_overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         """Range checks (errors name the dotted key)."""

@@ -1,0 +1,70 @@
+"""``weak run``: every stage of weak supervision in one call, each resumable.
+
+1. the multi-class-token ViT classifier on the tags (:func:`~.train.train_classifier`; skipped
+   when ``run_dir`` already holds its export);
+2-3. CAMs and pseudo-masks of every training image (:func:`~.stages.make_pseudo_masks`) into
+   ``run_dir/pseudo_masks`` (scored against the masks when the training images have them);
+4. the segmenter trained on the pseudo-masks with ``labelwise train``'s pipeline
+   (:func:`labelwise.methods.supervised.train`) in ``run_dir/segmenter``;
+5. when the training images come from a labelled ``data`` config, the segmenter evaluated on
+   its validation split (the labels of that split are used for this score only).
+
+The stage reports go to ``run_dir/weak_run.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from labelwise.config import TrainConfig, load_config
+from labelwise.engine.atomic import atomic_write_json
+from labelwise.engine.runtime import resolve_device
+from labelwise.methods import supervised
+from labelwise.methods.weak.config import WeakConfig
+from labelwise.methods.weak.data import TaggedImages
+from labelwise.methods.weak.stages import make_pseudo_masks
+from labelwise.methods.weak.train import SUMMARY_FILE, tagged_training_images, train_classifier
+
+__all__ = ["run", "segmenter_config"]
+
+
+def segmenter_config(config: WeakConfig, pseudo_root: Path, run_dir: Path) -> TrainConfig:
+    """The second stage's ``TrainConfig``: ``segmenter`` + overrides, trained on the pseudo-mask
+    folder (which is also its validation split: it has no other)."""
+    overrides = list(config.segmenter_overrides)
+    if not any(o.split("=", 1)[0].strip() == "loss.class_weights" for o in overrides):
+        overrides.insert(0, "loss.class_weights=balanced")
+    overrides += ["data.dataset=folder", f"data.root={pseudo_root}", "data.train_split=train",
+                  "data.val_split=train", "data.class_map=null", f"run_dir={run_dir}",
+                  f"device={config.device}", f"progress={str(config.progress).lower()}"]
+    return load_config(TrainConfig, config.segmenter, overrides)
+
+
+def run(config: WeakConfig, resume: bool = False) -> dict[str, Any]:
+    """All stages (module docstring); returns the report also written to ``weak_run.json``."""
+    config.validate()
+    run_dir = Path(config.run_dir)
+    report: dict[str, Any] = {}
+    if not (run_dir / SUMMARY_FILE).exists():
+        stage1 = train_classifier(config, resume=resume)
+        if stage1.train.steps < config.steps:
+            return {"stopped_at": stage1.train.steps}
+    dataset, class_map = tagged_training_images(config)
+    items = TaggedImages(dataset.source, dataset.num_classes, None, tags=dataset.tags,
+                         min_fraction=dataset.min_fraction, ignore_index=dataset.ignore_index)
+    report["pseudo_masks"] = make_pseudo_masks(run_dir, items, run_dir / "pseudo_masks", config.cams,
+                                               config.pseudo_masks, write_cams=False,
+                                               device=resolve_device(config.device))
+    seg_config = segmenter_config(config, run_dir / "pseudo_masks" / "pseudo", run_dir / "segmenter")
+    checkpoints = run_dir / "segmenter" / "checkpoints"
+    seg = supervised.train(seg_config, resume=resume and checkpoints.is_dir() and any(checkpoints.iterdir()))
+    report["segmenter"] = {"run_dir": str(seg.run_dir), "steps": seg.train.steps,
+                           "train_seconds": round(seg.train.train_seconds, 2)}
+    if not config.images:
+        data_config = load_config(TrainConfig, None, [])
+        data_config.data = config.data
+        metrics = supervised.evaluate(seg.run_dir, data_config, device=config.device)
+        report["final"] = {"split": config.data.val_split, **metrics.to_dict(list(class_map.names))}
+    atomic_write_json(run_dir / "weak_run.json", report)
+    return report
