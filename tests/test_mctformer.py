@@ -122,3 +122,19 @@ def test_v2_patch_scores_and_the_loss_by_hand() -> None:
     loss.backward()
     assert model.class_tokens.grad is not None and model.class_tokens.grad.abs().sum() > 0
     assert model.patch_head.weight.grad is not None
+
+
+def test_hybrid_stem_keeps_the_token_grid_and_the_encoder_weights() -> None:
+    from labelwise.models.mctformer import ConvStem
+
+    backbone = _backbone(seed=4)
+    block_weight = backbone.blocks[0].attn.qkv.weight.detach().clone()
+    model = MultiClassTokenViT(backbone, num_classes=2, variant="v2", hybrid=True)
+    assert isinstance(model.backbone.patch_embed, ConvStem)
+    assert torch.equal(model.backbone.blocks[0].attn.qkv.weight, block_weight)
+    output = model(torch.rand(2, 3, 24, 40))
+    assert output.patch_tokens.shape == (2, 16, 3, 5)  # stride 8, as the patch embedding it replaces
+    stem = ConvStem(3, 16, 16)
+    assert stem(torch.rand(1, 3, 32, 48)).shape == (1, 16, 2, 3)
+    with pytest.raises(ValueError, match="power-of-two"):
+        ConvStem(3, 16, 14)

@@ -139,7 +139,7 @@ def test_cli_train_then_cams_and_pseudo_masks(tiny_vit: Path, tmp_path: Path, ca
 def test_run_chains_every_stage_and_scores_the_val_split(tiny_vit: Path, tmp_path: Path) -> None:
     from labelwise.methods.weak.pipeline import run, segmenter_config
 
-    config = _config(tmp_path, tiny_vit, "steps=3", "batch_size=4", "data.synthetic_train_images=6",
+    config = _config(tmp_path, tiny_vit, "steps=3", "batch_size=4", "hybrid=true", "data.synthetic_train_images=6",
                      "data.synthetic_val_images=3",
                      'segmenter_overrides=["stages.0.steps=2", "data.batch_size=2", "model.options={width: 8}"]')
     report = run(config)
@@ -148,6 +148,8 @@ def test_run_chains_every_stage_and_scores_the_val_split(tiny_vit: Path, tmp_pat
     assert (tmp_path / "run" / "segmenter" / "model.safetensors").is_file()
     assert 0 <= report["final"]["miou"] <= 1
     assert json.loads((tmp_path / "run" / "weak_run.json").read_text())["segmenter"]["steps"] == 2
+    hybrid, summary = load_classifier(tmp_path / "run")  # the hybrid stem survives export and reload
+    assert summary["hybrid"] is True and type(hybrid.backbone.patch_embed).__name__ == "ConvStem"
     seg = segmenter_config(config, tmp_path / "pseudo", tmp_path / "seg")
     assert seg.loss.class_weights == "balanced" and seg.data.dataset == "folder" and seg.data.val_split == "train"
     config.segmenter_overrides = ["loss.class_weights=none"]

@@ -16,6 +16,11 @@ initialised from the class token's. ``forward(images [B, 3, H, W] in [0, 1])`` r
 - ``attentions {block: [B, heads, N, N]}`` of the requested blocks, token order
   ``[K class tokens, R registers, h * w patches]``.
 
+``hybrid=True`` replaces the ViT's linear patch embedding by :class:`ConvStem`, a small CNN whose
+output grid (stride = the patch size) becomes the tokens of the Transformer encoder (the hybrid
+backbone of the seed documents); the stem is trained from scratch, the encoder keeps its
+pretrained weights.
+
 :func:`mct_loss` is the multi-label soft-margin loss of ``scores`` (plus that of
 ``patch_scores`` for v2) against ``[B, K]`` tags; :func:`class_to_patch_attention` and
 :func:`patch_to_patch_attention` cut the CAM ingredients out of the attention maps.
@@ -32,7 +37,32 @@ from torch import Tensor, nn
 from labelwise.models.base import pad_to_multiple
 from labelwise.models.vit import VisionTransformer
 
-__all__ = ["MCTOutput", "MultiClassTokenViT", "class_to_patch_attention", "mct_loss", "patch_to_patch_attention"]
+__all__ = ["ConvStem", "MCTOutput", "MultiClassTokenViT", "class_to_patch_attention", "mct_loss",
+           "patch_to_patch_attention"]
+
+
+class ConvStem(nn.Module):
+    """CNN stem ``[B, C, H, W] -> [B, D, H / p, W / p]`` for a power-of-two patch size ``p``:
+    ``log2(p)`` 3x3 stride-2 convolutions (BatchNorm, ReLU; widths doubling up to ``D / 2``), then a
+    1x1 projection to ``D``. Drop-in for the ViT's patch embedding (the same output grid)."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"the convolutional stem needs a power-of-two patch size, got {patch_size}")
+        stages = patch_size.bit_length() - 1
+        widths = [max(8, embed_dim // 2 ** (stages - i)) for i in range(stages)]
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for width in widths:
+            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True)]
+            previous = width
+        layers.append(nn.Conv2d(previous, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
 
 
 class MCTOutput(NamedTuple):
@@ -50,7 +80,8 @@ class MultiClassTokenViT(nn.Module):
     """``K`` class tokens on a ViT backbone (module docstring). The backbone's own ``cls_token``
     is kept but unused; its other parameters are shared (trained together)."""
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, variant: Literal["v1", "v2"] = "v2") -> None:
+    def __init__(self, backbone: VisionTransformer, num_classes: int, variant: Literal["v1", "v2"] = "v2",
+                 hybrid: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -63,6 +94,10 @@ class MultiClassTokenViT(nn.Module):
             self.class_tokens = nn.Parameter(backbone.cls_token.detach().clone().repeat(1, num_classes, 1))
             self.class_pos = nn.Parameter(backbone.pos_embed[:, :1].detach().clone().repeat(1, num_classes, 1))
         self.patch_head = nn.Conv2d(backbone.embed_dim, num_classes, 3, padding=1) if variant == "v2" else None
+        self.hybrid = hybrid
+        if hybrid:
+            backbone.patch_embed = ConvStem(backbone.config.in_channels, backbone.embed_dim,  # type: ignore[assignment]
+                                            backbone.patch_size)
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -22,7 +22,8 @@ class WeakConfig:
     ``data.class_map``, a ``classes.json``), or, when ``images`` is empty, the training split of
     ``data`` with tags derived from its masks (a class is present when it covers at least
     ``tag_min_fraction`` of an image's labelled pixels; benchmarks). The classifier is a
-    multi-class-token ViT (``variant`` v1 / v2) on ``backbone`` (a name or a ViT file), trained
+    multi-class-token ViT (``variant`` v1 / v2) on ``backbone`` (a name or a ViT file; ``hybrid``:
+    a convolutional stem, trained from scratch, replaces the patch embedding), trained
     for ``steps`` of ``batch_size`` images resized to ``image_size`` (``[H, W]``, multiples of the
     patch size), AdamW ``lr`` / ``weight_decay``, horizontal flips with probability ``hflip``.
     ``cams`` and ``pseudo_masks``: stages 2-3. The second stage (``weak run``) trains
@@ -38,6 +39,7 @@ class WeakConfig:
     tag_min_fraction: float = 0.01
     backbone: str = "labelwise_default"
     variant: Literal["v1", "v2"] = "v2"
+    hybrid: bool = False
     image_size: list[int] = field(default_factory=lambda: [224, 224])
     steps: int = 1000
     batch_size: int = 16
