@@ -15,6 +15,7 @@ from labelwise.data.synthetic import SyntheticShapes
 from labelwise.data.tags import tags_from_masks
 from labelwise.errors import CheckpointError, ConfigError, DataError
 from labelwise.methods.weak.config import WeakConfig
+from labelwise.methods.weak.data import TaggedImages
 from labelwise.methods.weak.train import load_classifier, tagged_training_images, train_classifier
 from labelwise.models import create_vit
 from labelwise.models.vit_loading import save_vit
@@ -154,3 +155,29 @@ def test_run_chains_every_stage_and_scores_the_val_split(tiny_vit: Path, tmp_pat
     assert seg.loss.class_weights == "balanced" and seg.data.dataset == "folder" and seg.data.val_split == "train"
     config.segmenter_overrides = ["loss.class_weights=none"]
     assert segmenter_config(config, tmp_path / "pseudo", tmp_path / "seg").loss.class_weights == "none"
+
+
+def test_aerial_tiles_train_on_crops_and_pseudo_label_every_pixel_once(tiny_vit: Path, tmp_path: Path) -> None:
+    from labelwise.data.windows import TileWindows
+
+    root = tmp_path / "aerial"
+    colors = [(60, 16, 152), (132, 41, 246), (110, 193, 228)]
+    (root / "tile1" / "images").mkdir(parents=True)
+    (root / "tile1" / "masks").mkdir()
+    (root / "classes.json").write_text(json.dumps({"classes": ["building", "land", "road"],
+                                                   "colors": ["#3C1098", "#8429F6", "#6EC1E4"]}))
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (40, 52))
+    Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(root / "tile1" / "images" / "a.png")
+    Image.fromarray(np.asarray(colors, np.uint8)[labels]).save(root / "tile1" / "masks" / "a.png")
+    config = _config(tmp_path, tiny_vit, "data.dataset=aerial", f"data.root={root}", "data.train_tiles=[1]",
+                     "data.val_tiles=[1]", "data.tile_crop=16", "data.samples_per_epoch=5", "image_size=[16, 16]")
+    crops, _ = tagged_training_images(config)
+    assert len(crops) == 5 and crops[0]["image"].shape == (3, 16, 16)
+    whole, _ = tagged_training_images(config, whole=True)
+    assert isinstance(whole.source, TileWindows)
+    items = TaggedImages(whole.source, 3, None, min_fraction=0.01)
+    owned = sum(int((items[i]["mask"] != 255).sum()) for i in range(len(items)))
+    assert owned == 40 * 52  # every pixel of the tile in exactly one window
+    for i in range(len(items)):
+        assert torch.equal(items[i]["tags"], tags_from_masks(items[i]["mask"][None], 3, 0.01)[0].float())

@@ -95,7 +95,7 @@ def run_weak(args: argparse.Namespace) -> int:
         return 0
     config = load_config(weak.WeakConfig, args.model / "config.yaml", _overrides(args))
     config.validate()
-    dataset, _ = weak.train.tagged_training_images(config)
+    dataset, _ = weak.train.tagged_training_images(config, whole=True)
     items = weak.TaggedImages(dataset.source, dataset.num_classes, None, tags=dataset.tags,
                               min_fraction=dataset.min_fraction, ignore_index=dataset.ignore_index)
     pseudo = args.action == "pseudo-masks"

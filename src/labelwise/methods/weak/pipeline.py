@@ -50,7 +50,7 @@ def run(config: WeakConfig, resume: bool = False) -> dict[str, Any]:
         stage1 = train_classifier(config, resume=resume)
         if stage1.train.steps < config.steps:
             return {"stopped_at": stage1.train.steps}
-    dataset, class_map = tagged_training_images(config)
+    dataset, class_map = tagged_training_images(config, whole=True)
     items = TaggedImages(dataset.source, dataset.num_classes, None, tags=dataset.tags,
                          min_fraction=dataset.min_fraction, ignore_index=dataset.ignore_index)
     report["pseudo_masks"] = make_pseudo_masks(run_dir, items, run_dir / "pseudo_masks", config.cams,

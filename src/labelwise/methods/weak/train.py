@@ -26,6 +26,7 @@ from labelwise.config import OptimConfig, StageConfig, save_config
 from labelwise.data.classmap import ClassMap
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.tags import read_tag_file
+from labelwise.data.windows import TileWindows
 from labelwise.engine.atomic import atomic_path, atomic_write_json
 from labelwise.engine.runtime import resolve_device
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
@@ -52,9 +53,11 @@ class WeakClassifierResult:
     train: TrainResult
 
 
-def tagged_training_images(config: WeakConfig) -> tuple[TaggedImages, ClassMap]:
+def tagged_training_images(config: WeakConfig, whole: bool = False) -> tuple[TaggedImages, ClassMap]:
     """The training images with their tags: ``images`` + the ``tags`` file, or the training
-    split of ``data`` with tags from its masks."""
+    split of ``data`` with tags from its masks. For aerial tiles the classifier trains on random
+    ``data.tile_crop`` crops; ``whole=True`` (the pseudo-mask stage) gives instead every pixel of
+    the training tiles once, in windows of that size (:class:`~labelwise.data.windows.TileWindows`)."""
     size = config.image_size
     if config.images:
         if not config.data.class_map:
@@ -66,8 +69,12 @@ def tagged_training_images(config: WeakConfig) -> tuple[TaggedImages, ClassMap]:
         tags = read_tag_file(config.tags or "", class_map, names)
         return TaggedImages(source, class_map.num_classes, size, tags=tags), class_map
     splits = build_datasets(config.data, seed=config.seed)
-    return TaggedImages(splits.train, splits.class_map.num_classes, size, min_fraction=config.tag_min_fraction,
-                        ignore_index=splits.class_map.ignore_index), splits.class_map
+    ignore = splits.class_map.ignore_index
+    train: Dataset = splits.train
+    if whole and config.data.dataset == "aerial":
+        train = TileWindows(splits.train_source, config.data.tile_crop, ignore)
+    return TaggedImages(train, splits.class_map.num_classes, size, min_fraction=config.tag_min_fraction,
+                        ignore_index=ignore), splits.class_map
 
 
 def save_classifier(folder: str | Path, model: MultiClassTokenViT, class_names: list[str],
