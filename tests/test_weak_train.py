@@ -143,7 +143,7 @@ def test_run_chains_every_stage_and_scores_the_val_split(tiny_vit: Path, tmp_pat
     config = _config(tmp_path, tiny_vit, "steps=3", "batch_size=4", "hybrid=true", "data.synthetic_train_images=6",
                      "data.synthetic_val_images=3",
                      'segmenter_overrides=["stages.0.steps=2", "data.batch_size=2", "model.options={width: 8}"]')
-    report = run(config)
+    report = run(config, resume=True)  # nothing to resume yet: every stage starts fresh
     assert set(report) == {"pseudo_masks", "segmenter", "final"}
     assert report["segmenter"]["steps"] == 2 and report["final"]["split"] == "val"
     assert (tmp_path / "run" / "segmenter" / "model.safetensors").is_file()

@@ -41,13 +41,19 @@ def segmenter_config(config: WeakConfig, pseudo_root: Path, run_dir: Path) -> Tr
     return load_config(TrainConfig, config.segmenter, overrides)
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    checkpoints = run_dir / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
 def run(config: WeakConfig, resume: bool = False) -> dict[str, Any]:
-    """All stages (module docstring); returns the report also written to ``weak_run.json``."""
+    """All stages (module docstring); returns the report also written to ``weak_run.json``.
+    ``resume``: continue the stages that have checkpoints (a stage without one starts fresh)."""
     config.validate()
     run_dir = Path(config.run_dir)
     report: dict[str, Any] = {}
     if not (run_dir / SUMMARY_FILE).exists():
-        stage1 = train_classifier(config, resume=resume)
+        stage1 = train_classifier(config, resume=resume and _has_checkpoint(run_dir))
         if stage1.train.steps < config.steps:
             return {"stopped_at": stage1.train.steps}
     dataset, class_map = tagged_training_images(config, whole=True)
@@ -57,8 +63,7 @@ def run(config: WeakConfig, resume: bool = False) -> dict[str, Any]:
                                                config.pseudo_masks, write_cams=False,
                                                device=resolve_device(config.device))
     seg_config = segmenter_config(config, run_dir / "pseudo_masks" / "pseudo", run_dir / "segmenter")
-    checkpoints = run_dir / "segmenter" / "checkpoints"
-    seg = supervised.train(seg_config, resume=resume and checkpoints.is_dir() and any(checkpoints.iterdir()))
+    seg = supervised.train(seg_config, resume=resume and _has_checkpoint(run_dir / "segmenter"))
     report["segmenter"] = {"run_dir": str(seg.run_dir), "steps": seg.train.steps,
                            "train_seconds": round(seg.train.train_seconds, 2)}
     if not config.images:
