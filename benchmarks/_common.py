@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from labelwise.models.vit import create_vit
+from labelwise.models.vit_loading import load_vit, save_vit
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -106,3 +109,15 @@ def ensure_default_backbone(rebuild: bool = True) -> Path | None:
     if not DEFAULT_BACKBONE_PATH.is_file():
         sys.exit(f"benchmarks/pretrain_dino.py finished without writing {DEFAULT_BACKBONE_PATH}")
     return DEFAULT_BACKBONE_PATH
+
+
+def random_backbone(like: Path, folder: Path) -> Path:
+    """The architecture of ``like`` at a seeded random initialisation, saved once."""
+    path = folder / "random_vit.safetensors"
+    if not path.exists():
+        config = load_vit(like).config
+        embed_dim, depth, num_heads = config.dims
+        torch.manual_seed(0)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_vit(create_vit("custom", config.patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads), path)
+    return path

@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
-from _common import ROOT, ensure_default_backbone, require_data, write_results
+from _common import ROOT, ensure_default_backbone, random_backbone, require_data, write_results
 
 from labelwise.config import load_config
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import unsupervised
-from labelwise.models.vit import create_vit
-from labelwise.models.vit_loading import load_vit, save_vit
 
 #: row name -> config overrides
 METHOD_ROWS: dict[str, list[str]] = {
@@ -43,18 +39,6 @@ METHOD_ROWS: dict[str, list[str]] = {
     "hp_full": ["method=hp", "hp.task_specific=true", "hp.local=true"],
 }
 DATA = {"camvid": "camvid", "aerial": "dubai_aerial", "synthetic": None}
-
-
-def random_backbone(like: Path, folder: Path) -> Path:
-    """The architecture of ``like`` at a seeded random initialisation, saved once."""
-    path = folder / "random_vit.safetensors"
-    if not path.exists():
-        config = load_vit(like).config
-        embed_dim, depth, num_heads = config.dims
-        torch.manual_seed(0)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_vit(create_vit("custom", config.patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads), path)
-    return path
 
 
 def result_rows(name: str, backbone: str, report: dict[str, Any], summary: dict[str, Any], dataset: str

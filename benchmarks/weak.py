@@ -15,30 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
-from _common import ROOT, ensure_default_backbone, require_data, write_results
+from _common import ROOT, ensure_default_backbone, random_backbone, require_data, write_results
 
 from labelwise.config import load_config
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import weak
-from labelwise.models.vit import create_vit
-from labelwise.models.vit_loading import load_vit, save_vit
 
 DATA = {"camvid": "camvid", "aerial": "dubai_aerial", "synthetic": None}
-
-
-def random_backbone(like: Path, folder: Path) -> Path:
-    path = folder / "random_vit.safetensors"
-    if not path.exists():
-        config = load_vit(like).config
-        embed_dim, depth, num_heads = config.dims
-        torch.manual_seed(0)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_vit(create_vit("custom", config.patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads), path)
-    return path
 
 
 def rows_of(report: dict[str, Any], backbone: str, dataset: str, train_split: str, val_split: str, seconds: float
