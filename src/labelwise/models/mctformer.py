@@ -8,8 +8,16 @@ class tokens, each initialised from the pretrained class token, with position em
 initialised from the class token's. ``forward(images [B, 3, H, W] in [0, 1])`` returns an
 :class:`MCTOutput`:
 
-- ``class_tokens [B, K, D]`` (after the final norm) and ``scores [B, K]``: the mean over the
-  embedding of each output class token (the class logits);
+- ``class_tokens [B, K, D]`` (after the final norm) and ``scores [B, K]``, the class logits read
+  from them: ``readout="mean"`` is the paper's mean over the embedding of each output class token;
+  ``readout="linear"`` is a per-class weighted sum plus bias, ``scores_k = w_k . t_k + b_k``,
+  initialised to that mean (``w_k = 1 / D``, ``b_k = 0``). Why ``linear`` exists: the mean of a
+  LayerNorm output is ``mean(gamma * x_hat) + mean(beta)``, so with a final-norm ``gamma`` that
+  is nearly uniform (the labelwise default ViT's: std 0.026) the mean readout is almost constant,
+  its gradient to the class tokens almost zero, and the class tokens stay copies of one another
+  for hundreds of steps; the paper's 60 epochs on DeiT weights (a far from uniform ``gamma``)
+  hide this. A parameter of scale ``1 / D`` per embedding entry moves at Adam's step size, so
+  ``w_k`` separates the classes within tens of steps;
 - ``patch_tokens [B, D, h, w]``;
 - variant ``v2`` only: ``patch_cams [B, K, h, w]`` from a 3x3 convolution on the patch tokens
   and ``patch_scores [B, K]``, their global average (logits of the same classes);
@@ -81,12 +89,14 @@ class MultiClassTokenViT(nn.Module):
     is kept but unused; its other parameters are shared (trained together)."""
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, variant: Literal["v1", "v2"] = "v2",
-                 hybrid: bool = False) -> None:
+                 hybrid: bool = False, readout: Literal["mean", "linear"] = "linear") -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if variant not in ("v1", "v2"):
             raise ValueError(f"variant must be 'v1' or 'v2', got {variant!r}")
+        if readout not in ("mean", "linear"):
+            raise ValueError(f"readout must be 'mean' or 'linear', got {readout!r}")
         self.backbone = backbone
         self.num_classes = num_classes
         self.variant = variant
@@ -94,6 +104,11 @@ class MultiClassTokenViT(nn.Module):
             self.class_tokens = nn.Parameter(backbone.cls_token.detach().clone().repeat(1, num_classes, 1))
             self.class_pos = nn.Parameter(backbone.pos_embed[:, :1].detach().clone().repeat(1, num_classes, 1))
         self.patch_head = nn.Conv2d(backbone.embed_dim, num_classes, 3, padding=1) if variant == "v2" else None
+        self.readout = readout
+        self.score_weight = self.score_bias = None
+        if readout == "linear":
+            self.score_weight = nn.Parameter(torch.full((num_classes, backbone.embed_dim), 1.0 / backbone.embed_dim))
+            self.score_bias = nn.Parameter(torch.zeros(num_classes))
         self.hybrid = hybrid
         if hybrid:
             backbone.patch_embed = ConvStem(backbone.config.in_channels, backbone.embed_dim,  # type: ignore[assignment]
@@ -120,7 +135,13 @@ class MultiClassTokenViT(nn.Module):
         if self.patch_head is not None:
             patch_cams = self.patch_head(patches)
             patch_scores = patch_cams.mean((2, 3))
-        return MCTOutput(class_tokens, class_tokens.mean(-1), patches, patch_cams, patch_scores, attentions)
+        return MCTOutput(class_tokens, self.class_scores(class_tokens), patches, patch_cams, patch_scores, attentions)
+
+    def class_scores(self, class_tokens: Tensor) -> Tensor:
+        """``class_tokens [B, K, D]`` -> logits ``[B, K]`` by the configured readout."""
+        if self.score_weight is None or self.score_bias is None:
+            return class_tokens.mean(-1)
+        return (class_tokens * self.score_weight.to(class_tokens.dtype)).sum(-1) + self.score_bias.to(class_tokens.dtype)
 
 
 def mct_loss(output: MCTOutput, tags: Tensor) -> Tensor:

@@ -31,11 +31,18 @@ __all__ = ["CAMConfig", "class_activation_maps", "refine_with_affinity"]
 class CAMConfig:
     """How CAMs are computed (module docstring): ``blocks`` last blocks whose attention is used,
     ``fusion`` of attention and patch CAMs, ``refine`` with patch-to-patch attention, test-time
-    ``scales`` and ``flip``."""
+    ``scales`` and ``flip``.
+
+    ``refine`` is off by default: it helps only when the patch-to-patch attention is local. On
+    the labelwise default ViT-T (after MCT training on the synthetic set) each patch spreads its
+    attention over ~165-177 of 192 patches ("effective neighbours" ``1 / sum_j A(i, j)^2``), so
+    refinement nearly averages each map over the image (CAM mIoU 0.32 -> 0.14 there; see
+    ``benchmarks/diagnostics/weak_cam_sources.py``). Turn it on for backbones with local
+    attention (DINO / DeiT ViT-S/B), as the paper does."""
 
     blocks: int = 3
     fusion: Literal["product", "geometric_mean", "attention"] = "product"
-    refine: bool = True
+    refine: bool = False
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
 

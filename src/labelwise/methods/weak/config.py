@@ -23,7 +23,9 @@ class WeakConfig:
     ``data`` with tags derived from its masks (a class is present when it covers at least
     ``tag_min_fraction`` of an image's labelled pixels; benchmarks). The classifier is a
     multi-class-token ViT (``variant`` v1 / v2) on ``backbone`` (a name or a ViT file; ``hybrid``:
-    a convolutional stem, trained from scratch, replaces the patch embedding), trained
+    a convolutional stem, trained from scratch, replaces the patch embedding; ``readout``: how the
+    class logits are read from the class tokens, the paper's ``mean`` or a per-class ``linear``
+    readout initialised to it, see :class:`~labelwise.models.mctformer.MultiClassTokenViT`), trained
     for ``steps`` of ``batch_size`` images resized to ``image_size`` (``[H, W]``, multiples of the
     patch size), AdamW ``lr`` / ``weight_decay``, horizontal flips with probability ``hflip``.
     ``cams`` and ``pseudo_masks``: stages 2-3. The second stage (``weak run``) trains
@@ -40,6 +42,7 @@ class WeakConfig:
     backbone: str = "labelwise_default"
     variant: Literal["v1", "v2"] = "v2"
     hybrid: bool = False
+    readout: Literal["mean", "linear"] = "linear"
     image_size: list[int] = field(default_factory=lambda: [224, 224])
     steps: int = 1000
     batch_size: int = 16
@@ -69,6 +72,8 @@ class WeakConfig:
             raise ConfigError(f"weight_decay / grad_clip: must be >= 0, got {self.weight_decay} / {self.grad_clip}")
         if not 0 < self.tag_min_fraction <= 1:
             raise ConfigError(f"tag_min_fraction: must be in (0, 1], got {self.tag_min_fraction}")
+        if self.readout not in ("mean", "linear"):
+            raise ConfigError(f"readout: must be 'mean' or 'linear', got {self.readout!r}")
         if not 0 <= self.hflip <= 1:
             raise ConfigError(f"hflip: must be in [0, 1], got {self.hflip}")
         if len(self.image_size) != 2 or min(self.image_size) < 1:

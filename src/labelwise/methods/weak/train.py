@@ -85,7 +85,7 @@ def save_classifier(folder: str | Path, model: MultiClassTokenViT, class_names: 
     with atomic_path(folder / MODEL_FILE) as tmp:
         save_file(state, str(tmp))
     summary = {"vit": model.backbone.config.to_dict(), "num_classes": model.num_classes, "variant": model.variant,
-               "hybrid": model.hybrid, "class_names": class_names, **(extra or {})}
+               "hybrid": model.hybrid, "readout": model.readout, "class_names": class_names, **(extra or {})}
     atomic_write_json(folder / SUMMARY_FILE, summary)
     return folder
 
@@ -102,7 +102,8 @@ def load_classifier(folder: str | Path) -> tuple[MultiClassTokenViT, dict[str, A
     except (json.JSONDecodeError, OSError) as exc:
         raise CheckpointError(f"{folder}: unreadable classifier export: {exc}") from exc
     backbone = VisionTransformer(ViTConfig.from_dict(summary["vit"]))
-    model = MultiClassTokenViT(backbone, summary["num_classes"], summary["variant"], bool(summary.get("hybrid")))
+    model = MultiClassTokenViT(backbone, summary["num_classes"], summary["variant"], bool(summary.get("hybrid")),
+                               summary.get("readout", "mean"))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -146,7 +147,8 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
     if any(s % patch for s in config.image_size):
         raise ConfigError(f"image_size: {config.image_size} must be multiples of the patch size {patch}")
     torch.manual_seed(config.seed)
-    model = MultiClassTokenViT(backbone, class_map.num_classes, config.variant, hybrid=config.hybrid)
+    model = MultiClassTokenViT(backbone, class_map.num_classes, config.variant, hybrid=config.hybrid,
+                               readout=config.readout)
     options = TrainerOptions(
         stages=[StageConfig(steps=config.steps, lr=config.lr, schedule="cosine", warmup_steps=min(100, config.steps // 10))],
         optim=OptimConfig(name="adamw", weight_decay=config.weight_decay, grad_clip=config.grad_clip),
