@@ -131,3 +131,27 @@ def test_strict_load_names_keys_and_shapes():
         ckpt.load_state_strict(model, {"weight": torch.zeros(2, 3)}, "w.safetensors")
     with pytest.raises(CheckpointError, match="'weight' has shape"):
         ckpt.load_state_strict(model, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "w.safetensors")
+
+
+def test_lr_scale_groups_parameters_and_multiplies_the_stage_lr(tmp_path):
+    from labelwise.config import OptimConfig
+    from labelwise.engine.trainer import StepOutput, Trainer, TrainerOptions
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    options = TrainerOptions(stages=[StageConfig(steps=2, lr=0.01, schedule="constant", warmup_steps=0)],
+                             optim=OptimConfig(name="adamw", weight_decay=0.1), run_dir=tmp_path,
+                             device=torch.device("cpu"), precision="fp32", batch_size=2, progress=False,
+                             checkpoint_every=10, lr_scale=lambda name: 5.0 if name.startswith("1.") else 1.0)
+    data = [{"x": torch.randn(3)} for _ in range(4)]
+
+    def step(model, batch, context):
+        return StepOutput(model(batch["x"]).square().mean(), {}, batch["x"].shape[0])
+
+    trainer = Trainer(model, data, step, options, collate_fn=torch.utils.data.default_collate)
+    trainer.fit()
+    groups = {(g["weight_decay"], g["lr_scale"]): g for g in trainer.optimizer.param_groups}
+    assert set(groups) == {(0.1, 1.0), (0.0, 1.0), (0.1, 5.0), (0.0, 5.0)}
+    assert groups[(0.1, 5.0)]["params"][0] is model[1].weight and groups[(0.0, 5.0)]["params"][0] is model[1].bias
+    assert groups[(0.1, 1.0)]["params"][0] is model[0].weight
+    for (_, scale), group in groups.items():
+        assert group["lr"] == pytest.approx(0.01 * scale)

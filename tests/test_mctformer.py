@@ -138,3 +138,56 @@ def test_hybrid_stem_keeps_the_token_grid_and_the_encoder_weights() -> None:
     assert stem(torch.rand(1, 3, 32, 48)).shape == (1, 16, 2, 3)
     with pytest.raises(ValueError, match="power-of-two"):
         ConvStem(3, 16, 14)
+
+
+def test_linear_readout_starts_as_the_mean_and_is_a_weighted_sum() -> None:
+    backbone = _backbone(seed=5)
+    model = MultiClassTokenViT(backbone, num_classes=3, variant="v1", readout="linear")
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        output = model(images)
+        torch.testing.assert_close(output.scores, output.class_tokens.mean(-1))
+        model.score_weight.copy_(torch.randn(3, 16))
+        model.score_bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        output = model(images)
+    tokens, weight = output.class_tokens, model.score_weight.detach()
+    expected = torch.zeros(2, 3)
+    for b in range(2):
+        for k in range(3):
+            expected[b, k] = sum(float(tokens[b, k, d]) * float(weight[k, d]) for d in range(16))
+            expected[b, k] += float(model.score_bias.detach()[k])
+    torch.testing.assert_close(output.scores, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="readout"):
+        MultiClassTokenViT(_backbone(), num_classes=2, readout="max")  # type: ignore[arg-type]
+
+
+def test_mean_readout_gives_no_gradient_to_the_class_tokens_under_a_uniform_final_norm() -> None:
+    """Why the linear readout exists: mean(LayerNorm(x)) with a uniform gamma is mean(beta) for
+    every x, so the class-token loss cannot move the class tokens."""
+    tags = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    images = torch.rand(2, 3, 16, 16)
+    gradients = {}
+    for readout in ("mean", "linear"):
+        backbone = _backbone(seed=6)
+        with torch.no_grad():
+            backbone.norm.weight.fill_(1.3)
+        model = MultiClassTokenViT(backbone, num_classes=3, variant="v1", readout=readout)  # type: ignore[arg-type]
+        if readout == "linear":
+            with torch.no_grad():
+                model.score_weight.add_(0.1 * torch.randn_like(model.score_weight))
+        mct_loss(model(images), tags).backward()
+        gradients[readout] = model.class_tokens.grad.abs().max()
+    assert gradients["mean"] < 1e-6
+    assert gradients["linear"] > 1e-3
+
+
+def test_new_parameters_are_the_added_ones() -> None:
+    backbone = _backbone(seed=7)
+    pretrained = {f"backbone.{name}" for name, _ in backbone.named_parameters()}
+    model = MultiClassTokenViT(backbone, num_classes=3, variant="v2", hybrid=True)
+    new = {name for name, _ in model.named_parameters() if model.is_new_parameter(name)}
+    stem = {name for name, _ in model.named_parameters() if name.startswith("backbone.patch_embed.")}
+    added = {name for name, _ in model.named_parameters()} - pretrained
+    assert new == added | stem and stem and {"class_tokens", "score_weight", "patch_head.weight"} <= new
+    plain = MultiClassTokenViT(_backbone(seed=7), num_classes=3, variant="v1")
+    assert not any(plain.is_new_parameter(n) for n, _ in plain.named_parameters() if n.startswith("backbone."))

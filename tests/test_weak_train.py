@@ -52,7 +52,7 @@ def test_training_learns_the_tags_and_the_export_reloads(tiny_vit: Path, tmp_pat
     assert losses[-1] < losses[0]
     model, summary = load_classifier(result.run_dir)
     assert summary["class_names"] == ["background", "disc", "box", "stripes", "blob"]
-    assert summary["num_classes"] == 5 and summary["variant"] == "v2"
+    assert summary["num_classes"] == 5 and summary["variant"] == "v2" and summary["readout"] == "linear"
     # the exported weights are the trained ones: same scores as the trainer's model on a batch
     dataset, _ = tagged_training_images(_config(tmp_path, tiny_vit))
     images = torch.stack([dataset[i]["image"] for i in range(4)])

@@ -114,6 +114,13 @@ class MultiClassTokenViT(nn.Module):
             backbone.patch_embed = ConvStem(backbone.config.in_channels, backbone.embed_dim,  # type: ignore[assignment]
                                             backbone.patch_size)
 
+    def is_new_parameter(self, name: str) -> bool:
+        """Whether the parameter ``name`` (as in ``named_parameters()``) is not from the pretrained
+        backbone: the class tokens and their positions, the score readout, the patch classifier
+        and the hybrid stem (these may train at a higher learning rate)."""
+        new = ("class_tokens", "class_pos", "score_weight", "score_bias", "patch_head.")
+        return name.startswith(new) or (self.hybrid and name.startswith("backbone.patch_embed."))
+
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches: the ``K`` class tokens and the registers."""

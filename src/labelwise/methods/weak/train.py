@@ -154,6 +154,7 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
         optim=OptimConfig(name="adamw", weight_decay=config.weight_decay, grad_clip=config.grad_clip),
         run_dir=run_dir, device=device, precision=config.precision, seed=config.seed, batch_size=config.batch_size,
         checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=config.progress,
+        lr_scale=lambda name: config.new_lr_scale if model.is_new_parameter(name) else 1.0,
     )
     trainer = Trainer(model, dataset, _step_fn(config), options, collate_fn=_collate)
     result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
