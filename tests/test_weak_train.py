@@ -181,3 +181,41 @@ def test_aerial_tiles_train_on_crops_and_pseudo_label_every_pixel_once(tiny_vit:
     assert owned == 40 * 52  # every pixel of the tile in exactly one window
     for i in range(len(items)):
         assert torch.equal(items[i]["tags"], tags_from_masks(items[i]["mask"][None], 3, 0.01)[0].float())
+
+
+def test_end_to_end_on_synthetic_data_is_clearly_above_chance(tmp_path: Path) -> None:
+    """Tags only -> classifier -> CAMs -> pseudo-masks -> U-Net, on a small random-init ViT. The
+    references are computed here from the masks alone: the mIoU of labelling every pixel as the
+    background (the majority class) and of labelling every pixel with a uniformly drawn class
+    among the image's tagged classes (the background included)."""
+    from labelwise.eval.metrics import ConfusionMatrix
+    from labelwise.methods.common import build_datasets, build_eval_dataset
+    from labelwise.methods.weak.pipeline import run
+
+    torch.manual_seed(0)
+    vit = save_vit(create_vit("custom", 8, embed_dim=32, depth=2, num_heads=2), tmp_path / "vit.safetensors")
+    config = load_config(WeakConfig, None, [
+        "data.dataset=synthetic", "data.synthetic_train_images=64", "data.synthetic_val_images=16",
+        "data.synthetic_size=[48, 64]", f"backbone={vit}", "image_size=[48, 64]", "steps=150", "batch_size=16",
+        "lr=0.001", "new_lr_scale=1", f"run_dir={tmp_path / 'run'}", "device=cpu", "progress=false",
+        "checkpoint_every=1000", "precision=fp32", "cams.blocks=2", "pseudo_masks.background_class=0",
+        'segmenter_overrides=["stages.0.steps=150", "data.batch_size=8", "model.options={width: 8}", '
+        '"stages.0.lr=0.005"]'])
+    report = run(config)
+
+    def references(source: torch.utils.data.Dataset) -> tuple[float, float]:
+        generator = np.random.default_rng(0)
+        constant, uniform = ConfusionMatrix(5, 255), ConfusionMatrix(5, 255)
+        for i in range(len(source)):  # type: ignore[arg-type]
+            mask = np.asarray(source[i]["mask"])
+            present = np.flatnonzero(np.bincount(mask.ravel(), minlength=5) >= 0.01 * mask.size)
+            constant.update(torch.zeros(1, *mask.shape, dtype=torch.long), torch.from_numpy(mask)[None].long())
+            drawn = generator.choice(np.union1d(present, [0]), size=mask.shape)
+            uniform.update(torch.from_numpy(drawn)[None].long(), torch.from_numpy(mask)[None].long())
+        return float(constant.compute().miou), float(uniform.compute().miou)
+
+    constant_train, uniform_train = references(build_datasets(config.data).train)
+    constant_val, uniform_val = references(build_eval_dataset(config.data)[0])
+    assert report["pseudo_masks"]["cams"]["miou"] > max(2 * constant_train, 1.5 * uniform_train)
+    assert report["pseudo_masks"]["pseudo_masks"]["miou"] > max(2 * constant_train, 1.5 * uniform_train)
+    assert report["final"]["miou"] > max(2 * constant_val, 1.5 * uniform_val)
