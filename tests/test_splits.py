@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from labelwise.data.splits import read_name_list, split_labeled, write_name_list, write_split
@@ -61,3 +62,26 @@ def test_list_files_round_trip_and_errors_name_file_and_line(tmp_path: Path) -> 
         read_name_list(path)
     with pytest.raises(DataError, match="not found"):
         read_name_list(tmp_path / "missing.txt")
+
+
+def test_train_list_restricts_the_training_split(tmp_path: Path) -> None:
+    from labelwise.config import DataConfig
+    from labelwise.data.splits import dataset_names
+    from labelwise.methods.common import build_datasets
+
+    full = build_datasets(DataConfig(dataset="synthetic", synthetic_train_images=12, synthetic_size=(16, 16)))
+    names = dataset_names(full.train)
+    split = split_labeled(names, count=3, seed=1)
+    labeled, _ = write_split(tmp_path, split)
+    config = DataConfig(dataset="synthetic", synthetic_train_images=12, synthetic_size=(16, 16),
+                        train_list=str(labeled))
+    subset = build_datasets(config)
+    assert len(subset.train) == 3 and subset.train_source is subset.train
+    for k, name in enumerate(split.labeled):
+        assert subset.train[k]["name"] == name
+        assert torch.equal(subset.train[k]["mask"], full.train[names.index(name)]["mask"])
+    labeled.write_text("nope\n")
+    with pytest.raises(DataError, match="labeled.txt:1: 'nope' is not a sample"):
+        build_datasets(config)
+    with pytest.raises(ConfigError, match="train_tiles"):
+        build_datasets(DataConfig(dataset="aerial", root=str(tmp_path), train_list=str(labeled)))

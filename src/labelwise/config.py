@@ -50,13 +50,16 @@ class DataConfig:
     + ``labels``, class map from ``class_map`` or ``root/classes.json``), ``camvid`` (the
     ``../shared/data/camvid`` layout) or ``aerial`` (colour-coded tiles ``root/tileN/{images,masks}``).
     ``resize`` is (H, W) applied when loading whole images; aerial training samples random
-    ``tile_crop`` crops on the fly, ``samples_per_epoch`` of them per epoch.
+    ``tile_crop`` crops on the fly, ``samples_per_epoch`` of them per epoch. ``train_list``: a
+    list file (one sample name per line, ``labelwise.data.splits``) restricting the training
+    split to the samples it names (a labelled subset); for aerial data choose ``train_tiles``.
     """
 
     dataset: Literal["synthetic", "folder", "camvid", "aerial"] = "synthetic"
     root: str | None = None
     train_split: str = "train"
     val_split: str = "val"
+    train_list: str | None = None
     class_map: str | None = None
     resize: tuple[int, int] | None = None
     train_tiles: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])

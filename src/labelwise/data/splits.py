@@ -21,10 +21,13 @@ from typing import Sequence
 
 import numpy as np
 
+from torch.utils.data import Dataset
+
 from labelwise.engine.atomic import atomic_write_text
 from labelwise.errors import ConfigError, DataError
 
-__all__ = ["LabeledSplit", "read_name_list", "split_labeled", "write_name_list", "write_split"]
+__all__ = ["LabeledSplit", "NamedSubset", "dataset_names", "read_name_list", "split_labeled", "write_name_list",
+           "write_split"]
 
 LABELED_FILE = "labeled.txt"
 UNLABELED_FILE = "unlabeled.txt"
@@ -117,3 +120,39 @@ def read_name_list(path: str | Path, available: Sequence[str] | None = None) -> 
     if not names:
         raise DataError(f"{path}: the list names no samples")
     return names
+
+
+def dataset_names(dataset: Dataset) -> list[str]:
+    """The sample names of ``dataset``: its ``names`` attribute (file-backed datasets) or, failing
+    that, the ``"name"`` of every sample (reads them all)."""
+    names = getattr(dataset, "names", None)
+    if names is not None:
+        return [str(n) for n in names]
+    return [str(dataset[i]["name"]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+class NamedSubset(Dataset):
+    """The samples of ``source`` named in ``names`` (in that order). Keeps the source's
+    ``class_map``; ``names`` lists the subset's names; ``set_epoch`` is forwarded.
+    ``DataError`` names ``origin`` (e.g. the list file) for a name the source does not have."""
+
+    def __init__(self, source: Dataset, names: Sequence[str], origin: str = "the name list") -> None:
+        index = {name: i for i, name in enumerate(dataset_names(source))}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise DataError(f"{origin}: {len(missing)} name(s) are not samples of the dataset: {missing[:5]}")
+        self.source = source
+        self.names = list(names)
+        self.indices = [index[n] for n in names]
+        self.class_map = getattr(source, "class_map", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+        return self.source[self.indices[index]]
+
+    def set_epoch(self, epoch: int) -> None:
+        setter = getattr(self.source, "set_epoch", None)
+        if setter is not None:
+            setter(epoch)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from labelwise import __version__
 from labelwise.config import DataConfig, EvalConfig, to_dict
 from labelwise.data import AerialTiles, CamVid, ClassMap, FolderDataset, RandomCropDataset, SyntheticShapes
+from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
 from labelwise.engine.checkpoint import load_state_strict, read_model_files, save_model
 from labelwise.errors import CheckpointError, ConfigError
 from labelwise.models import SegmentationModel, create
@@ -83,7 +84,20 @@ def _parse_tiles(text: str) -> list[int]:
 
 
 def build_datasets(config: DataConfig, seed: int = 0) -> DataSplits:
-    """Training and validation datasets described by ``config``."""
+    """Training and validation datasets described by ``config`` (the training split restricted
+    to ``config.train_list`` when it is set)."""
+    if config.train_list and config.dataset == "aerial":
+        raise ConfigError("data.train_list: aerial tiles are trained on random crops; choose the labelled tiles "
+                          "with data.train_tiles")
+    splits = _build_datasets(config, seed)
+    if not config.train_list:
+        return splits
+    names = read_name_list(config.train_list, dataset_names(splits.train_source))
+    subset = NamedSubset(splits.train, names, config.train_list)
+    return DataSplits(subset, splits.val, splits.class_map, subset)  # type: ignore[arg-type]
+
+
+def _build_datasets(config: DataConfig, seed: int) -> DataSplits:
     val, class_map = build_eval_dataset(config)
     if config.dataset == "synthetic":
         train = SyntheticShapes(
