@@ -85,18 +85,20 @@ def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], chan
     return step
 
 
-def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None
-          ) -> SupervisedResult:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None,
+          splits: DataSplits | None = None) -> SupervisedResult:
     """Train ``config.model`` on ``config.data``; export it and its val metrics to ``run_dir``.
 
     Writes ``run_dir/config.yaml``, ``metrics.jsonl`` (training log), ``checkpoints/``,
     ``model.safetensors`` + ``model.json`` (the final model) and ``eval.json`` (val metrics).
+    ``splits`` replaces the datasets ``config.data`` describes (e.g. labelled + pseudo-labelled
+    images in self-training); class weights then come from its ``train_source``.
     """
     config.validate()
     seed_everything(config.seed)
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir)
-    splits = build_datasets(config.data, seed=config.seed)
+    splits = splits or build_datasets(config.data, seed=config.seed)
     class_map = splits.class_map
     model = create(config.model.name, num_classes=class_map.num_classes, **config.model.options)
     loss_fn = build_loss(

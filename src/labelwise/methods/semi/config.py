@@ -1,0 +1,93 @@
+"""Typed configuration of semi-supervised training (``labelwise semi train``).
+
+A :class:`SemiConfig` is a :class:`~labelwise.config.TrainConfig` (data, model, loss, optimiser,
+stages, evaluation: any ``labelwise train`` YAML works) plus a ``semi`` section,
+:class:`SemiSettings`. The labelled part is the training split restricted by
+``data.train_list``; the unlabelled part is ``semi.unlabeled`` (folders of images) or
+``semi.unlabeled_list`` (names of training-split samples whose masks are then never read).
+Validated at load time with errors that name the dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from labelwise.config import TrainConfig
+from labelwise.errors import ConfigError
+
+__all__ = ["METHODS", "SemiConfig", "SemiSettings"]
+
+METHODS = ("supervised_only", "fixmatch", "unimatch", "self_training")
+
+
+@dataclass
+class SemiSettings:
+    """The semi-supervised part of a run.
+
+    - ``method``: ``supervised_only`` (the labelled subset alone: every table's baseline),
+      ``fixmatch`` (one strong view of each unlabelled image trained to match the confident
+      weak-view pseudo-labels), ``unimatch`` (two strong views plus a feature-perturbation stream;
+      loss ``(L_sup + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2``) or ``self_training`` (``rounds``
+      of: train, pseudo-label the unlabelled images' confident pixels, retrain on both).
+    - ``threshold``: confidence a weak-view pixel needs to become a pseudo-label (0.95).
+    - ``unsup_weight``: FixMatch's weight of the strong-view loss (``L_sup + w L_s``).
+    - ``feature_dropout``: channel-dropout probability of the UniMatch feature stream (0.5).
+    - ``cutmix_probability``: probability that a strong view gets a CutMix box (0.5).
+    - ``ema_teacher``: pseudo-labels from an exponential moving average of the model
+      (``ema_momentum``) instead of the model itself.
+    - ``transform_consistency``: weight of an extra term making the predictions on unlabelled
+      images equivariant to flips and 90-degree rotations (0 = off).
+    - ``rotation_weight``: weight of the rotation-prediction auxiliary loss (S4L) on the
+      unlabelled images (0 = off).
+    - ``rounds``: self-training rounds after the first (teacher) training.
+
+    Each step takes as many unlabelled images as labelled ones (``data.batch_size``), as UniMatch
+    does.
+    """
+
+    method: Literal["supervised_only", "fixmatch", "unimatch", "self_training"] = "unimatch"
+    unlabeled: list[str] = field(default_factory=list)
+    unlabeled_list: str | None = None
+    threshold: float = 0.95
+    unsup_weight: float = 1.0
+    feature_dropout: float = 0.5
+    cutmix_probability: float = 0.5
+    ema_teacher: bool = False
+    ema_momentum: float = 0.999
+    transform_consistency: float = 0.0
+    rotation_weight: float = 0.0
+    rounds: int = 1
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"semi.method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "supervised_only" and not self.unlabeled and not self.unlabeled_list:
+            raise ConfigError(f"semi.unlabeled: method {self.method} needs unlabelled images (folders in "
+                              "semi.unlabeled or a list file in semi.unlabeled_list)")
+        if self.unlabeled and self.unlabeled_list:
+            raise ConfigError("semi.unlabeled / semi.unlabeled_list: give one of them, not both")
+        for key, value, low, high in (("threshold", self.threshold, 0.0, 1.0),
+                                      ("feature_dropout", self.feature_dropout, 0.0, 0.99),
+                                      ("cutmix_probability", self.cutmix_probability, 0.0, 1.0),
+                                      ("ema_momentum", self.ema_momentum, 0.0, 1.0)):
+            if not low <= value <= high:
+                raise ConfigError(f"semi.{key}: must be in [{low}, {high}], got {value}")
+        for key, value in (("unsup_weight", self.unsup_weight), ("transform_consistency", self.transform_consistency),
+                           ("rotation_weight", self.rotation_weight)):
+            if value < 0:
+                raise ConfigError(f"semi.{key}: must be >= 0, got {value}")
+        if self.rounds < 1:
+            raise ConfigError(f"semi.rounds: must be >= 1, got {self.rounds}")
+
+
+@dataclass
+class SemiConfig(TrainConfig):
+    """A ``labelwise train`` configuration plus the ``semi`` section (module docstring)."""
+
+    semi: SemiSettings = field(default_factory=SemiSettings)
+    run_dir: str = "runs/semi"
+
+    def validate(self) -> None:
+        super().validate()
+        self.semi.validate()

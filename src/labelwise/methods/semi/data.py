@@ -1,0 +1,115 @@
+"""Training samples of semi-supervised runs: labelled samples paired with unlabelled images.
+
+- :func:`unlabeled_images`: the unlabelled part of a :class:`~.config.SemiConfig`: the image
+  folders of ``semi.unlabeled``, or the training-split samples named in ``semi.unlabeled_list``
+  seen through :class:`ImagesOnly` (their masks are dropped on read, so no label of the
+  unlabelled part can reach training).
+- :class:`LabeledUnlabeledPairs`: an epoch runs over the unlabelled images once; sample ``i``
+  pairs unlabelled image ``i`` with a labelled sample drawn by a per-epoch permutation of the
+  labelled set (cycled when it is smaller), seeded by ``(seed, epoch)`` so resumed runs see the
+  same pairs.
+- :func:`pair_collate`: the labelled half through :func:`~labelwise.data.pad_collate` (keys
+  ``image``, ``mask``, ``name``), the unlabelled half padded likewise (``image_u``, ``valid_u``
+  marks the real pixels, ``name_u``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from labelwise.data import pad_collate
+from labelwise.data.images import ImageFolderDataset
+from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
+from labelwise.errors import DataError
+from labelwise.methods.common import DataSplits, _build_datasets
+from labelwise.methods.semi.config import SemiConfig
+
+__all__ = ["ImagesOnly", "LabeledUnlabeledPairs", "pair_collate", "unlabeled_images"]
+
+
+class ImagesOnly(Dataset):
+    """``{"image", "name"}`` of every sample of ``source``; any mask is dropped."""
+
+    def __init__(self, source: Dataset) -> None:
+        self.source = source
+        self.names = dataset_names(source)
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.source[index]
+        return {"image": sample["image"], "name": str(sample["name"])}
+
+
+def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str]) -> Dataset:
+    """The unlabelled images of ``config`` (module docstring). A name that is also labelled is an
+    error naming the list file (the two parts must be disjoint)."""
+    if config.semi.unlabeled:
+        return ImagesOnly(ImageFolderDataset(config.semi.unlabeled, on_error=config.data.on_error))
+    assert config.semi.unlabeled_list is not None
+    data = config.data
+    full: DataSplits = _build_datasets(data, config.seed)
+    names = read_name_list(config.semi.unlabeled_list, dataset_names(full.train_source))
+    overlap = sorted(set(names) & set(labeled_names))
+    if overlap:
+        raise DataError(f"{config.semi.unlabeled_list}: {len(overlap)} unlabelled name(s) are also in the labelled "
+                        f"list {data.train_list}: {overlap[:5]}")
+    return ImagesOnly(NamedSubset(full.train_source, names, config.semi.unlabeled_list))
+
+
+class LabeledUnlabeledPairs(Dataset):
+    """Unlabelled image ``i`` with a labelled sample (module docstring)."""
+
+    def __init__(self, labeled: Dataset, unlabeled: Dataset, seed: int = 0) -> None:
+        if len(labeled) == 0 or len(unlabeled) == 0:  # type: ignore[arg-type]
+            raise DataError(f"semi-supervised training needs labelled and unlabelled images, got "
+                            f"{len(labeled)} and {len(unlabeled)}")  # type: ignore[arg-type]
+        self.labeled = labeled
+        self.unlabeled = unlabeled
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        count = len(self.labeled)  # type: ignore[arg-type]
+        rounds = -(-len(self) // count)
+        rng = np.random.default_rng([self.seed, epoch, 17])
+        self.order = np.concatenate([rng.permutation(count) for _ in range(rounds)])[:len(self)]
+        for part in (self.labeled, self.unlabeled):
+            setter = getattr(part, "set_epoch", None)
+            if setter is not None:
+                setter(epoch)
+
+    def __len__(self) -> int:
+        return len(self.unlabeled)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        labeled = dict(self.labeled[int(self.order[index])])
+        unlabeled = self.unlabeled[index]
+        labeled["image_u"] = unlabeled["image"]
+        labeled["name_u"] = str(unlabeled["name"])
+        return labeled
+
+
+def pair_collate(samples: Sequence[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
+    """Batch of :class:`LabeledUnlabeledPairs` items (module docstring)."""
+    labeled = [{k: v for k, v in s.items() if k not in ("image_u", "name_u")} for s in samples]
+    batch = pad_collate(labeled, ignore_index=ignore_index)  # type: ignore[arg-type]
+    images = [s["image_u"] for s in samples]
+    height = max(int(i.shape[-2]) for i in images)
+    width = max(int(i.shape[-1]) for i in images)
+    padded, valid = [], []
+    for image in images:
+        pad = (0, width - image.shape[-1], 0, height - image.shape[-2])
+        padded.append(F.pad(image, pad, value=0.0))
+        real = torch.ones(image.shape[-2:], dtype=torch.bool)
+        valid.append(F.pad(real, pad, value=False))
+    batch["image_u"] = torch.stack(padded)
+    batch["valid_u"] = torch.stack(valid)
+    batch["name_u"] = [s["name_u"] for s in samples]
+    return batch

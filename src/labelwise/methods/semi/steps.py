@@ -1,0 +1,184 @@
+"""One training step of FixMatch- and UniMatch-style consistency training.
+
+Per step, with ``B`` labelled and ``B`` unlabelled images (:mod:`.data`):
+
+1. both parts are resized to the stage's ``input_scale``; the labelled part gets the stage's
+   augmentation (geometry and colour), the unlabelled part the same geometry only: that is the
+   weak view (UniMatch: resize, crop, flip);
+2. one forward of the labelled images and the weak views (concatenated when their sizes match)
+   gives the supervised loss (the configured loss terms) and the weak-view predictions; with
+   ``unimatch`` the weak views' encoder features also go through the decoder with channel
+   dropout (the feature-perturbation stream, computed in this forward only);
+3. pseudo-labels: the argmax of the weak-view softmax (of the EMA teacher when there is one),
+   ignored below ``threshold`` and outside the image (:func:`~.perturb.confident_pseudo_labels`);
+4. strong views: the weak views with UniMatch's colour jitter / grayscale / blur, then CutMix
+   with the next image of the batch (``roll`` by one: images, pseudo-labels and validity take
+   the partner's values in the same box);
+5. unlabelled losses are cross-entropies against the pseudo-labels, summed over confident pixels
+   and divided by the number of valid pixels (UniMatch's normalisation, so that an
+   unconfident image contributes little rather than being rescaled up).
+
+``fixmatch``: ``L_sup + unsup_weight * L_s``. ``unimatch``: ``(L_sup + 0.25 L_s1 + 0.25 L_s2 +
+0.5 L_fp) / 2``. Optional terms added to either: ``transform_consistency`` (predictions on a
+flipped / 90-degree-rotated weak view against the same transform of the detached weak-view
+softmax, soft cross-entropy on valid pixels) and ``rotation_weight`` (the S4L rotation task on
+a square centre crop of the weak views, from the deepest encoder features).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from labelwise.data.transforms import PairedAugment, resize_batch
+from labelwise.engine.trainer import StepContext, StepOutput
+from labelwise.losses import WeightedSumLoss
+from labelwise.losses.rotation import random_rotations, rotation_loss
+from labelwise.methods.semi.config import SemiSettings
+from labelwise.methods.semi.model import SemiModel, main_logits
+from labelwise.methods.semi.perturb import (
+    confident_pseudo_labels,
+    cutmix,
+    cutmix_boxes,
+    feature_dropout,
+    strong_photometric,
+)
+from labelwise.models.base import DeepSupervisionOutput, ModelOutput
+
+__all__ = ["make_consistency_step", "transform_views", "unlabeled_loss"]
+
+
+def unlabeled_loss(logits: Tensor, pseudo_labels: Tensor, valid: Tensor, ignore_index: int = 255) -> Tensor:
+    """Cross-entropy of ``logits [B, K, H, W]`` against ``pseudo_labels [B, H, W]`` summed over the
+    pixels that have a label, divided by the number of ``valid [B, H, W]`` pixels."""
+    total = F.cross_entropy(logits.float(), pseudo_labels, ignore_index=ignore_index, reduction="sum")
+    return total / valid.sum().clamp_min(1)
+
+
+def transform_views(x: Tensor, kind: int) -> Tensor:
+    """Apply transform ``kind`` to the last two dims: 0 horizontal flip, 1 vertical flip, 2-4
+    rotation by 90 / 180 / 270 degrees counter-clockwise."""
+    if kind == 0:
+        return x.flip(-1)
+    if kind == 1:
+        return x.flip(-2)
+    return torch.rot90(x, kind - 1, dims=(-2, -1))
+
+
+def _split(output: ModelOutput, n: int) -> tuple[ModelOutput, ModelOutput]:
+    if isinstance(output, DeepSupervisionOutput):
+        return (DeepSupervisionOutput(output.logits[:n], [s[:n] for s in output.side_logits]),
+                DeepSupervisionOutput(output.logits[n:], [s[n:] for s in output.side_logits]))
+    return output[:n], output[n:]
+
+
+def _rescale(images: Tensor, masks: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    if scale == 1.0:
+        return images, masks
+    height, width = images.shape[-2:]
+    return resize_batch(images, masks, (round(height * scale), round(width * scale)))
+
+
+def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augmenters: list[PairedAugment],
+                          ignore_index: int, seed: int, channels_last: bool = False) -> Callable[..., StepOutput]:
+    """The step function of ``fixmatch`` / ``unimatch`` (module docstring) for the Trainer."""
+    unimatch = settings.method == "unimatch"
+
+    def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
+        semi: SemiModel = getattr(model, "module", model)
+        student = semi.student
+        state = np.random.SeedSequence([seed, context.step, 11]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        images, masks = batch["image"], batch["mask"]
+        augment = augmenters[context.stage_index]
+        with torch.autocast(device_type=context.device.type, enabled=False):
+            images, masks = _rescale(images, masks, context.stage.input_scale)
+            images, masks = augment(images, masks, generator)
+            validity = torch.where(batch["valid_u"], 0, ignore_index).long()
+            weak, validity = _rescale(batch["image_u"], validity, context.stage.input_scale)
+            weak, validity = augment.geometric(weak, validity, generator)
+        valid = validity != ignore_index
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+            weak = weak.contiguous(memory_format=torch.channels_last)
+        n = images.shape[0]
+        logs: dict[str, float] = {}
+
+        # 2. labelled + weak views in one forward (the feature stream of unimatch from it too)
+        joint = images.shape[-2:] == weak.shape[-2:]
+        inputs = torch.cat([images, weak]) if joint else images
+        features = student.encode(inputs)
+        output = student.decode(features, size=inputs.shape[-2:])
+        if joint:
+            output_l, output_w = _split(output, n)
+        else:
+            output_l = output
+            features = student.encode(weak)
+            output_w = student.decode(features, size=weak.shape[-2:])
+        weak_logits = main_logits(output_w)
+        sup, parts = loss_fn(output_l, masks)
+        logs.update({f"sup_{k}": float(v.detach()) for k, v in parts.items()})
+
+        # 3. pseudo-labels
+        with torch.no_grad():
+            if semi.teacher is not None:
+                semi.teacher.eval()
+                source = main_logits(semi.teacher(weak))
+            else:
+                source = weak_logits
+            probabilities = torch.softmax(source.detach().float(), 1)
+            pseudo = confident_pseudo_labels(probabilities, settings.threshold, valid, ignore_index)
+        logs["confident"] = float((pseudo != ignore_index).sum() / valid.sum().clamp_min(1))
+
+        # 4. strong views with CutMix
+        def strong_view() -> tuple[Tensor, Tensor, Tensor]:
+            with torch.autocast(device_type=context.device.type, enabled=False):
+                view = strong_photometric(weak.float(), generator)
+                boxes = cutmix_boxes(n, weak.shape[-2], weak.shape[-1], generator,
+                                     settings.cutmix_probability).to(weak.device)
+                view, labels = cutmix(view, pseudo, boxes, view.roll(1, 0), pseudo.roll(1, 0))
+                view_valid = torch.where(boxes, valid.roll(1, 0), valid)
+            return view, labels, view_valid
+
+        views = [strong_view() for _ in range(2 if unimatch else 1)]
+        strong_logits = main_logits(student(torch.cat([v[0] for v in views])))
+        strong_losses = [unlabeled_loss(part, labels, view_valid, ignore_index)
+                         for part, (_, labels, view_valid) in zip(strong_logits.split(n), views)]
+        if unimatch:
+            weak_features = [f[n:] for f in features] if joint else features
+            dropped = feature_dropout(weak_features, settings.feature_dropout, generator)
+            fp_logits = main_logits(student.decode(dropped, size=weak.shape[-2:]))
+            fp = unlabeled_loss(fp_logits, pseudo, valid, ignore_index)
+            total = (sup + 0.25 * strong_losses[0] + 0.25 * strong_losses[1] + 0.5 * fp) / 2
+            logs.update({"s1": float(strong_losses[0].detach()), "s2": float(strong_losses[1].detach()),
+                         "fp": float(fp.detach())})
+        else:
+            total = sup + settings.unsup_weight * strong_losses[0]
+            logs["s"] = float(strong_losses[0].detach())
+
+        # optional terms
+        if settings.transform_consistency > 0:
+            kind = int(torch.randint(0, 5, (1,), generator=generator))
+            transformed = main_logits(student(transform_views(weak, kind)))
+            target = transform_views(torch.softmax(weak_logits.detach().float(), 1), kind)
+            mask = transform_views(valid, kind)
+            soft_ce = -(target * F.log_softmax(transformed.float(), 1)).sum(1)
+            consistency = (soft_ce * mask).sum() / mask.sum().clamp_min(1)
+            total = total + settings.transform_consistency * consistency
+            logs["transform"] = float(consistency.detach())
+        if settings.rotation_weight > 0 and semi.rotation_head is not None:
+            side = min(weak.shape[-2:])
+            top, left = (weak.shape[-2] - side) // 2, (weak.shape[-1] - side) // 2
+            square = weak[..., top:top + side, left:left + side]
+            rotated, ids = random_rotations(square, generator)
+            pooled = student.encode(rotated)[-1].float().mean((2, 3))
+            rotation, accuracy = rotation_loss(semi.rotation_head, pooled, ids)
+            total = total + settings.rotation_weight * rotation
+            logs.update({"rotation": float(rotation.detach()), "rotation_acc": float(accuracy)})
+        return StepOutput(total, logs, n)
+
+    return step

@@ -1,0 +1,230 @@
+"""``labelwise semi train``: semi-supervised training by method name.
+
+- ``supervised_only``: the ordinary supervised pipeline on the labelled subset
+  (``data.train_list``), the baseline every table needs.
+- ``fixmatch`` / ``unimatch``: the Trainer runs :func:`~.steps.make_consistency_step` on
+  :class:`~.data.LabeledUnlabeledPairs`; the model is a :class:`~.model.SemiModel` (student,
+  optional EMA teacher updated after every optimiser step, optional rotation head), checkpointed
+  whole, so ``--resume`` is exact. The student is exported like any labelwise model
+  (``model.safetensors`` + ``model.json``) and scored on the validation split (``eval.json``).
+- ``self_training``: round 0 trains the student on the labelled subset; each later round
+  pseudo-labels every unlabelled image with the previous round's model (argmax at full
+  resolution with the evaluation settings; pixels below ``semi.threshold`` ignored) and trains a
+  fresh model (same initialisation) on the labelled plus pseudo-labelled images. Each round is a
+  complete supervised run in ``run_dir/round<k>``; finished rounds are skipped on resume. The last
+  round's model is copied to ``run_dir``.
+
+``model.init`` (``--init``) initialises the student's encoder from a self-supervised checkpoint
+(U-Net encoders and ViTs, :mod:`labelwise.methods.transfer`) before training starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from labelwise.config import save_config
+from labelwise.data.splits import dataset_names
+from labelwise.engine.atomic import atomic_write_json
+from labelwise.engine.runtime import resolve_device
+from labelwise.engine.trainer import Trainer, TrainerOptions, TrainResult
+from labelwise.eval.evaluate import evaluate_model, make_logits_fn, predict_batch
+from labelwise.losses import build_loss
+from labelwise.methods import supervised
+from labelwise.methods.common import DataSplits, build_datasets, export_model, load_model, seed_everything
+from labelwise.methods.semi.config import SemiConfig
+from labelwise.methods.semi.data import LabeledUnlabeledPairs, pair_collate, unlabeled_images
+from labelwise.methods.semi.model import SemiModel
+from labelwise.methods.semi.perturb import confident_pseudo_labels
+from labelwise.methods.semi.steps import make_consistency_step
+from labelwise.models import create
+
+__all__ = ["PseudoLabeled", "SemiResult", "pseudo_label", "train"]
+
+MODEL_FILES = ("model.safetensors", "model.json", "eval.json")
+
+
+@dataclass
+class SemiResult:
+    """The run folder (holding the exported model), the last training summary, val metrics."""
+
+    run_dir: Path
+    train: TrainResult
+    metrics: dict[str, Any]
+
+
+def train(config: SemiConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None
+          ) -> SemiResult:
+    """Train by ``config.semi.method`` (module docstring)."""
+    config.validate()
+    method = config.semi.method
+    if method == "supervised_only":
+        result = supervised.train(config, resume=resume, overwrite=overwrite, stop_at=stop_at)
+        return SemiResult(result.run_dir, result.train, result.metrics)
+    if method == "self_training":
+        return _self_training(config, resume=resume, overwrite=overwrite)
+    return _consistency(config, resume=resume, overwrite=overwrite, stop_at=stop_at)
+
+
+def _rotation_channels(student: nn.Module) -> int:
+    size = max(64, 2 * int(getattr(student, "output_stride", 1)))
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        channels = int(student.encode(torch.zeros(1, 3, size, size))[-1].shape[1])
+    student.train(was_training)
+    return channels
+
+
+def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int | None) -> SemiResult:
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    run_dir = Path(config.run_dir)
+    splits = build_datasets(config.data, seed=config.seed)
+    class_map = splits.class_map
+    unlabeled = unlabeled_images(config, dataset_names(splits.train_source))
+    pairs = LabeledUnlabeledPairs(splits.train, unlabeled, seed=config.seed)
+    student = create(config.model.name, num_classes=class_map.num_classes, **config.model.options)
+    if config.model.init and not resume:
+        from labelwise.methods.transfer import initialise_from
+
+        initialise_from(student, config.model.init, run_dir=run_dir, verbose=True)
+    rotation = _rotation_channels(student) if config.semi.rotation_weight > 0 else None
+    model = SemiModel(student, ema_teacher=config.semi.ema_teacher, rotation_features=rotation)
+    loss_fn = build_loss([{"name": t.name, "weight": t.weight} for t in config.loss.terms],
+                         num_classes=class_map.num_classes, ignore_index=class_map.ignore_index,
+                         class_weights=supervised.loss_class_weights(config, splits)).to(device)
+    augmenters = supervised.make_augmenters(config.stages, class_map.ignore_index)
+    step_fn = make_consistency_step(config.semi, loss_fn, augmenters, class_map.ignore_index, config.seed,
+                                    config.channels_last)
+
+    def eval_fn(bare: nn.Module, step: int) -> dict[str, float]:
+        metrics = evaluate_model(bare.student, splits.val, class_map.num_classes, config.eval,  # type: ignore[arg-type]
+                                 device, config.precision, class_map.ignore_index)
+        return {"miou": metrics.miou, "pixel_acc": metrics.pixel_acc}
+
+    momentum = config.semi.ema_momentum
+    options = TrainerOptions(
+        stages=config.stages, optim=config.optim, run_dir=run_dir, device=device, precision=config.precision,
+        channels_last=config.channels_last, seed=config.seed, batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers, checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints, log_every=config.log_every, eval_every=config.eval.every,
+        progress=config.progress,
+    )
+    trainer = Trainer(model, pairs, step_fn, options,
+                      collate_fn=partial(pair_collate, ignore_index=class_map.ignore_index),
+                      eval_fn=eval_fn if config.eval.every else None,
+                      after_optimizer_step=(lambda bare, step: bare.update_teacher(momentum))
+                      if config.semi.ema_teacher else None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
+    metrics: dict[str, Any] = {}
+    if result.steps >= config.total_steps:
+        bare: SemiModel = trainer.bare_model  # type: ignore[assignment]
+        export_model(run_dir, bare.student, class_map, config.eval, extra={"train_config": "config.yaml",
+                                                                            "semi_method": config.semi.method})
+        evaluation = evaluate_model(bare.student, splits.val, class_map.num_classes, config.eval, device,
+                                    config.precision, class_map.ignore_index)
+        metrics = evaluation.to_dict(list(class_map.names))
+        metrics.update({"train_seconds": result.train_seconds, "steps": result.steps,
+                        "labeled_images": len(splits.train), "unlabeled_images": len(unlabeled)})  # type: ignore[arg-type]
+        atomic_write_json(run_dir / "eval.json", metrics)
+    return SemiResult(run_dir, result, metrics)
+
+
+class PseudoLabeled(Dataset):
+    """Unlabelled images with pseudo-label masks: ``{"image", "mask", "name"}`` samples."""
+
+    def __init__(self, images: Dataset, masks: list[np.ndarray]) -> None:
+        if len(images) != len(masks):  # type: ignore[arg-type]
+            raise ValueError(f"{len(images)} images but {len(masks)} pseudo-label masks")  # type: ignore[arg-type]
+        self.images = images
+        self.masks = masks
+        self.names = dataset_names(images)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.images[index]
+        return {"image": sample["image"], "mask": torch.from_numpy(self.masks[index].astype(np.int64)),
+                "name": str(sample["name"])}
+
+
+@torch.no_grad()
+def pseudo_label(model: nn.Module, images: Dataset, config: SemiConfig, ignore_index: int,
+                 device: torch.device) -> tuple[list[np.ndarray], float]:
+    """Pseudo-label masks (uint8 / uint16 ``[H, W]``) of every image at its own size, with the
+    evaluation settings; pixels below ``semi.threshold`` are ``ignore_index``. Also returns the
+    confident fraction of all pixels."""
+    model.eval()
+    logits_fn = make_logits_fn(model, device, config.precision, config.eval.input_scale, config.eval.flip)
+    num_classes = int(getattr(model, "num_classes"))
+    masks: list[np.ndarray] = []
+    confident = total = 0
+    dtype = np.uint8 if max(num_classes, ignore_index) < 256 else np.uint16
+    for index in range(len(images)):  # type: ignore[arg-type]
+        image = images[index]["image"][None].to(device)
+        logits = predict_batch(logits_fn, image, num_classes, config.eval)
+        labels = confident_pseudo_labels(torch.softmax(logits, 1), config.semi.threshold, None, ignore_index)[0]
+        confident += int((labels != ignore_index).sum())
+        total += labels.numel()
+        masks.append(labels.cpu().numpy().astype(dtype))
+    return masks, confident / max(1, total)
+
+
+def _round_done(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in MODEL_FILES)
+
+
+def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiResult:
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    splits = build_datasets(config.data, seed=config.seed)
+    unlabeled = unlabeled_images(config, dataset_names(splits.train_source))
+    rounds: list[dict[str, Any]] = []
+    result: supervised.SupervisedResult | None = None
+    for k in range(config.semi.rounds + 1):
+        folder = run_dir / f"round{k}"
+        round_config = copy.deepcopy(config)
+        round_config.run_dir = str(folder)
+        round_splits = splits
+        info: dict[str, Any] = {"round": k, "labeled_images": len(splits.train)}  # type: ignore[arg-type]
+        if k > 0:
+            teacher = load_model(run_dir / f"round{k - 1}").model.to(device)
+            masks, fraction = pseudo_label(teacher, unlabeled, config, splits.class_map.ignore_index, device)
+            pseudo = PseudoLabeled(unlabeled, masks)
+            combined = ConcatDataset([splits.train, pseudo])
+            round_splits = DataSplits(combined, splits.val, splits.class_map, combined)  # type: ignore[arg-type]
+            info.update({"pseudo_labeled_images": len(pseudo), "confident_fraction": round(fraction, 4)})
+        if _round_done(folder) and not overwrite:
+            metrics = json.loads((folder / "eval.json").read_text())
+            info["miou"] = metrics["miou"]
+            rounds.append(info)
+            continue
+        result = supervised.train(round_config, resume=resume and (folder / "checkpoints").is_dir(),
+                                  overwrite=overwrite, splits=round_splits)
+        info["miou"] = result.metrics.get("miou")
+        rounds.append(info)
+        atomic_write_json(run_dir / "self_training.json", {"rounds": rounds})
+    last = run_dir / f"round{config.semi.rounds}"
+    for name in MODEL_FILES:
+        shutil.copyfile(last / name, run_dir / name)
+    atomic_write_json(run_dir / "self_training.json", {"rounds": rounds})
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    train_summary = result.train if result is not None else TrainResult(0, 0.0, 0.0, {}, {})
+    return SemiResult(run_dir, train_summary, metrics)
