@@ -2,7 +2,8 @@
 
 Commands: ``train``, ``evaluate``, ``predict``, ``demo``, ``attention``, ``pretrain``, ``unsupervised``
 (``train`` / ``evaluate`` / ``predict``; in :mod:`labelwise.cli_unsupervised`), ``weak`` (``train`` /
-``cams`` / ``pseudo-masks``; in :mod:`labelwise.cli_weak`). Every option's help states its default.
+``cams`` / ``pseudo-masks``; in :mod:`labelwise.cli_weak`), ``semi`` (``split`` / ``train``; in
+:mod:`labelwise.cli_semi`). Every option's help states its default.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from labelwise.cli_unsupervised import add_unsupervised, run_unsupervised
+from labelwise.cli_semi import add_semi, run_semi
 from labelwise.cli_weak import add_weak, run_weak
 from labelwise.errors import LabelwiseError
 
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(commands)
     add_unsupervised(commands)
     add_weak(commands)
+    add_semi(commands)
     return parser
 
 
@@ -245,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
         return run_unsupervised(args)
     if args.command == "weak":
         return run_weak(args)
+    if args.command == "semi":
+        return run_semi(args)
     if args.command == "demo":
         supervised.demo(args.run_dir, steps=args.steps, device=args.device, precision=args.precision,
                         progress=not args.no_progress)

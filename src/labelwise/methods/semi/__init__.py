@@ -1,0 +1,11 @@
+"""Semi-supervised segmentation: a few labelled images plus many unlabelled ones.
+
+``train(SemiConfig)`` runs ``supervised_only``, ``fixmatch``, ``unimatch`` or ``self_training``
+(:mod:`.train`); splits of a labelled dataset into labelled / unlabelled parts are in
+:mod:`labelwise.data.splits`.
+"""
+
+from labelwise.methods.semi.config import METHODS, SemiConfig, SemiSettings
+from labelwise.methods.semi.train import SemiResult, train
+
+__all__ = ["METHODS", "SemiConfig", "SemiResult", "SemiSettings", "train"]
