@@ -1,0 +1,152 @@
+"""Semi-supervised training: pairing, the feature-perturbation stream, the EMA teacher, exact
+resume, and the ``semi`` commands end to end on tiny settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labelwise.config import AugmentConfig, StageConfig, load_config
+from labelwise.data.splits import dataset_names, split_labeled, write_split
+from labelwise.data.synthetic import SyntheticShapes
+from labelwise.engine.trainer import StepContext
+from labelwise.errors import ConfigError, DataError
+from labelwise.losses import build_loss
+from labelwise.methods.common import build_datasets
+from labelwise.methods.semi import SemiConfig, train
+from labelwise.methods.semi.data import ImagesOnly, LabeledUnlabeledPairs, pair_collate, unlabeled_images
+from labelwise.methods.semi.model import SemiModel
+from labelwise.methods.semi.perturb import confident_pseudo_labels
+from labelwise.methods.semi.steps import make_consistency_step, unlabeled_loss
+from labelwise.data.transforms import PairedAugment
+from labelwise.models import create
+from safetensors.torch import load_file
+
+DATA = ["data.dataset=synthetic", "data.synthetic_train_images=16", "data.synthetic_val_images=4",
+        "data.synthetic_size=[32, 48]"]
+
+
+def _split(tmp_path: Path, count: int = 4) -> tuple[Path, Path]:
+    config = load_config(SemiConfig, None, [*DATA, "semi.method=supervised_only"])
+    names = dataset_names(build_datasets(config.data).train)
+    return write_split(tmp_path / "split", split_labeled(names, count=count, seed=0))
+
+
+def _config(tmp_path: Path, *extra: str) -> SemiConfig:
+    labeled, unlabeled = _split(tmp_path)
+    return load_config(SemiConfig, None, [
+        *DATA, f"data.train_list={labeled}", f"semi.unlabeled_list={unlabeled}", "data.batch_size=2",
+        "stages.0.steps=6", "model.options={width: 8}", f"run_dir={tmp_path / 'run'}", "device=cpu",
+        "progress=false", "precision=fp32", "checkpoint_every=3", "semi.threshold=0.3", *extra])
+
+
+def test_pairs_cover_the_unlabelled_set_once_and_cycle_the_labelled_set() -> None:
+    labeled = SyntheticShapes(num_images=3, size=(16, 16), seed=0)
+    unlabeled = ImagesOnly(SyntheticShapes(num_images=7, size=(16, 16), seed=1))
+    pairs = LabeledUnlabeledPairs(labeled, unlabeled, seed=5)
+    assert len(pairs) == 7
+    first = [pairs[i]["name"] for i in range(7)]
+    assert [pairs[i]["name_u"] for i in range(7)] == dataset_names(unlabeled)
+    assert sorted(first[:3]) == sorted(dataset_names(labeled))  # one permutation, then the next
+    assert "mask" not in unlabeled[0]
+    again = LabeledUnlabeledPairs(labeled, unlabeled, seed=5)
+    assert [again[i]["name"] for i in range(7)] == first  # deterministic
+    again.set_epoch(1)
+    pairs.set_epoch(1)
+    assert [again[i]["name"] for i in range(7)] == [pairs[i]["name"] for i in range(7)]
+    batch = pair_collate([pairs[0], pairs[1]])
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["image_u"].shape == (2, 3, 16, 16)
+    assert batch["valid_u"].all() and batch["mask"].shape == (2, 16, 16)
+
+
+def test_unlabelled_list_must_not_overlap_the_labelled_list(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    labeled_names = (tmp_path / "split" / "labeled.txt").read_text().split()
+    images = unlabeled_images(config, [n for n in labeled_names if not n.startswith("#")])
+    assert len(images) == 12 and "mask" not in images[0]
+    overlapping = (tmp_path / "split" / "unlabeled.txt").read_text() + labeled_names[-1] + "\n"
+    (tmp_path / "split" / "unlabeled.txt").write_text(overlapping)
+    with pytest.raises(DataError, match="also in the labelled list"):
+        unlabeled_images(config, [labeled_names[-1]])
+    with pytest.raises(ConfigError, match="semi.unlabeled"):
+        load_config(SemiConfig, None, [*DATA, "semi.method=fixmatch"])
+
+
+def test_feature_perturbation_acts_only_in_its_stream() -> None:
+    """With identity augmentation the supervised loss equals a plain forward's loss and the
+    strong streams see unperturbed features; the fp loss equals the weak stream's own loss when
+    the dropout probability is 0 and differs from it when it is not."""
+    torch.manual_seed(0)
+    student = create("unet", num_classes=3, width=8, depth=2, dropout=0.0).eval()  # eval: no BN batch stats
+    images, images_u = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    masks = torch.randint(0, 3, (2, 32, 32))
+    batch = {"image": images, "mask": masks, "image_u": images_u, "valid_u": torch.ones(2, 32, 32, dtype=torch.bool)}
+    loss_fn = build_loss([{"name": "ce", "weight": 1.0}], num_classes=3, ignore_index=255)
+    augment = [PairedAugment(AugmentConfig(hflip=0.0), ignore_index=255)]
+    context = StepContext(0, 0, StageConfig(), torch.device("cpu"), "fp32")
+    logs = {}
+    for p in (0.0, 0.5):
+        settings = load_config(SemiConfig, None, ["semi.unlabeled=[x]", f"semi.feature_dropout={p}",
+                                                  "semi.threshold=0.0", "semi.cutmix_probability=0.0"]).semi
+        step = make_consistency_step(settings, loss_fn, augment, 255, seed=0)
+        logs[p] = step(SemiModel(student), batch, context).logs
+    with torch.no_grad():
+        expected_sup = F.cross_entropy(student(images), masks)
+        weak = student(images_u)
+        pseudo = confident_pseudo_labels(torch.softmax(weak, 1), 0.0)
+        weak_self_loss = unlabeled_loss(weak, pseudo, torch.ones(2, 32, 32, dtype=torch.bool))
+    for p in (0.0, 0.5):
+        assert logs[p]["sup_ce"] == pytest.approx(float(expected_sup), rel=1e-5)
+    assert logs[0.0]["fp"] == pytest.approx(float(weak_self_loss), rel=1e-5)
+    assert logs[0.5]["fp"] != pytest.approx(float(weak_self_loss), rel=1e-3)
+    assert logs[0.5]["s1"] == pytest.approx(logs[0.0]["s1"], rel=1e-5)  # the strong streams are untouched
+
+
+def test_ema_teacher_follows_the_formula() -> None:
+    torch.manual_seed(1)
+    model = SemiModel(create("unet", num_classes=2, width=8, depth=2), ema_teacher=True)
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    before = [p.clone() for p in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    model.update_teacher(0.9)
+    for old, new, student in zip(before, model.teacher.parameters(), model.student.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * student)
+
+
+def test_unimatch_with_ema_resumes_exactly(tmp_path: Path) -> None:
+    extra = ["semi.method=unimatch", "semi.ema_teacher=true", "semi.rotation_weight=0.5",
+             "semi.transform_consistency=0.5"]
+    full = train(_config(tmp_path / "a", *extra))
+    config = _config(tmp_path / "b", *extra)
+    train(config, stop_at=3)
+    resumed = train(config, resume=True)
+    first, second = load_file(full.run_dir / "model.safetensors"), load_file(resumed.run_dir / "model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert 0 <= resumed.metrics["miou"] <= 1 and resumed.metrics["labeled_images"] == 4
+
+
+def test_semi_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from labelwise.cli import main
+
+    common = [f"--set={o}" for o in DATA]
+    assert main(["semi", "split", *common, "--count", "4", "--seed", "0", "--out", str(tmp_path / "split")]) == 0
+    assert json.loads(capsys.readouterr().out)["labeled_images"] == 4
+    for method in ("supervised_only", "fixmatch", "self_training"):
+        run = tmp_path / method
+        code = main(["semi", "train", *common, "--labeled", str(tmp_path / "split" / "labeled.txt"),
+                     "--unlabeled", str(tmp_path / "split" / "unlabeled.txt"), "--method", method,
+                     "--set", "stages.0.steps=2", "--set", "data.batch_size=2", "--set", "model.options={width: 8}",
+                     "--set", "progress=false", "--set", "semi.rounds=1", "--device", "cpu", "--run-dir", str(run)])
+        assert code == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert 0 <= report["miou"] <= 1 and (run / "model.safetensors").is_file()
+    rounds = json.loads((tmp_path / "self_training" / "self_training.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["pseudo_labeled_images"] == 12
