@@ -150,3 +150,23 @@ def test_semi_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert 0 <= report["miou"] <= 1 and (run / "model.safetensors").is_file()
     rounds = json.loads((tmp_path / "self_training" / "self_training.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["pseudo_labeled_images"] == 12
+
+
+def test_a_self_training_round_improves_over_its_teacher(tmp_path: Path) -> None:
+    """Round 0 learns from 6 labelled synthetic images; round 1 adds the confident pseudo-labels
+    of 42 unlabelled ones and must score higher on the validation images (both rounds are
+    scored by the same evaluation, against the real validation masks)."""
+    data = ["data.dataset=synthetic", "data.synthetic_train_images=48", "data.synthetic_val_images=16",
+            "data.synthetic_size=[48, 64]"]
+    names = dataset_names(build_datasets(load_config(SemiConfig, None, [*data, "semi.method=supervised_only"]).data).train)
+    labeled, unlabeled = write_split(tmp_path / "split", split_labeled(names, count=6, seed=0))
+    config = load_config(SemiConfig, None, [
+        *data, f"data.train_list={labeled}", f"semi.unlabeled_list={unlabeled}", "semi.method=self_training",
+        "semi.rounds=1", "data.batch_size=6", "stages.0.steps=120", "stages.0.lr=0.005",
+        "model.options={width: 8}", f"run_dir={tmp_path / 'run'}", "device=cpu", "progress=false",
+        "checkpoint_every=1000", "precision=fp32"])
+    result = train(config)
+    rounds = json.loads((tmp_path / "run" / "self_training.json").read_text())["rounds"]
+    assert rounds[1]["confident_fraction"] > 0.3
+    assert rounds[1]["miou"] > rounds[0]["miou"] + 0.02
+    assert result.metrics["miou"] == rounds[1]["miou"]

@@ -30,7 +30,13 @@ class SemiSettings:
       weak-view pseudo-labels), ``unimatch`` (two strong views plus a feature-perturbation stream;
       loss ``(L_sup + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2``) or ``self_training`` (``rounds``
       of: train, pseudo-label the unlabelled images' confident pixels, retrain on both).
-    - ``threshold``: confidence a weak-view pixel needs to become a pseudo-label (0.95).
+    - ``threshold``: confidence a weak-view pixel needs to become a pseudo-label (0.95, online
+      methods).
+    - ``self_training_threshold``: confidence a pixel needs to be pseudo-labelled between
+      self-training rounds (0.6). Offline pseudo-labels come from a model trained on the labelled
+      images alone, which is rarely 95% sure: on the synthetic set at 0.9 only 19% of the pixels
+      were kept and the next round was worse than its teacher; 0.8 kept 62% (+1.2 mIoU), 0.6 kept
+      81% (+4.9).
     - ``unsup_weight``: FixMatch's weight of the strong-view loss (``L_sup + w L_s``).
     - ``feature_dropout``: channel-dropout probability of the UniMatch feature stream (0.5).
     - ``cutmix_probability``: probability that a strong view gets a CutMix box (0.5).
@@ -50,6 +56,7 @@ class SemiSettings:
     unlabeled: list[str] = field(default_factory=list)
     unlabeled_list: str | None = None
     threshold: float = 0.95
+    self_training_threshold: float = 0.6
     unsup_weight: float = 1.0
     feature_dropout: float = 0.5
     cutmix_probability: float = 0.5
@@ -68,6 +75,7 @@ class SemiSettings:
         if self.unlabeled and self.unlabeled_list:
             raise ConfigError("semi.unlabeled / semi.unlabeled_list: give one of them, not both")
         for key, value, low, high in (("threshold", self.threshold, 0.0, 1.0),
+                                      ("self_training_threshold", self.self_training_threshold, 0.0, 1.0),
                                       ("feature_dropout", self.feature_dropout, 0.0, 0.99),
                                       ("cutmix_probability", self.cutmix_probability, 0.0, 1.0),
                                       ("ema_momentum", self.ema_momentum, 0.0, 1.0)):

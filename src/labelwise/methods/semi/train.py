@@ -9,8 +9,9 @@
   (``model.safetensors`` + ``model.json``) and scored on the validation split (``eval.json``).
 - ``self_training``: round 0 trains the student on the labelled subset; each later round
   pseudo-labels every unlabelled image with the previous round's model (argmax at full
-  resolution with the evaluation settings; pixels below ``semi.threshold`` ignored) and trains a
-  fresh model (same initialisation) on the labelled plus pseudo-labelled images. Each round is a
+  resolution with the evaluation settings; pixels below ``semi.self_training_threshold`` ignored) and trains a
+  fresh model (same initialisation) on the labelled images, repeated to match the number of
+  pseudo-labelled ones (ST++), plus the pseudo-labelled images. Each round is a
   complete supervised run in ``run_dir/round<k>``; finished rounds are skipped on resume. The last
   round's model is copied to ``run_dir``.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -166,7 +168,7 @@ class PseudoLabeled(Dataset):
 def pseudo_label(model: nn.Module, images: Dataset, config: SemiConfig, ignore_index: int,
                  device: torch.device) -> tuple[list[np.ndarray], float]:
     """Pseudo-label masks (uint8 / uint16 ``[H, W]``) of every image at its own size, with the
-    evaluation settings; pixels below ``semi.threshold`` are ``ignore_index``. Also returns the
+    evaluation settings; pixels below ``semi.self_training_threshold`` are ``ignore_index``. Also returns the
     confident fraction of all pixels."""
     model.eval()
     logits_fn = make_logits_fn(model, device, config.precision, config.eval.input_scale, config.eval.flip)
@@ -177,7 +179,8 @@ def pseudo_label(model: nn.Module, images: Dataset, config: SemiConfig, ignore_i
     for index in range(len(images)):  # type: ignore[arg-type]
         image = images[index]["image"][None].to(device)
         logits = predict_batch(logits_fn, image, num_classes, config.eval)
-        labels = confident_pseudo_labels(torch.softmax(logits, 1), config.semi.threshold, None, ignore_index)[0]
+        labels = confident_pseudo_labels(torch.softmax(logits, 1), config.semi.self_training_threshold, None,
+                                         ignore_index)[0]
         confident += int((labels != ignore_index).sum())
         total += labels.numel()
         masks.append(labels.cpu().numpy().astype(dtype))
@@ -208,7 +211,10 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
             teacher = load_model(run_dir / f"round{k - 1}").model.to(device)
             masks, fraction = pseudo_label(teacher, unlabeled, config, splits.class_map.ignore_index, device)
             pseudo = PseudoLabeled(unlabeled, masks)
-            combined = ConcatDataset([splits.train, pseudo])
+            # the labelled images repeated to match the pseudo-labelled ones (as ST++ does), so
+            # that the real labels keep half the weight however few they are
+            repeats = max(1, math.ceil(len(pseudo) / len(splits.train)))  # type: ignore[arg-type]
+            combined = ConcatDataset([splits.train] * repeats + [pseudo])
             round_splits = DataSplits(combined, splits.val, splits.class_map, combined)  # type: ignore[arg-type]
             info.update({"pseudo_labeled_images": len(pseudo), "confident_fraction": round(fraction, 4)})
         if _round_done(folder) and not overwrite:
