@@ -4,7 +4,9 @@ A :class:`SemiConfig` is a :class:`~labelwise.config.TrainConfig` (data, model, 
 stages, evaluation: any ``labelwise train`` YAML works) plus a ``semi`` section,
 :class:`SemiSettings`. The labelled part is the training split restricted by
 ``data.train_list``; the unlabelled part is ``semi.unlabeled`` (folders of images) or
-``semi.unlabeled_list`` (names of training-split samples whose masks are then never read).
+``semi.unlabeled_list`` (names of training-split samples whose masks are then never read) or, for
+aerial data, ``semi.unlabeled_tiles`` (random ``data.tile_crop`` crops of those tiles, masks
+dropped).
 Validated at load time with errors that name the dotted key.
 """
 
@@ -55,6 +57,7 @@ class SemiSettings:
     method: Literal["supervised_only", "fixmatch", "unimatch", "self_training"] = "unimatch"
     unlabeled: list[str] = field(default_factory=list)
     unlabeled_list: str | None = None
+    unlabeled_tiles: list[int] = field(default_factory=list)
     threshold: float = 0.95
     self_training_threshold: float = 0.6
     unsup_weight: float = 1.0
@@ -69,11 +72,12 @@ class SemiSettings:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"semi.method: must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method != "supervised_only" and not self.unlabeled and not self.unlabeled_list:
+        sources = sum(bool(x) for x in (self.unlabeled, self.unlabeled_list, self.unlabeled_tiles))
+        if self.method != "supervised_only" and not sources:
             raise ConfigError(f"semi.unlabeled: method {self.method} needs unlabelled images (folders in "
-                              "semi.unlabeled or a list file in semi.unlabeled_list)")
-        if self.unlabeled and self.unlabeled_list:
-            raise ConfigError("semi.unlabeled / semi.unlabeled_list: give one of them, not both")
+                              "semi.unlabeled, a list file in semi.unlabeled_list or aerial semi.unlabeled_tiles)")
+        if sources > 1:
+            raise ConfigError("semi.unlabeled / semi.unlabeled_list / semi.unlabeled_tiles: give one of them")
         for key, value, low, high in (("threshold", self.threshold, 0.0, 1.0),
                                       ("self_training_threshold", self.self_training_threshold, 0.0, 1.0),
                                       ("feature_dropout", self.feature_dropout, 0.0, 0.99),

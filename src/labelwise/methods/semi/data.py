@@ -1,9 +1,10 @@
 """Training samples of semi-supervised runs: labelled samples paired with unlabelled images.
 
 - :func:`unlabeled_images`: the unlabelled part of a :class:`~.config.SemiConfig`: the image
-  folders of ``semi.unlabeled``, or the training-split samples named in ``semi.unlabeled_list``
-  seen through :class:`ImagesOnly` (their masks are dropped on read, so no label of the
-  unlabelled part can reach training).
+  folders of ``semi.unlabeled``, the training-split samples named in ``semi.unlabeled_list``, or
+  random crops of the aerial tiles ``semi.unlabeled_tiles``, the last two seen through
+  :class:`ImagesOnly` (their masks are dropped on read, so no label of the unlabelled part can
+  reach training).
 - :class:`LabeledUnlabeledPairs`: an epoch runs over the unlabelled images once; sample ``i``
   pairs unlabelled image ``i`` with a labelled sample drawn by a per-epoch permutation of the
   labelled set (cycled when it is smaller), seeded by ``(seed, epoch)`` so resumed runs see the
@@ -22,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from labelwise.data import pad_collate
+from labelwise.data import AerialTiles, RandomCropDataset, pad_collate
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
 from labelwise.errors import DataError
-from labelwise.methods.common import DataSplits, _build_datasets
+from labelwise.methods.common import DataSplits, _build_datasets, build_eval_dataset
 from labelwise.methods.semi.config import SemiConfig
 
 __all__ = ["ImagesOnly", "LabeledUnlabeledPairs", "pair_collate", "unlabeled_images"]
@@ -52,6 +53,16 @@ def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str]) -> Datase
     error naming the list file (the two parts must be disjoint)."""
     if config.semi.unlabeled:
         return ImagesOnly(ImageFolderDataset(config.semi.unlabeled, on_error=config.data.on_error))
+    if config.semi.unlabeled_tiles:
+        if config.data.dataset != "aerial":
+            raise DataError(f"semi.unlabeled_tiles: only for aerial data, the dataset is {config.data.dataset!r}")
+        overlap = sorted(set(config.semi.unlabeled_tiles) & set(config.data.train_tiles))
+        if overlap:
+            raise DataError(f"semi.unlabeled_tiles: tiles {overlap} are also labelled (data.train_tiles)")
+        tiles = AerialTiles(config.data.root or "", tiles=config.semi.unlabeled_tiles,
+                            class_map=build_eval_dataset(config.data)[1])
+        return ImagesOnly(RandomCropDataset(tiles, crop_size=config.data.tile_crop,
+                                            samples_per_epoch=config.data.samples_per_epoch, seed=config.seed + 1))
     assert config.semi.unlabeled_list is not None
     data = config.data
     full: DataSplits = _build_datasets(data, config.seed)

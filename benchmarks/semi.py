@@ -1,0 +1,96 @@
+"""Benchmark semi_<dataset>: semi-supervised methods at several labelled fractions.
+
+Run from the project root: `.venv/bin/python benchmarks/semi.py --dataset camvid [--fractions 0.0625 0.125 0.25]
+[--methods supervised_only fixmatch unimatch self_training] [--ssl-init PATH]`. Recipe:
+`configs/semi_<dataset>.yaml` (the same step budget for every row of a fraction). For CamVid each
+fraction's labelled subset is drawn from `camvid/train` by `labelwise.data.splits` (seed 0; the
+subsets of one seed are nested) and the rest of `camvid/train` is the unlabelled part; scores are
+on `camvid/val`. For aerial, tile 1 is labelled, tiles 2-5 are unlabelled crops, tiles 6-7 are
+scored. `--ssl-init` adds `<method>+ssl` rows (the encoder initialised from that self-supervised
+checkpoint) for the methods given with `--ssl-methods`. Every row is a resumable run in
+`benchmarks/runs/semi_<dataset>/<fraction>/<method>/`; finished runs are read back, not retrained.
+Rows: `fraction`, `labeled_images`, `method`, `miou`, `pixel_acc`, `train_seconds`, `steps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from _common import ROOT, require_data, write_results
+
+from labelwise.config import load_config
+from labelwise.data.splits import dataset_names, split_labeled, write_split
+from labelwise.engine.runtime import resolve_device
+from labelwise.methods import semi
+from labelwise.methods.common import build_datasets
+
+DATA = {"camvid": "camvid", "aerial": "dubai_aerial"}
+
+
+def run_row(config_path: Path, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """Train (or read back) one row's run and return its eval.json."""
+    done = run_dir / "eval.json"
+    if done.is_file() and (run_dir / "model.safetensors").is_file():
+        return json.loads(done.read_text())
+    config = load_config(semi.SemiConfig, config_path, [*overrides, f"run_dir={run_dir}"])
+    resume = (run_dir / "checkpoints").is_dir() or (run_dir / "round0").is_dir()
+    result = semi.train(config, resume=resume)
+    return result.metrics or json.loads(done.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=sorted(DATA), default="camvid")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.0625, 0.125, 0.25])
+    parser.add_argument("--methods", nargs="+", default=list(semi.METHODS), choices=list(semi.METHODS))
+    parser.add_argument("--ssl-init", type=Path, default=None, help="self-supervised encoder checkpoint")
+    parser.add_argument("--ssl-methods", nargs="+", default=["unimatch"], choices=list(semi.METHODS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    data_root = require_data(DATA[args.dataset])
+    config_path = ROOT / "configs" / f"semi_{args.dataset}.yaml"
+    runs = ROOT / "benchmarks" / "runs" / f"semi_{args.dataset}"
+    base = [f"data.root={data_root}", *args.overrides]
+    rows: list[dict[str, Any]] = []
+    device = resolve_device(load_config(semi.SemiConfig, config_path, [*base, "semi.method=supervised_only"]).device)
+    plan: list[tuple[float, str, list[str]]] = []
+    if args.dataset == "camvid":
+        probe = load_config(semi.SemiConfig, config_path, [*base, "semi.method=supervised_only"])
+        names = dataset_names(build_datasets(probe.data).train_source)
+        for fraction in args.fractions:
+            split = split_labeled(names, fraction=fraction, seed=0)
+            labeled, unlabeled = write_split(runs / f"{fraction:g}" / "split", split)
+            split_overrides = [f"data.train_list={labeled}", f"semi.unlabeled_list={unlabeled}"]
+            plan += [(fraction, m, split_overrides) for m in args.methods]
+            if args.ssl_init:
+                plan += [(fraction, f"{m}+ssl", split_overrides) for m in args.ssl_methods]
+    else:
+        fraction = 1 / 5  # one of the five training tiles
+        tiles = ["data.train_tiles=[1]", "semi.unlabeled_tiles=[2, 3, 4, 5]"]
+        plan += [(fraction, m, tiles) for m in args.methods]
+        if args.ssl_init:
+            plan += [(fraction, f"{m}+ssl", tiles) for m in args.ssl_methods]
+    for fraction, name, split_overrides in plan:
+        method = name.removesuffix("+ssl")
+        overrides = [*base, *split_overrides, f"semi.method={method}"]
+        if name.endswith("+ssl"):
+            overrides.append(f"model.init={args.ssl_init}")
+        metrics = run_row(config_path, overrides, runs / f"{fraction:g}" / name)
+        config = load_config(semi.SemiConfig, config_path, overrides)
+        labeled_images = len(build_datasets(config.data).train_source)  # type: ignore[arg-type]
+        rows.append({"dataset": args.dataset, "split": config.data.val_split, "fraction": fraction,
+                     "labeled_images": labeled_images, "method": name, "miou": round(metrics["miou"], 4),
+                     "pixel_acc": round(metrics["pixel_acc"], 4), "train_seconds": round(metrics.get("train_seconds", 0), 1),
+                     "steps": config.total_steps * (config.semi.rounds + 1 if method == "self_training" else 1),
+                     "per_class_iou": {k: (None if v is None else round(v, 4))
+                                       for k, v in metrics.get("per_class_iou", {}).items()}})
+        print(f"{fraction:g} {name}: {rows[-1]['miou']:.4f}", flush=True)
+        write_results(f"semi_{args.dataset}", rows, device, extra={"config": str(config_path.relative_to(ROOT)),
+                                                                    "overrides": args.overrides})
+
+
+if __name__ == "__main__":
+    main()
