@@ -170,3 +170,27 @@ def test_a_self_training_round_improves_over_its_teacher(tmp_path: Path) -> None
     assert rounds[1]["confident_fraction"] > 0.3
     assert rounds[1]["miou"] > rounds[0]["miou"] + 0.02
     assert result.metrics["miou"] == rounds[1]["miou"]
+
+
+def test_aerial_unlabelled_tiles_are_crops_without_masks(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "aerial"
+    colors = np.asarray([(60, 16, 152), (132, 41, 246)], np.uint8)
+    (root / "classes.json").parent.mkdir(parents=True)
+    (root / "classes.json").write_text(json.dumps({"classes": ["building", "land"], "colors": ["#3C1098", "#8429F6"]}))
+    rng = np.random.default_rng(0)
+    for tile in (1, 2):
+        (root / f"tile{tile}" / "images").mkdir(parents=True)
+        (root / f"tile{tile}" / "masks").mkdir()
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / f"tile{tile}" / "images" / "a.png")
+        Image.fromarray(colors[rng.integers(0, 2, (30, 40))]).save(root / f"tile{tile}" / "masks" / "a.png")
+    base = ["data.dataset=aerial", f"data.root={root}", "data.train_tiles=[1]", "data.val_tiles=[1]",
+            "data.tile_crop=16", "data.samples_per_epoch=6", "semi.method=fixmatch"]
+    config = load_config(SemiConfig, None, [*base, "semi.unlabeled_tiles=[2]"])
+    images = unlabeled_images(config, [])
+    assert len(images) == 6 and set(images[0]) == {"image", "name"} and images[0]["image"].shape == (3, 16, 16)
+    assert all(images[i]["name"].startswith("tile2_a@") for i in range(6))
+    with pytest.raises(DataError, match=r"tiles \[1\] are also labelled"):
+        unlabeled_images(load_config(SemiConfig, None, [*base, "semi.unlabeled_tiles=[1, 2]"]), [])
