@@ -40,6 +40,7 @@ from labelwise.data.splits import dataset_names
 from labelwise.engine.atomic import atomic_write_json
 from labelwise.engine.runtime import resolve_device
 from labelwise.engine.trainer import Trainer, TrainerOptions, TrainResult
+from labelwise.errors import ConfigError
 from labelwise.eval.evaluate import evaluate_model, make_logits_fn, predict_batch
 from labelwise.losses import build_loss
 from labelwise.methods import supervised
@@ -128,6 +129,10 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
                       eval_fn=eval_fn if config.eval.every else None,
                       after_optimizer_step=(lambda bare, step: bare.update_teacher(momentum))
                       if config.semi.ema_teacher else None)
+    if trainer.dist.world_size > 1:
+        # the step calls the student's encode / decode directly, past DDP's gradient hooks
+        raise ConfigError(f"semi.method {config.semi.method}: runs in one process, not under torchrun "
+                          f"(world size {trainer.dist.world_size})")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
