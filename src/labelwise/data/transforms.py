@@ -224,6 +224,16 @@ def warp_pair(
     return out_images, out_masks
 
 
+def scale_batch(images: torch.Tensor, masks: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`resize_batch` to ``round(scale * (H, W))``; the inputs themselves when ``scale`` is 1."""
+    if scale == 1.0:
+        return images, masks
+    height, width = images.shape[-2:]
+    scaled, scaled_masks = resize_batch(images, masks, (round(height * scale), round(width * scale)))
+    assert scaled_masks is not None
+    return scaled, scaled_masks
+
+
 def resize_batch(images: torch.Tensor, masks: torch.Tensor | None, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resize images ``[B, C, H, W]`` bilinearly (antialiased when shrinking) and masks
     ``[B, H, W]`` by nearest neighbour (pixel-centre sampling) to ``size`` = (h, w)."""

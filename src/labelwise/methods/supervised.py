@@ -23,7 +23,7 @@ from labelwise.config import (
     save_config,
 )
 from labelwise.data import PairedAugment, class_balanced_weights, class_frequencies, pad_collate, read_image
-from labelwise.data.transforms import resize_batch
+from labelwise.data.transforms import scale_batch
 from labelwise.engine.atomic import atomic_write_json
 from labelwise.engine.runtime import resolve_device
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
@@ -61,6 +61,17 @@ def loss_class_weights(config: TrainConfig, splits: DataSplits) -> torch.Tensor 
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def trainer_options(config: TrainConfig, run_dir: Path, device: torch.device) -> TrainerOptions:
+    """The Trainer's loop settings from a ``TrainConfig``."""
+    return TrainerOptions(
+        stages=config.stages, optim=config.optim, run_dir=run_dir, device=device, precision=config.precision,
+        channels_last=config.channels_last, seed=config.seed, batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers, checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints, log_every=config.log_every, eval_every=config.eval.every,
+        progress=config.progress,
+    )
+
+
 def make_augmenters(stages: Sequence[Any], ignore_index: int) -> list[PairedAugment]:
     return [PairedAugment(stage.augment, ignore_index=ignore_index) for stage in stages]
 
@@ -71,10 +82,7 @@ def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], chan
     def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
         images, masks = batch["image"], batch["mask"]
         with torch.autocast(device_type=context.device.type, enabled=False):
-            if context.stage.input_scale != 1.0:
-                height, width = images.shape[-2:]
-                size = (round(height * context.stage.input_scale), round(width * context.stage.input_scale))
-                images, masks = resize_batch(images, masks, size)
+            images, masks = scale_batch(images, masks, context.stage.input_scale)
             images, masks = augmenters[context.stage_index](images, masks)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -114,12 +122,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, st
                                  class_map.ignore_index)
         return {"miou": metrics.miou, "pixel_acc": metrics.pixel_acc}
 
-    options = TrainerOptions(
-        stages=config.stages, optim=config.optim, run_dir=run_dir, device=device, precision=config.precision,
-        channels_last=config.channels_last, seed=config.seed, batch_size=config.data.batch_size, num_workers=config.data.num_workers,
-        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-        log_every=config.log_every, eval_every=config.eval.every, progress=config.progress,
-    )
+    options = trainer_options(config, run_dir, device)
     trainer = Trainer(model, splits.train, step_fn, options, collate_fn=pad_collate,
                       eval_fn=eval_fn if config.eval.every else None)
     if trainer.dist.is_main:

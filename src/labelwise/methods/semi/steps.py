@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labelwise.data.transforms import PairedAugment, resize_batch
+from labelwise.data.transforms import PairedAugment, scale_batch
 from labelwise.engine.trainer import StepContext, StepOutput
 from labelwise.losses import WeightedSumLoss
 from labelwise.losses.rotation import random_rotations, rotation_loss
@@ -76,13 +76,6 @@ def _split(output: ModelOutput, n: int) -> tuple[ModelOutput, ModelOutput]:
     return output[:n], output[n:]
 
 
-def _rescale(images: Tensor, masks: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    if scale == 1.0:
-        return images, masks
-    height, width = images.shape[-2:]
-    return resize_batch(images, masks, (round(height * scale), round(width * scale)))
-
-
 def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augmenters: list[PairedAugment],
                           ignore_index: int, seed: int, channels_last: bool = False) -> Callable[..., StepOutput]:
     """The step function of ``fixmatch`` / ``unimatch`` (module docstring) for the Trainer."""
@@ -96,10 +89,10 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
         images, masks = batch["image"], batch["mask"]
         augment = augmenters[context.stage_index]
         with torch.autocast(device_type=context.device.type, enabled=False):
-            images, masks = _rescale(images, masks, context.stage.input_scale)
+            images, masks = scale_batch(images, masks, context.stage.input_scale)
             images, masks = augment(images, masks, generator)
             validity = torch.where(batch["valid_u"], 0, ignore_index).long()
-            weak, validity = _rescale(batch["image_u"], validity, context.stage.input_scale)
+            weak, validity = scale_batch(batch["image_u"], validity, context.stage.input_scale)
             weak, validity = augment.geometric(weak, validity, generator)
         valid = validity != ignore_index
         if channels_last:

@@ -39,7 +39,7 @@ from labelwise.config import save_config
 from labelwise.data.splits import dataset_names
 from labelwise.engine.atomic import atomic_write_json
 from labelwise.engine.runtime import resolve_device
-from labelwise.engine.trainer import Trainer, TrainerOptions, TrainResult
+from labelwise.engine.trainer import Trainer, TrainResult
 from labelwise.errors import ConfigError
 from labelwise.eval.evaluate import evaluate_model, make_logits_fn, predict_batch
 from labelwise.losses import build_loss
@@ -117,13 +117,7 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
         return {"miou": metrics.miou, "pixel_acc": metrics.pixel_acc}
 
     momentum = config.semi.ema_momentum
-    options = TrainerOptions(
-        stages=config.stages, optim=config.optim, run_dir=run_dir, device=device, precision=config.precision,
-        channels_last=config.channels_last, seed=config.seed, batch_size=config.data.batch_size,
-        num_workers=config.data.num_workers, checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints, log_every=config.log_every, eval_every=config.eval.every,
-        progress=config.progress,
-    )
+    options = supervised.trainer_options(config, run_dir, device)
     trainer = Trainer(model, pairs, step_fn, options,
                       collate_fn=partial(pair_collate, ignore_index=class_map.ignore_index),
                       eval_fn=eval_fn if config.eval.every else None,
