@@ -9,6 +9,8 @@ on `camvid/val`. For aerial, tile 1 is labelled, tiles 2-5 are unlabelled crops,
 scored. `--ssl-init` adds `<method>+ssl` rows (the encoder initialised from that self-supervised
 checkpoint) for the methods given with `--ssl-methods`. Every row is a resumable run in
 `benchmarks/runs/semi_<dataset>/<fraction>/<method>/`; finished runs are read back, not retrained.
+Self-training's round 0 is that fraction's `supervised_only` run (`semi.teacher`); its row's
+`train_seconds` and `steps` count the teacher's training too.
 Rows: `fraction`, `labeled_images`, `method`, `miou`, `pixel_acc`, `train_seconds`, `steps`.
 """
 
@@ -75,9 +77,13 @@ def main() -> None:
             plan += [(fraction, f"{m}+ssl", tiles) for m in args.ssl_methods]
     for fraction, name, split_overrides in plan:
         method = name.removesuffix("+ssl")
-        overrides = [*base, *split_overrides, f"semi.method={method}"]
-        if name.endswith("+ssl"):
-            overrides.append(f"model.init={args.ssl_init}")
+        shared = [*base, *split_overrides, *([f"model.init={args.ssl_init}"] if name.endswith("+ssl") else [])]
+        overrides = [*shared, f"semi.method={method}"]
+        if method == "self_training":
+            # round 0 is the supervised_only run of the same subset and init (trained here if missing)
+            teacher = runs / f"{fraction:g}" / name.replace("self_training", "supervised_only")
+            run_row(config_path, [*shared, "semi.method=supervised_only"], teacher)
+            overrides.append(f"semi.teacher={teacher}")
         metrics = run_row(config_path, overrides, runs / f"{fraction:g}" / name)
         config = load_config(semi.SemiConfig, config_path, overrides)
         labeled_images = len(build_datasets(config.data).train_source)  # type: ignore[arg-type]

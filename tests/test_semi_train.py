@@ -152,6 +152,41 @@ def test_semi_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["pseudo_labeled_images"] == 12
 
 
+def test_self_training_from_a_given_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--teacher`` replaces round 0: no round0 folder is trained, round 1 pseudo-labels with the
+    given model, and the row's training seconds add the teacher's to round 1's."""
+    from labelwise.cli import main
+
+    common = [f"--set={o}" for o in DATA]
+    assert main(["semi", "split", *common, "--count", "4", "--out", str(tmp_path / "split")]) == 0
+    tiny = ["--set", "stages.0.steps=2", "--set", "data.batch_size=2", "--set", "model.options={width: 8}",
+            "--set", "progress=false", "--device", "cpu", "--labeled", str(tmp_path / "split" / "labeled.txt")]
+    assert main(["semi", "train", *common, *tiny, "--method", "supervised_only", "--run-dir", str(tmp_path / "sup")]) == 0
+    run = tmp_path / "st"
+    assert main(["semi", "train", *common, *tiny, "--method", "self_training", "--teacher", str(tmp_path / "sup"),
+                 "--unlabeled", str(tmp_path / "split" / "unlabeled.txt"), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    rounds = json.loads((run / "self_training.json").read_text())["rounds"]
+    teacher_eval = json.loads((tmp_path / "sup" / "eval.json").read_text())
+    assert not (run / "round0").exists() and [r["round"] for r in rounds] == [0, 1]
+    assert rounds[0]["teacher"] == str(tmp_path / "sup") and rounds[0]["miou"] == teacher_eval["miou"]
+    final = json.loads((run / "eval.json").read_text())
+    round1 = json.loads((run / "round1" / "eval.json").read_text())
+    assert final["train_seconds"] == pytest.approx(teacher_eval["train_seconds"] + round1["train_seconds"])
+
+    info = json.loads((tmp_path / "sup" / "model.json").read_text())
+    info["class_map"]["classes"] = [f"other{i}" for i in range(len(info["class_map"]["classes"]))]
+    (tmp_path / "sup" / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match="semi.teacher: .* predicts classes"):
+        train(load_config(SemiConfig, None, [*DATA, "semi.method=self_training", f"semi.teacher={tmp_path / 'sup'}",
+                                              f"data.train_list={tmp_path / 'split' / 'labeled.txt'}",
+                                              f"semi.unlabeled_list={tmp_path / 'split' / 'unlabeled.txt'}",
+                                              f"run_dir={tmp_path / 'bad'}", "device=cpu"]))
+    with pytest.raises(ConfigError, match="semi.teacher: only self_training"):
+        load_config(SemiConfig, None, [*DATA, "semi.method=fixmatch", f"semi.teacher={tmp_path / 'sup'}",
+                                       f"semi.unlabeled_list={tmp_path / 'split' / 'unlabeled.txt'}"])
+
+
 def test_a_self_training_round_improves_over_its_teacher(tmp_path: Path) -> None:
     """Round 0 learns from 6 labelled synthetic images; round 1 adds the confident pseudo-labels
     of 42 unlabelled ones and must score higher on the validation images (both rounds are

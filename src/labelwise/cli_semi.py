@@ -48,6 +48,9 @@ def add_semi(commands) -> None:  # noqa: ANN001 - argparse's private subparsers 
                        help="method (default: the config's semi.method, unimatch)")
     train.add_argument("--init", type=Path, default=None,
                        help="self-supervised checkpoint for the encoder (sets model.init)")
+    train.add_argument("--teacher", type=Path, default=None,
+                       help="self_training: a finished model (run folder) to use as the round-0 teacher "
+                            "instead of training one (sets semi.teacher)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                        help="where to run (default: the config's device, auto)")
     train.add_argument("--run-dir", type=Path, default=None, help="output folder (default: the config's run_dir)")
@@ -64,7 +67,8 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
             overrides.append(f"semi.unlabeled_list={json.dumps(str(args.unlabeled[0]))}")
         else:
             overrides.append("semi.unlabeled=" + json.dumps([str(p) for p in args.unlabeled]))
-    for key, value in (("semi.method", args.method), ("model.init", args.init), ("device", args.device),
+    for key, value in (("semi.method", args.method), ("model.init", args.init),
+                       ("semi.teacher", args.teacher), ("device", args.device),
                        ("run_dir", args.run_dir)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(str(value))}")

@@ -49,6 +49,9 @@ class SemiSettings:
     - ``rotation_weight``: weight of the rotation-prediction auxiliary loss (S4L) on the
       unlabelled images (0 = off).
     - ``rounds``: self-training rounds after the first (teacher) training.
+    - ``teacher``: self-training only; a finished labelwise model (a run folder or a folder with
+      ``model.json`` + ``model.safetensors``, e.g. a ``supervised_only`` run on the same labelled
+      subset) used as the round-0 teacher instead of training one. Its classes must match.
 
     Each step takes as many unlabelled images as labelled ones (``data.batch_size``), as UniMatch
     does.
@@ -68,6 +71,7 @@ class SemiSettings:
     transform_consistency: float = 0.0
     rotation_weight: float = 0.0
     rounds: int = 1
+    teacher: str | None = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -91,6 +95,8 @@ class SemiSettings:
                 raise ConfigError(f"semi.{key}: must be >= 0, got {value}")
         if self.rounds < 1:
             raise ConfigError(f"semi.rounds: must be >= 1, got {self.rounds}")
+        if self.teacher is not None and self.method != "self_training":
+            raise ConfigError(f"semi.teacher: only self_training uses a teacher model, method is {self.method}")
 
 
 @dataclass

@@ -13,7 +13,9 @@
   fresh model (same initialisation) on the labelled images, repeated to match the number of
   pseudo-labelled ones (ST++), plus the pseudo-labelled images. Each round is a
   complete supervised run in ``run_dir/round<k>``; finished rounds are skipped on resume. The last
-  round's model is copied to ``run_dir``.
+  round's model is copied to ``run_dir``; its ``eval.json`` carries the training seconds of all
+  rounds. ``semi.teacher`` (``--teacher``) replaces round 0 by a finished model, e.g. the
+  ``supervised_only`` run on the same labelled subset.
 
 ``model.init`` (``--init``) initialises the student's encoder from a self-supervised checkpoint
 (U-Net encoders and ViTs, :mod:`labelwise.methods.transfer`) before training starts.
@@ -190,6 +192,20 @@ def _round_done(folder: Path) -> bool:
     return all((folder / name).is_file() for name in MODEL_FILES)
 
 
+def _teacher_round(config: SemiConfig, class_map: Any) -> dict[str, Any]:
+    """Round 0's record for a given ``semi.teacher``; checks that it loads and that its classes match."""
+    path = Path(str(config.semi.teacher))
+    teacher = load_model(path)
+    if teacher.class_map.names != class_map.names:
+        raise ConfigError(f"semi.teacher: {path} predicts classes {list(teacher.class_map.names)}, the data has "
+                          f"{list(class_map.names)}")
+    info: dict[str, Any] = {"round": 0, "teacher": str(path)}
+    if (path / "eval.json").is_file():
+        metrics = json.loads((path / "eval.json").read_text())
+        info.update({"miou": metrics.get("miou"), "train_seconds": metrics.get("train_seconds", 0.0)})
+    return info
+
+
 def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiResult:
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -200,14 +216,17 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
     unlabeled = unlabeled_images(config, dataset_names(splits.train_source))
     rounds: list[dict[str, Any]] = []
     result: supervised.SupervisedResult | None = None
-    for k in range(config.semi.rounds + 1):
+    if config.semi.teacher is not None:
+        rounds.append(_teacher_round(config, splits.class_map))
+    for k in range(len(rounds), config.semi.rounds + 1):
         folder = run_dir / f"round{k}"
         round_config = copy.deepcopy(config)
         round_config.run_dir = str(folder)
         round_splits = splits
         info: dict[str, Any] = {"round": k, "labeled_images": len(splits.train)}  # type: ignore[arg-type]
         if k > 0:
-            teacher = load_model(run_dir / f"round{k - 1}").model.to(device)
+            source = Path(config.semi.teacher) if k == 1 and config.semi.teacher else run_dir / f"round{k - 1}"
+            teacher = load_model(source).model.to(device)
             masks, fraction = pseudo_label(teacher, unlabeled, config, splits.class_map.ignore_index, device)
             pseudo = PseudoLabeled(unlabeled, masks)
             # the labelled images repeated to match the pseudo-labelled ones (as ST++ does), so
@@ -218,12 +237,12 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
             info.update({"pseudo_labeled_images": len(pseudo), "confident_fraction": round(fraction, 4)})
         if _round_done(folder) and not overwrite:
             metrics = json.loads((folder / "eval.json").read_text())
-            info["miou"] = metrics["miou"]
+            info.update({"miou": metrics["miou"], "train_seconds": metrics.get("train_seconds", 0.0)})
             rounds.append(info)
             continue
         result = supervised.train(round_config, resume=resume and (folder / "checkpoints").is_dir(),
                                   overwrite=overwrite, splits=round_splits)
-        info["miou"] = result.metrics.get("miou")
+        info.update({"miou": result.metrics.get("miou"), "train_seconds": result.train.train_seconds})
         rounds.append(info)
         atomic_write_json(run_dir / "self_training.json", {"rounds": rounds})
     last = run_dir / f"round{config.semi.rounds}"
@@ -231,5 +250,9 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
         shutil.copyfile(last / name, run_dir / name)
     atomic_write_json(run_dir / "self_training.json", {"rounds": rounds})
     metrics = json.loads((run_dir / "eval.json").read_text())
+    # the row's cost is every round's training, the given teacher's included
+    metrics["last_round_train_seconds"] = metrics.get("train_seconds", 0.0)
+    metrics["train_seconds"] = float(sum(r.get("train_seconds") or 0.0 for r in rounds))
+    atomic_write_json(run_dir / "eval.json", metrics)
     train_summary = result.train if result is not None else TrainResult(0, 0.0, 0.0, {}, {})
     return SemiResult(run_dir, train_summary, metrics)
