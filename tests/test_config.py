@@ -67,3 +67,16 @@ def test_save_and_reload_round_trip(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(TrainConfig, tmp_path / "missing.yaml")
+
+
+def test_exponent_notation_without_a_dot_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-3`` as the string '1e-3'; config floats accept it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {weight_decay: 5e-4}\nstages:\n  - {steps: 3, lr: 2E-3}\n")
+    config = load_config(TrainConfig, path)
+    assert config.optim.weight_decay == 0.0005 and config.stages[0].lr == 0.002
+    assert load_config(TrainConfig, path, ["stages.0.lr=1e-12"]).stages[0].lr == 1e-12
+    with pytest.raises(ConfigError, match="stages.0.lr: expected a number, got 'e-3'"):
+        load_config(TrainConfig, path, ["stages.0.lr=e-3"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(TrainConfig, path, ["stages.0.steps=1e3"])

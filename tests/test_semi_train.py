@@ -229,3 +229,27 @@ def test_aerial_unlabelled_tiles_are_crops_without_masks(tmp_path: Path) -> None
     assert all(images[i]["name"].startswith("tile2_a@") for i in range(6))
     with pytest.raises(DataError, match=r"tiles \[1\] are also labelled"):
         unlabeled_images(load_config(SemiConfig, None, [*base, "semi.unlabeled_tiles=[1, 2]"]), [])
+
+
+def test_unimatch_on_a_vit_initialised_from_a_self_supervised_checkpoint(tmp_path: Path) -> None:
+    """``--init`` for a ViT segmenter: with a learning rate too small to move them, the exported
+    encoder weights are the checkpoint's, bit for bit, after UniMatch steps (feature stream and
+    rotation head included)."""
+    from labelwise.models.vit import create_vit
+    from labelwise.models.vit_loading import save_vit
+
+    torch.manual_seed(0)
+    vit = create_vit("vit_tiny", patch_size=8, depth=2)
+    with torch.no_grad():
+        for parameter in vit.parameters():
+            parameter.add_(0.25)  # unlike any fresh initialisation
+    path = save_vit(vit, tmp_path / "vit.safetensors")
+    config = _config(tmp_path, "semi.method=unimatch", "semi.rotation_weight=0.5", "model.name=vit_linear",
+                     "model.options={arch: vit_tiny, patch_size: 8, depth: 2}", f"model.init={path}",
+                     "stages.0.lr=1e-12", "stages.0.steps=2")
+    result = train(config)
+    exported = load_file(result.run_dir / "model.safetensors")
+    source = vit.state_dict()
+    for key, value in source.items():
+        assert torch.equal(exported[f"encoder.{key}"].float(), value.float()), key
+    assert json.loads((result.run_dir / "init_report.json").read_text())["kind"] == "weights (ViT)"

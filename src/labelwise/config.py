@@ -8,6 +8,7 @@ its allowed choices raises :class:`~labelwise.errors.ConfigError` naming the dot
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from labelwise.data.transforms import AugmentConfig
 from labelwise.errors import ConfigError
 
 T = TypeVar("T")
+# a float in exponent notation without a dot, which YAML 1.1 leaves a string (1e-3, -2E5)
+_YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
 
 
 @dataclass
@@ -255,6 +258,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-3 (no dot) as a string; every user means the number
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
