@@ -26,7 +26,7 @@ def short(commit: str) -> str:
 
 def table(payload: dict) -> str:
     rows = payload["rows"]
-    keys = [k for k in ("method", "implementation", "dataset", "split", "arch", "patch", "backbone", "crf",
+    keys = [k for k in ("fraction", "labeled_images", "method", "implementation", "dataset", "split", "arch", "patch", "backbone", "crf",
                         "precision", "miou", "pixel_acc", "mean_acc", "linear_miou", "selection", "seconds_per_step",
                         "peak_rss_gb", "loss", "relative_difference", "speedup", "matmul_fraction", "status",
                         "train_seconds", "images_per_second", "forward_images_per_second",
@@ -43,7 +43,7 @@ def table(payload: dict) -> str:
         names = list(per_class[0]["per_class_iou"])
         lines += ["", "| per-class IoU | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
         for row in per_class:
-            label = " ".join(str(row.get(k, "")) for k in ("method", "backbone", "eval") if row.get(k))
+            label = " ".join(str(row.get(k, "")) for k in ("fraction", "method", "backbone", "eval") if row.get(k))
             label += " +crf" if row.get("crf") else ""
             lines.append(f"| {label} | " + " | ".join(fmt(row['per_class_iou'][n]) for n in names) + " |")
     return "\n".join(lines)
