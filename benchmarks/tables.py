@@ -37,7 +37,7 @@ def table(payload: dict) -> str:
              f"{payload['torch_threads']} threads, {payload['date']}", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{row[k]:g}" if k == "fraction" else fmt(row.get(k)) for k in keys) + " |")
+        lines.append("| " + " | ".join(f"{row[k]:g}" if k == "fraction" and row.get(k) is not None else fmt(row.get(k)) for k in keys) + " |")
     per_class = [r for r in rows if isinstance(r.get("per_class_iou"), dict)]
     if per_class:
         names = list(per_class[0]["per_class_iou"])
