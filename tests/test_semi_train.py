@@ -152,7 +152,8 @@ def test_semi_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["pseudo_labeled_images"] == 12
 
 
-def test_self_training_from_a_given_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_self_training_from_a_given_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """``--teacher`` replaces round 0: no round0 folder is trained, round 1 pseudo-labels with the
     given model, and the row's training seconds add the teacher's to round 1's."""
     from labelwise.cli import main
@@ -173,6 +174,23 @@ def test_self_training_from_a_given_teacher(tmp_path: Path, capsys: pytest.Captu
     final = json.loads((run / "eval.json").read_text())
     round1 = json.loads((run / "round1" / "eval.json").read_text())
     assert final["train_seconds"] == pytest.approx(teacher_eval["train_seconds"] + round1["train_seconds"])
+
+    # running it again finds every round finished: nothing is pseudo-labelled or trained again
+    import importlib
+
+    semi_train = importlib.import_module("labelwise.methods.semi.train")  # the package exports a `train` function
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished round was pseudo-labelled again")
+
+    monkeypatch.setattr(semi_train, "pseudo_label", fail)
+    monkeypatch.setattr(semi_train.supervised, "train", fail)
+    assert main(["semi", "train", *common, *tiny, "--method", "self_training", "--teacher", str(tmp_path / "sup"),
+                 "--unlabeled", str(tmp_path / "split" / "unlabeled.txt"), "--run-dir", str(run), "--resume"]) == 0
+    capsys.readouterr()
+    assert json.loads((run / "self_training.json").read_text())["rounds"] == rounds
+    assert json.loads((run / "eval.json").read_text())["train_seconds"] == pytest.approx(final["train_seconds"])
+    monkeypatch.undo()
 
     info = json.loads((tmp_path / "sup" / "model.json").read_text())
     info["class_map"]["classes"] = [f"other{i}" for i in range(len(info["class_map"]["classes"]))]

@@ -218,12 +218,17 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
     result: supervised.SupervisedResult | None = None
     if config.semi.teacher is not None:
         rounds.append(_teacher_round(config, splits.class_map))
+    record = run_dir / "self_training.json"
+    previous = {r["round"]: r for r in json.loads(record.read_text())["rounds"]} if record.is_file() else {}
     for k in range(len(rounds), config.semi.rounds + 1):
         folder = run_dir / f"round{k}"
         round_config = copy.deepcopy(config)
         round_config.run_dir = str(folder)
         round_splits = splits
         info: dict[str, Any] = {"round": k, "labeled_images": len(splits.train)}  # type: ignore[arg-type]
+        if _round_done(folder) and not overwrite and k in previous:
+            rounds.append(previous[k])  # finished before a resume: not pseudo-labelled again
+            continue
         if k > 0:
             source = Path(config.semi.teacher) if k == 1 and config.semi.teacher else run_dir / f"round{k - 1}"
             teacher = load_model(source).model.to(device)
