@@ -14,6 +14,10 @@ with `--no-export`, then `--config configs/pretrain_vit_tiny_continue.yaml --run
 benchmarks/runs/pretrain_dino_continue --suffix _continue`, which continues the first stage's
 export (the config's `init`) and writes the weights file.
 
+The same script records the U-Net encoder pretraining of the semi-supervised `+ssl` rows:
+`--config configs/pretrain_unet_dense_moco.yaml --run-dir benchmarks/runs/pretrain_unet --no-export
+--name pretrain_unet` (writes `benchmarks/results/pretrain_unet.json`).
+
 Afterwards: `benchmarks/probe_camvid.py` (probe numbers of the exported backbone) and
 `benchmarks/attention_figures.py` (class-token attention PNGs of 4 CamVid images).
 """
@@ -53,6 +57,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished run in --run-dir instead of "
                         "resuming it")
     parser.add_argument("--suffix", default="", help="results file suffix, e.g. _gpu")
+    parser.add_argument("--name", default="pretrain_dino", help="results name (default: pretrain_dino)")
     args = parser.parse_args()
     for name in ("unlabeled", "camvid", "dubai_aerial"):
         require_data(name)
@@ -76,11 +81,14 @@ def main() -> None:
             shutil.copyfile(result.backbone_path, tmp)
         print(f"wrote {export}")
     summary = result.summary
-    vit_config = config.backbone
+    backbone = config.backbone
+    vit = backbone.kind == "vit"
     local_crops = config.multicrop.local_crops if config.method == "dino" else 0
     row = {
-        "arch": vit_config.arch,
-        "patch": vit_config.patch_size,
+        "backbone": backbone.kind,
+        "arch": backbone.arch if vit else None,
+        "patch": backbone.patch_size if vit else None,
+        "options": backbone.options,
         "method": config.method + ("+ibot" if config.method == "dino" and config.dino.ibot else ""),
         "images": summary["images"],
         "steps": summary["steps"],
@@ -97,7 +105,7 @@ def main() -> None:
         "last_logs": {k: round(v, 4) for k, v in summary["last_logs"].items()},
         "checkpoint": project_relative(export or result.backbone_path),
     }
-    write_results("pretrain_dino", [row], resolve_device(config.device),
+    write_results(args.name, [row], resolve_device(config.device),
                   extra={"config": project_relative(args.config), "overrides": args.overrides}, suffix=args.suffix)
 
 

@@ -176,6 +176,13 @@ def test_resume_gives_identical_student_and_teacher(image_folder: Path, tmp_path
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert log[-1]["weight_decay"] == pytest.approx(cosine_schedule(5, 6, 0.04, 0.4))
 
+    # resuming a finished run trains nothing and keeps the record of the trained steps
+    summary = json.loads((tmp_path / "interrupted" / "pretrain.json").read_text())
+    assert summary["last_logs"]["loss"] == pytest.approx(log[-1]["loss"])
+    again = pretrain.train(interrupted, resume=True)
+    assert again.train.steps == 6 and again.summary["last_logs"] == summary["last_logs"]
+    assert json.loads((tmp_path / "interrupted" / "pretrain.json").read_text())["last_logs"] == summary["last_logs"]
+
 
 @pytest.mark.parametrize("frozen_steps", [0, 2])
 def test_freeze_last_layer(image_folder: Path, tmp_path: Path, frozen_steps: int) -> None:

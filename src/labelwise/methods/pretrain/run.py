@@ -3,6 +3,7 @@ export the backbone and write the summary."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, replace
@@ -199,8 +200,17 @@ def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False,
             "epochs": trainer.images_seen / len(images),
             "train_seconds": result.train_seconds,
             "images_per_second": result.images_per_second,
-            "last_logs": result.last_logs,
+            "last_logs": result.last_logs or _previous_last_logs(run_dir / SUMMARY_FILE),
             "backbone_path": str(backbone_path),
         }
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
     return PretrainResult(run_dir, result, backbone_path, summary)
+
+
+def _previous_last_logs(summary_path: Path) -> dict[str, float]:
+    """The ``last_logs`` of an earlier summary: a resumed run that had already finished trains no
+    step, and its summary must not lose the record of the steps that were trained."""
+    try:
+        return dict(json.loads(summary_path.read_text()).get("last_logs") or {})
+    except (OSError, ValueError):
+        return {}
