@@ -17,6 +17,23 @@ def _save(array: np.ndarray, path: Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+def write_id_png(ids: np.ndarray, path: Path, max_id: int) -> None:
+    """Write integer ids ``[H, W]`` (class / cluster ids, ignore values) as a grey PNG (atomically):
+    8-bit when ``max_id`` (the largest id the file set may hold) is at most 255, else 16-bit, so
+    every file of one output has the same depth. Ids outside ``[0, max_id]`` are an error rather
+    than a silent wrap-around."""
+    if max_id > 65535:
+        raise ValueError(f"{path}: ids up to {max_id} do not fit a 16-bit PNG")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) > max_id):
+        raise ValueError(f"{path}: ids span [{int(ids.min())}, {int(ids.max())}], outside [0, {max_id}]")
+    _save(ids.astype(np.uint8 if max_id <= 255 else np.uint16), Path(path))
+
+
+def write_gray_png(image: np.ndarray, path: Path) -> None:
+    """Write a uint8 ``[H, W]`` array (e.g. a heat map scaled to 0-255) as a grey PNG (atomically)."""
+    _save(np.ascontiguousarray(image, dtype=np.uint8), Path(path))
+
+
 def write_rgb_png(image: np.ndarray, path: Path) -> None:
     """Write an RGB uint8 ``[H, W, 3]`` array as PNG (atomically)."""
     _save(np.ascontiguousarray(image, dtype=np.uint8), Path(path))
@@ -39,10 +56,7 @@ def write_prediction_pngs(prediction: np.ndarray, image: np.ndarray, class_map: 
     """
     out_dir = Path(out_dir)
     paths = {kind: out_dir / kind / f"{stem}.png" for kind in ("ids", "color", "overlay")}
-    if class_map.num_classes <= 255:
-        _save(prediction.astype(np.uint8), paths["ids"])
-    else:
-        _save(prediction.astype(np.uint16), paths["ids"])
+    write_id_png(prediction, paths["ids"], max(class_map.num_classes - 1, 0))
     colors = class_map.colorize(prediction)
     write_rgb_png(colors, paths["color"])
     write_rgb_png(overlay(image, colors, alpha), paths["overlay"])

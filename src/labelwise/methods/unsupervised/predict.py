@@ -33,7 +33,7 @@ from labelwise.methods.unsupervised.data import window_starts
 from labelwise.methods.unsupervised.evaluate import cluster_scores
 from labelwise.methods.unsupervised.model import ExportedHead, load_head
 from labelwise.methods.unsupervised.train import load_backbone
-from labelwise.report.png import _save, write_prediction_pngs
+from labelwise.report.png import write_id_png, write_prediction_pngs
 
 __all__ = ["MAPPING_FILE", "cluster_map", "match_clusters", "predict", "predict_clusters"]
 
@@ -123,7 +123,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | 
         image = read_image(path)
         tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
         clusters = predict_clusters(exported, backbone, tensor, torch_device, precision, window).numpy()
-        _save(clusters.astype(np.uint8 if k <= 255 else np.uint16), out / "clusters" / f"{path.stem}.png")
+        write_id_png(clusters, out / "clusters" / f"{path.stem}.png", k - 1)
         labels = clusters if mapping is None else mapping[clusters]
         written.append(write_prediction_pngs(labels, image, display, out, path.stem, alpha)["ids"])
     return written

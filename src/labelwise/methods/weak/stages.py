@@ -24,7 +24,6 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
 
 from labelwise.data.classmap import ClassMap
@@ -33,7 +32,7 @@ from labelwise.eval.metrics import ConfusionMatrix
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps
 from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig, pseudo_masks
 from labelwise.methods.weak.train import load_classifier
-from labelwise.report.png import _save, write_rgb_png
+from labelwise.report.png import write_gray_png, write_id_png, write_rgb_png
 
 __all__ = ["make_pseudo_masks", "same_size_batches"]
 
@@ -100,12 +99,12 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
             if write_pseudo:
                 rgb = (images[index].permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
                 write_rgb_png(rgb, pseudo_root / "train" / "images" / f"{name}.png")
-                _save(labels[index].cpu().numpy().astype(np.uint8 if k < 255 else np.uint16),
-                      pseudo_root / "train" / "labels" / f"{name}.png")
+                write_id_png(labels[index].cpu().numpy(), pseudo_root / "train" / "labels" / f"{name}.png",
+                             max(k - 1, mask_config.ignore_index))
             if write_cams:
                 for c in torch.nonzero(tags[index]).flatten().tolist():
                     heat = (cams[index, c].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-                    _save(heat, out / "cams" / name / f"{class_names[c]}.png")
+                    write_gray_png(heat, out / "cams" / name / f"{class_names[c]}.png")
         images_done += len(batch)
     report: dict[str, Any] = {"images": images_done, "classes": class_names,
                               "pseudo_root": str(pseudo_root) if write_pseudo else None}
