@@ -9,6 +9,10 @@ on `camvid/val`. For aerial, tile 1 is labelled, tiles 2-5 are unlabelled crops,
 scored. `--ssl-init` adds `<method>+ssl` rows (the encoder initialised from that self-supervised
 checkpoint) for the methods given with `--ssl-methods`. Every row is a resumable run in
 `benchmarks/runs/semi_<dataset>/<fraction>/<method>/`; finished runs are read back, not retrained.
+`--split-seed S` (CamVid's draw of the labelled subset) and `--seed T` (training: init, batches,
+augmentation) measure the spread of a row: any non-zero seed puts the runs under
+`benchmarks/runs/semi_<dataset>/split<S>_seed<T>/` and the rows in
+`results/semi_<dataset>_split<S>_seed<T>.json`.
 Self-training's round 0 is that fraction's `supervised_only` run (`semi.teacher`); its row's
 `train_seconds` and `steps` count the teacher's training too.
 Rows: `fraction`, `labeled_images`, `method`, `miou`, `pixel_acc`, `train_seconds`, `steps`.
@@ -50,12 +54,18 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(semi.METHODS), choices=list(semi.METHODS))
     parser.add_argument("--ssl-init", type=Path, default=None, help="self-supervised encoder checkpoint")
     parser.add_argument("--ssl-methods", nargs="+", default=["unimatch"], choices=list(semi.METHODS))
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the labelled subset's draw (CamVid)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (init, batches, augmentation)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     data_root = require_data(DATA[args.dataset])
     config_path = ROOT / "configs" / f"semi_{args.dataset}.yaml"
-    runs = ROOT / "benchmarks" / "runs" / f"semi_{args.dataset}"
-    base = [f"data.root={data_root}", *args.overrides]
+    bench = f"semi_{args.dataset}"
+    runs = ROOT / "benchmarks" / "runs" / bench
+    if args.split_seed or args.seed:
+        runs = runs / f"split{args.split_seed}_seed{args.seed}"
+        bench = f"{bench}_split{args.split_seed}_seed{args.seed}"
+    base = [f"data.root={data_root}", f"seed={args.seed}", *args.overrides]
     rows: list[dict[str, Any]] = []
     device = resolve_device(load_config(semi.SemiConfig, config_path, [*base, "semi.method=supervised_only"]).device)
     plan: list[tuple[float, str, list[str]]] = []
@@ -63,7 +73,7 @@ def main() -> None:
         probe = load_config(semi.SemiConfig, config_path, [*base, "semi.method=supervised_only"])
         names = dataset_names(build_datasets(probe.data).train_source)
         for fraction in args.fractions:
-            split = split_labeled(names, fraction=fraction, seed=0)
+            split = split_labeled(names, fraction=fraction, seed=args.split_seed)
             labeled, unlabeled = write_split(runs / f"{fraction:g}" / "split", split)
             split_overrides = [f"data.train_list={labeled}", f"semi.unlabeled_list={unlabeled}"]
             plan += [(fraction, m, split_overrides) for m in args.methods]
@@ -88,14 +98,15 @@ def main() -> None:
         config = load_config(semi.SemiConfig, config_path, overrides)
         labeled_images = len(build_datasets(config.data).train_source)  # type: ignore[arg-type]
         rows.append({"dataset": args.dataset, "split": config.data.val_split, "fraction": fraction,
+                     "split_seed": args.split_seed if args.dataset == "camvid" else None, "seed": args.seed,
                      "labeled_images": labeled_images, "method": name, "miou": round(metrics["miou"], 4),
                      "pixel_acc": round(metrics["pixel_acc"], 4), "train_seconds": round(metrics.get("train_seconds", 0), 1),
                      "steps": config.total_steps * (config.semi.rounds + 1 if method == "self_training" else 1),
                      "per_class_iou": {k: (None if v is None else round(v, 4))
                                        for k, v in metrics.get("per_class_iou", {}).items()}})
         print(f"{fraction:g} {name}: {rows[-1]['miou']:.4f}", flush=True)
-        write_results(f"semi_{args.dataset}", rows, device, extra={"config": str(config_path.relative_to(ROOT)),
-                                                                    "overrides": args.overrides})
+        write_results(bench, rows, device, extra={"config": str(config_path.relative_to(ROOT)),
+                                                  "overrides": args.overrides})
 
 
 if __name__ == "__main__":
