@@ -7,7 +7,7 @@ fraction's labelled subset is drawn from `camvid/train` by `labelwise.data.split
 subsets of one seed are nested) and the rest of `camvid/train` is the unlabelled part; scores are
 on `camvid/val`. For aerial, tile 1 is labelled, tiles 2-5 are unlabelled crops, tiles 6-7 are
 scored. `--ssl-init` adds `<method>+ssl` rows (the encoder initialised from that self-supervised
-checkpoint) for the methods given with `--ssl-methods`. Every row is a resumable run in
+checkpoint) for the methods given with `--ssl-methods`; `--methods` with no names runs only those. Every row is a resumable run in
 `benchmarks/runs/semi_<dataset>/<fraction>/<method>/`; finished runs are read back, not retrained.
 `--split-seed S` (CamVid's draw of the labelled subset) and `--seed T` (training: init, batches,
 augmentation) measure the spread of a row: any non-zero seed puts the runs under
@@ -15,17 +15,22 @@ augmentation) measure the spread of a row: any non-zero seed puts the runs under
 `results/semi_<dataset>_split<S>_seed<T>.json`.
 Self-training's round 0 is that fraction's `supervised_only` run (`semi.teacher`); its row's
 `train_seconds` and `steps` count the teacher's training too.
-Rows: `fraction`, `labeled_images`, `method`, `miou`, `pixel_acc`, `train_seconds`, `steps`.
+Rows: `fraction`, `labeled_images`, `method`, `miou`, `pixel_acc`, `train_seconds`, `steps`, and the
+`commit` / `command` / `date` of the invocation that trained them. The results file keeps the rows of earlier
+invocations: a new row replaces the one with the same fraction, method and seeds, so rows can be
+(re)measured a few at a time (`--methods`, `--fractions`) when runs do not survive between sessions.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, require_data, write_results
+from _common import RESULTS, ROOT, START_COMMIT, require_data, write_results
 
 from labelwise.config import load_config
 from labelwise.data.splits import dataset_names, split_labeled, write_split
@@ -36,22 +41,34 @@ from labelwise.methods.common import build_datasets
 DATA = {"camvid": "camvid", "aerial": "dubai_aerial"}
 
 
-def run_row(config_path: Path, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    """Train (or read back) one row's run and return its eval.json."""
+def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two rows the same measurement: fraction, method and both seeds."""
+    return (row["fraction"], row["method"], row.get("split_seed", 0), row.get("seed", 0))
+
+
+def merge_rows(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``earlier`` with each row that ``new`` re-measures replaced in place, then the other new rows."""
+    fresh = {row_key(row): row for row in new}
+    merged = [fresh.pop(row_key(row), row) for row in earlier]
+    return merged + [row for row in new if row_key(row) in fresh]
+
+
+def run_row(config_path: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, Any], bool]:
+    """Train (or read back) one row's run; its eval.json and whether this call trained (part of) it."""
     done = run_dir / "eval.json"
     if done.is_file() and (run_dir / "model.safetensors").is_file():
-        return json.loads(done.read_text())
+        return json.loads(done.read_text()), False
     config = load_config(semi.SemiConfig, config_path, [*overrides, f"run_dir={run_dir}"])
     resume = (run_dir / "checkpoints").is_dir() or (run_dir / "round0").is_dir()
     result = semi.train(config, resume=resume)
-    return result.metrics or json.loads(done.read_text())
+    return result.metrics or json.loads(done.read_text()), True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=sorted(DATA), default="camvid")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0625, 0.125, 0.25])
-    parser.add_argument("--methods", nargs="+", default=list(semi.METHODS), choices=list(semi.METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(semi.METHODS), choices=list(semi.METHODS))
     parser.add_argument("--ssl-init", type=Path, default=None, help="self-supervised encoder checkpoint")
     parser.add_argument("--ssl-methods", nargs="+", default=["unimatch"], choices=list(semi.METHODS))
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the labelled subset's draw (CamVid)")
@@ -67,6 +84,9 @@ def main() -> None:
         bench = f"{bench}_split{args.split_seed}_seed{args.seed}"
     base = [f"data.root={data_root}", f"seed={args.seed}", *args.overrides]
     rows: list[dict[str, Any]] = []
+    previous = RESULTS / f"{bench}.json"
+    earlier = json.loads(previous.read_text())["rows"] if previous.is_file() else []
+    command = " ".join(["python", "benchmarks/semi.py", *sys.argv[1:]])
     device = resolve_device(load_config(semi.SemiConfig, config_path, [*base, "semi.method=supervised_only"]).device)
     plan: list[tuple[float, str, list[str]]] = []
     if args.dataset == "camvid":
@@ -94,7 +114,11 @@ def main() -> None:
             teacher = runs / f"{fraction:g}" / name.replace("self_training", "supervised_only")
             run_row(config_path, [*shared, "semi.method=supervised_only"], teacher)
             overrides.append(f"semi.teacher={teacher}")
-        metrics = run_row(config_path, overrides, runs / f"{fraction:g}" / name)
+        metrics, trained = run_row(config_path, overrides, runs / f"{fraction:g}" / name)
+        known = [row for row in earlier if row_key(row) == (fraction, name, args.split_seed if args.dataset == "camvid"
+                                                             else None, args.seed)]
+        if known and not trained:
+            continue  # a run read back keeps the row (and commit) recorded when it was trained
         config = load_config(semi.SemiConfig, config_path, overrides)
         labeled_images = len(build_datasets(config.data).train_source)  # type: ignore[arg-type]
         rows.append({"dataset": args.dataset, "split": config.data.val_split, "fraction": fraction,
@@ -103,9 +127,10 @@ def main() -> None:
                      "pixel_acc": round(metrics["pixel_acc"], 4), "train_seconds": round(metrics.get("train_seconds", 0), 1),
                      "steps": config.total_steps * (config.semi.rounds + 1 if method == "self_training" else 1),
                      "per_class_iou": {k: (None if v is None else round(v, 4))
-                                       for k, v in metrics.get("per_class_iou", {}).items()}})
+                                       for k, v in metrics.get("per_class_iou", {}).items()},
+                     "commit": START_COMMIT, "command": command, "date": datetime.date.today().isoformat()})
         print(f"{fraction:g} {name}: {rows[-1]['miou']:.4f}", flush=True)
-        write_results(bench, rows, device, extra={"config": str(config_path.relative_to(ROOT)),
+        write_results(bench, merge_rows(earlier, rows), device, extra={"config": str(config_path.relative_to(ROOT)),
                                                   "overrides": args.overrides})
 
 
