@@ -7,8 +7,9 @@ fraction's labelled subset is drawn from `camvid/train` by `labelwise.data.split
 subsets of one seed are nested) and the rest of `camvid/train` is the unlabelled part; scores are
 on `camvid/val`. For aerial, tile 1 is labelled, tiles 2-5 are unlabelled crops, tiles 6-7 are
 scored. `--ssl-init` adds `<method>+ssl` rows (the encoder initialised from that self-supervised
-checkpoint) for the methods given with `--ssl-methods`; `--methods` with no names runs only those. Every row is a resumable run in
-`benchmarks/runs/semi_<dataset>/<fraction>/<method>/`; finished runs are read back, not retrained.
+checkpoint) for the methods given with `--ssl-methods`; `--methods` with no names runs only those.
+Every row is a resumable run in `benchmarks/runs/semi_<dataset>/<fraction>/<method>/`; finished
+runs are read back, not retrained.
 `--split-seed S` (CamVid's draw of the labelled subset) and `--seed T` (training: init, batches,
 augmentation) measure the spread of a row: any non-zero seed puts the runs under
 `benchmarks/runs/semi_<dataset>/split<S>_seed<T>/` and the rows in
@@ -16,8 +17,8 @@ augmentation) measure the spread of a row: any non-zero seed puts the runs under
 Self-training's round 0 is that fraction's `supervised_only` run (`semi.teacher`); its row's
 `train_seconds` and `steps` count the teacher's training too.
 Rows: `fraction`, `labeled_images`, `method`, `miou`, `pixel_acc`, `train_seconds`, `steps`, and the
-`commit` / `command` / `date` of the invocation that trained them. The results file keeps the rows of earlier
-invocations: a new row replaces the one with the same fraction, method and seeds, so rows can be
+`commit` / `command` / `date` of the invocation that trained them. The results file keeps the rows
+of earlier invocations: a new row replaces the one with the same fraction, method and seeds, so rows can be
 (re)measured a few at a time (`--methods`, `--fractions`) when runs do not survive between sessions.
 """
 
@@ -115,9 +116,8 @@ def main() -> None:
             run_row(config_path, [*shared, "semi.method=supervised_only"], teacher)
             overrides.append(f"semi.teacher={teacher}")
         metrics, trained = run_row(config_path, overrides, runs / f"{fraction:g}" / name)
-        known = [row for row in earlier if row_key(row) == (fraction, name, args.split_seed if args.dataset == "camvid"
-                                                             else None, args.seed)]
-        if known and not trained:
+        key = (fraction, name, args.split_seed if args.dataset == "camvid" else None, args.seed)
+        if not trained and any(row_key(row) == key for row in earlier):
             continue  # a run read back keeps the row (and commit) recorded when it was trained
         config = load_config(semi.SemiConfig, config_path, overrides)
         labeled_images = len(build_datasets(config.data).train_source)  # type: ignore[arg-type]
@@ -130,8 +130,8 @@ def main() -> None:
                                        for k, v in metrics.get("per_class_iou", {}).items()},
                      "commit": START_COMMIT, "command": command, "date": datetime.date.today().isoformat()})
         print(f"{fraction:g} {name}: {rows[-1]['miou']:.4f}", flush=True)
-        write_results(bench, merge_rows(earlier, rows), device, extra={"config": str(config_path.relative_to(ROOT)),
-                                                  "overrides": args.overrides})
+        write_results(bench, merge_rows(earlier, rows), device,
+                      extra={"config": str(config_path.relative_to(ROOT)), "overrides": args.overrides})
 
 
 if __name__ == "__main__":
