@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from labelwise.config import load_config
+from labelwise.config import ModelConfig, load_config
 from labelwise.methods import semi
 from labelwise.methods.transfer import initialise_from
 from labelwise.models import create
@@ -25,7 +25,7 @@ MODEL_CARD = ROOT / "weights" / "README.md"
 pytestmark = pytest.mark.skipif(not ENCODER.is_file(), reason=f"{ENCODER} is not present")
 
 
-def semi_camvid_model_config():  # noqa: ANN201 (the config's model section)
+def semi_camvid_model_config() -> ModelConfig:
     return load_config(semi.SemiConfig, ROOT / "configs" / "semi_camvid.yaml", ["semi.method=supervised_only"]).model
 
 
