@@ -264,6 +264,7 @@ def test_random_crop_content_and_padding(aerial_root: Path) -> None:
         assert np.array_equal(sample["mask"].numpy()[inner], expect)
         padded = np.ones((32, 24), bool)
         padded[inner] = False
+        assert np.array_equal(crops.inside(i), ~padded)
         if padded.any():  # tile 1 (20x20) is smaller than the crop
             seen_padded = True
             assert (sample["mask"].numpy()[padded] == 255).all()

@@ -18,6 +18,7 @@ from labelwise.errors import ConfigError, DataError
 from labelwise.losses import build_loss
 from labelwise.methods.common import build_datasets
 from labelwise.methods.semi import SemiConfig, train
+from labelwise.methods.semi.train import pseudo_label
 from labelwise.methods.semi.data import ImagesOnly, LabeledUnlabeledPairs, pair_collate, unlabeled_images
 from labelwise.methods.semi.model import SemiModel
 from labelwise.methods.semi.perturb import confident_pseudo_labels
@@ -243,8 +244,28 @@ def test_aerial_unlabelled_tiles_are_crops_without_masks(tmp_path: Path) -> None
             "data.tile_crop=16", "data.samples_per_epoch=6", "semi.method=fixmatch"]
     config = load_config(SemiConfig, None, [*base, "semi.unlabeled_tiles=[2]"])
     images = unlabeled_images(config, [])
-    assert len(images) == 6 and set(images[0]) == {"image", "name"} and images[0]["image"].shape == (3, 16, 16)
+    assert len(images) == 6 and set(images[0]) == {"image", "name", "valid"} and images[0]["image"].shape == (3, 16, 16)
     assert all(images[i]["name"].startswith("tile2_a@") for i in range(6))
+    assert all(bool(images[i]["valid"].all()) for i in range(6))  # 16 px crops inside a 30 x 40 tile
+
+    # crops larger than the tile: the zero padding is not a pixel to pseudo-label
+    config = load_config(SemiConfig, None, [*base, "data.tile_crop=48", "semi.unlabeled_tiles=[2]",
+                                            "semi.self_training_threshold=0.0"])
+    images = unlabeled_images(config, [])
+    for i in range(len(images)):
+        tile_y, tile_x = (-int(v) for v in images[i]["name"].split("@")[1].split("_"))
+        expect = torch.zeros(48, 48, dtype=torch.bool)
+        expect[tile_y:tile_y + 30, tile_x:tile_x + 40] = True
+        assert torch.equal(images[i]["valid"], expect)
+    splits = build_datasets(config.data, seed=0)
+    batch = pair_collate([LabeledUnlabeledPairs(splits.train, images)[i] for i in range(3)])
+    assert torch.equal(batch["valid_u"], torch.stack([images[i]["valid"] for i in range(3)]))
+    assert set(batch) >= {"image", "mask", "image_u", "valid_u"} and "valid" not in batch
+    model = create("unet", num_classes=2, width=8, depth=2).eval()
+    masks, _ = pseudo_label(model, images, config, 255, torch.device("cpu"))
+    for i, mask in enumerate(masks):
+        inside = images[i]["valid"].numpy()
+        assert mask.shape == (48, 48) and (mask[~inside] == 255).all() and (mask[inside] < 2).all()
     with pytest.raises(DataError, match=r"tiles \[1\] are also labelled"):
         unlabeled_images(load_config(SemiConfig, None, [*base, "semi.unlabeled_tiles=[1, 2]"]), [])
 

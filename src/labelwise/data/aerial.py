@@ -250,6 +250,17 @@ class RandomCropDataset(SegmentationDataset):
             out_mask[y0 - y : y1 - y, x0 - x : x1 - x] = mask[y0:y1, x0:x1]
         return out_image, out_mask
 
+    def inside(self, index: int) -> np.ndarray:
+        """bool ``[h, w]`` of crop ``index``: True on tile pixels, False on the padding. Computed
+        from the crop's position alone, so it can mark the real pixels of images whose masks must
+        not be read (the unlabelled part of a semi-supervised run)."""
+        tile, y, x = self.crop_params(index)
+        height, width = self.sizes[tile]
+        crop_h, crop_w = self.crop_size
+        rows = np.arange(y, y + crop_h)
+        cols = np.arange(x, x + crop_w)
+        return ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
+
     def __getitem__(self, index: int) -> Sample:
         tile, y, x = self.crop_params(index)
         image, mask = self.crop(tile, y, x)

@@ -4,14 +4,16 @@
   folders of ``semi.unlabeled``, the training-split samples named in ``semi.unlabeled_list``, or
   random crops of the aerial tiles ``semi.unlabeled_tiles``, the last two seen through
   :class:`ImagesOnly` (their masks are dropped on read, so no label of the unlabelled part can
-  reach training).
+  reach training; crops that overhang a small tile carry ``valid``, the tile's pixels, from the
+  crop position).
 - :class:`LabeledUnlabeledPairs`: an epoch runs over the unlabelled images once; sample ``i``
   pairs unlabelled image ``i`` with a labelled sample drawn by a per-epoch permutation of the
   labelled set (cycled when it is smaller), seeded by ``(seed, epoch)`` so resumed runs see the
   same pairs.
 - :func:`pair_collate`: the labelled half through :func:`~labelwise.data.pad_collate` (keys
   ``image``, ``mask``, ``name``), the unlabelled half padded likewise (``image_u``, ``valid_u``
-  marks the real pixels, ``name_u``).
+  marks the real pixels: not the collate's padding, nor a crop's padding outside its tile,
+  ``name_u``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ __all__ = ["ImagesOnly", "LabeledUnlabeledPairs", "pair_collate", "unlabeled_ima
 
 
 class ImagesOnly(Dataset):
-    """``{"image", "name"}`` of every sample of ``source``; any mask is dropped."""
+    """``{"image", "name"}`` of every sample of ``source``; any mask is dropped. Sources with an
+    ``inside(index)`` method (:class:`~labelwise.data.RandomCropDataset`) add ``"valid"``, bool
+    ``[H, W]``: True on real image pixels, False on the crop's zero padding."""
 
     def __init__(self, source: Dataset) -> None:
         self.source = source
@@ -45,7 +49,11 @@ class ImagesOnly(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.source[index]
-        return {"image": sample["image"], "name": str(sample["name"])}
+        item: dict[str, Any] = {"image": sample["image"], "name": str(sample["name"])}
+        inside = getattr(self.source, "inside", None)
+        if callable(inside):
+            item["valid"] = torch.from_numpy(inside(index))
+        return item
 
 
 def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str]) -> Dataset:
@@ -104,21 +112,25 @@ class LabeledUnlabeledPairs(Dataset):
         unlabeled = self.unlabeled[index]
         labeled["image_u"] = unlabeled["image"]
         labeled["name_u"] = str(unlabeled["name"])
+        if "valid" in unlabeled:
+            labeled["valid_u"] = unlabeled["valid"]
         return labeled
 
 
 def pair_collate(samples: Sequence[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
     """Batch of :class:`LabeledUnlabeledPairs` items (module docstring)."""
-    labeled = [{k: v for k, v in s.items() if k not in ("image_u", "name_u")} for s in samples]
+    labeled = [{k: v for k, v in s.items() if k not in ("image_u", "name_u", "valid_u")} for s in samples]
     batch = pad_collate(labeled, ignore_index=ignore_index)  # type: ignore[arg-type]
     images = [s["image_u"] for s in samples]
     height = max(int(i.shape[-2]) for i in images)
     width = max(int(i.shape[-1]) for i in images)
     padded, valid = [], []
-    for image in images:
+    for sample, image in zip(samples, images):
         pad = (0, width - image.shape[-1], 0, height - image.shape[-2])
         padded.append(F.pad(image, pad, value=0.0))
-        real = torch.ones(image.shape[-2:], dtype=torch.bool)
+        real = sample.get("valid_u")
+        if real is None:
+            real = torch.ones(image.shape[-2:], dtype=torch.bool)
         valid.append(F.pad(real, pad, value=False))
     batch["image_u"] = torch.stack(padded)
     batch["valid_u"] = torch.stack(valid)

@@ -169,8 +169,9 @@ class PseudoLabeled(Dataset):
 def pseudo_label(model: nn.Module, images: Dataset, config: SemiConfig, ignore_index: int,
                  device: torch.device) -> tuple[list[np.ndarray], float]:
     """Pseudo-label masks (uint8 / uint16 ``[H, W]``) of every image at its own size, with the
-    evaluation settings; pixels below ``semi.self_training_threshold`` are ``ignore_index``. Also returns the
-    confident fraction of all pixels."""
+    evaluation settings; pixels below ``semi.self_training_threshold``, and a crop's padding outside its
+    tile (``"valid"`` of :class:`~.data.ImagesOnly`), are ``ignore_index``. Also returns the confident
+    fraction of all pixels."""
     model.eval()
     logits_fn = make_logits_fn(model, device, config.precision, config.eval.input_scale, config.eval.flip)
     num_classes = int(getattr(model, "num_classes"))
@@ -178,9 +179,11 @@ def pseudo_label(model: nn.Module, images: Dataset, config: SemiConfig, ignore_i
     confident = total = 0
     dtype = np.uint8 if max(num_classes, ignore_index) < 256 else np.uint16
     for index in range(len(images)):  # type: ignore[arg-type]
-        image = images[index]["image"][None].to(device)
+        sample = images[index]
+        image = sample["image"][None].to(device)
+        valid = sample["valid"][None].to(device) if "valid" in sample else None
         logits = predict_batch(logits_fn, image, num_classes, config.eval)
-        labels = confident_pseudo_labels(torch.softmax(logits, 1), config.semi.self_training_threshold, None,
+        labels = confident_pseudo_labels(torch.softmax(logits, 1), config.semi.self_training_threshold, valid,
                                          ignore_index)[0]
         confident += int((labels != ignore_index).sum())
         total += labels.numel()
