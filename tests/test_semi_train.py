@@ -103,6 +103,8 @@ def test_feature_perturbation_acts_only_in_its_stream() -> None:
     for p in (0.0, 0.5):
         assert logs[p]["sup_ce"] == pytest.approx(float(expected_sup), rel=1e-5)
     assert logs[0.0]["fp"] == pytest.approx(float(weak_self_loss), rel=1e-5)
+    assert logs[0.0]["confident"] == 1.0
+    assert logs[0.0]["pseudo_top_share"] == pytest.approx(float(torch.bincount(pseudo.flatten()).max()) / pseudo.numel())
     assert logs[0.5]["fp"] != pytest.approx(float(weak_self_loss), rel=1e-3)
     assert logs[0.5]["s1"] == pytest.approx(logs[0.0]["s1"], rel=1e-5)  # the strong streams are untouched
 

@@ -11,6 +11,8 @@ Per step, with ``B`` labelled and ``B`` unlabelled images (:mod:`.data`):
    dropout (the feature-perturbation stream, computed in this forward only);
 3. pseudo-labels: the argmax of the weak-view softmax (of the EMA teacher when there is one),
    ignored below ``threshold`` and outside the image (:func:`~.perturb.confident_pseudo_labels`);
+   logged: ``confident`` (their share of the valid pixels) and ``pseudo_top_share`` (the share of
+   the commonest class among them, near 1 when training collapses onto one class);
 4. strong views: the weak views with UniMatch's colour jitter / grayscale / blur, then CutMix
    with the next image of the batch (``roll`` by one: images, pseudo-labels and validity take
    the partner's values in the same box);
@@ -126,6 +128,9 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
             probabilities = torch.softmax(source.detach().float(), 1)
             pseudo = confident_pseudo_labels(probabilities, settings.threshold, valid, ignore_index)
         logs["confident"] = float((pseudo != ignore_index).sum() / valid.sum().clamp_min(1))
+        # a rising confident share can hide a collapse onto one class: log that class's share
+        counts = torch.bincount(pseudo[pseudo != ignore_index], minlength=1)
+        logs["pseudo_top_share"] = float(counts.max() / counts.sum().clamp_min(1))
 
         # 4. strong views with CutMix
         def strong_view() -> tuple[Tensor, Tensor, Tensor]:
