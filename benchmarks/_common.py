@@ -51,11 +51,16 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
+def command_line() -> str:
+    """The command that reran this script, from the project root."""
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
 def write_results(name: str, rows: list[dict[str, Any]], device: torch.device, extra: dict[str, Any] | None = None,
                   suffix: str = "") -> Path:
     """Write ``benchmarks/results/<name><suffix>.json`` in the DESIGN.md format."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    command = command_line()
     payload = {
         "benchmark": name,
         "commit": START_COMMIT,

@@ -84,13 +84,25 @@ class ModelConfig:
     """Model name from ``labelwise.models.available_models()`` and its constructor options.
 
     ``init``: pretrained weights for the encoder, loaded before training starts (not on resume:
-    the checkpoint wins): a labelwise model folder, a pretraining run's ``backbone.safetensors``
-    or a ViT checkpoint (see ``labelwise.methods.transfer``).
+    the checkpoint wins): a labelwise model folder, a pretraining run's ``backbone.safetensors``,
+    a ViT checkpoint or a named CNN weights file such as ``mobilenet_v2_imagenet`` (see
+    ``labelwise.methods.transfer``). ImageNet encoders are usually chosen in ``options``
+    (``encoder: mobilenet_v2``, ``encoder_weights: imagenet``).
+
+    Transfer-learning settings (as segmentation_models.pytorch / MMSegmentation users set them):
+    ``freeze_encoder`` trains the decoder only (the encoder, BatchNorm statistics included, stays
+    bit-identical); ``freeze_encoder_bn`` keeps the encoder's BatchNorm statistics fixed while its
+    weights train (small batches); ``None`` = on exactly when the encoder starts from weights
+    with folded BatchNorm (the TF-converted ``imagenet`` MobileNetV2); ``encoder_lr_scale``
+    multiplies the learning rate of the encoder's parameters (e.g. 0.1).
     """
 
     name: str = "unet"
     options: dict[str, Any] = field(default_factory=dict)
     init: str | None = None
+    freeze_encoder: bool = False
+    freeze_encoder_bn: bool | None = None
+    encoder_lr_scale: float = 1.0
 
 
 @dataclass
@@ -182,6 +194,8 @@ class TrainConfig:
                 raise ConfigError(f"stages.{i}.batch_size: must be > 0")
         if self.data.batch_size <= 0:
             raise ConfigError(f"data.batch_size: must be > 0, got {self.data.batch_size}")
+        if not self.model.encoder_lr_scale > 0:
+            raise ConfigError(f"model.encoder_lr_scale: must be > 0, got {self.model.encoder_lr_scale}")
         if self.checkpoint_every <= 0:
             raise ConfigError(f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
         if self.data.dataset != "synthetic" and not self.data.root:

@@ -17,7 +17,7 @@ from labelwise.data import AerialTiles, CamVid, ClassMap, FolderDataset, RandomC
 from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
 from labelwise.engine.checkpoint import load_state_strict, read_model_files, save_model
 from labelwise.errors import CheckpointError, ConfigError
-from labelwise.models import SegmentationModel, create
+from labelwise.models import SegmentationModel, create, skip_pretrained_weights
 
 
 def seed_everything(seed: int) -> None:
@@ -160,7 +160,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Lo
         class_map = ClassMap.from_dict(info["class_map"], where=str(path / "model.json"))
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: model.json lacks {exc}") from exc
-    model = create(name, num_classes=num_classes, **model_config)
+    with skip_pretrained_weights():  # the export's own weights replace them at once
+        model = create(name, num_classes=num_classes, **model_config)
     load_state_strict(model, weights, str(path))
     model.to(map_location).eval()
     eval_config = from_dict(EvalConfig, info.get("eval", {}), prefix="model.json eval.")

@@ -32,6 +32,7 @@ from labelwise.eval.evaluate import evaluate_model, make_logits_fn, predict_batc
 from labelwise.eval.metrics import SegmentationMetrics
 from labelwise.losses import WeightedSumLoss, build_loss
 from labelwise.methods.common import DataSplits, build_datasets, build_eval_dataset, export_model, load_model, seed_everything
+from labelwise.methods.transfer import configure_encoder
 from labelwise.models import create
 from labelwise.report import write_prediction_pngs, write_rgb_png
 
@@ -61,9 +62,14 @@ def loss_class_weights(config: TrainConfig, splits: DataSplits) -> torch.Tensor 
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def trainer_options(config: TrainConfig, run_dir: Path, device: torch.device) -> TrainerOptions:
-    """The Trainer's loop settings from a ``TrainConfig``."""
+def trainer_options(config: TrainConfig, run_dir: Path, device: torch.device, model: nn.Module | None = None
+                    ) -> TrainerOptions:
+    """The Trainer's loop settings from a ``TrainConfig``; ``model`` (the module the trainer
+    optimises) is needed for ``model.encoder_lr_scale``."""
+    from labelwise.methods.transfer import encoder_lr_scale
+
     return TrainerOptions(
+        lr_scale=encoder_lr_scale(model, config.model.encoder_lr_scale) if model is not None else None,
         stages=config.stages, optim=config.optim, run_dir=run_dir, device=device, precision=config.precision,
         channels_last=config.channels_last, seed=config.seed, batch_size=config.data.batch_size,
         num_workers=config.data.num_workers, checkpoint_every=config.checkpoint_every,
@@ -109,6 +115,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, st
     splits = splits or build_datasets(config.data, seed=config.seed)
     class_map = splits.class_map
     model = create(config.model.name, num_classes=class_map.num_classes, **config.model.options)
+    configure_encoder(model, config.model)
     loss_fn = build_loss(
         [{"name": t.name, "weight": t.weight} for t in config.loss.terms],
         num_classes=class_map.num_classes,
@@ -122,7 +129,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, st
                                  class_map.ignore_index)
         return {"miou": metrics.miou, "pixel_acc": metrics.pixel_acc}
 
-    options = trainer_options(config, run_dir, device)
+    options = trainer_options(config, run_dir, device, model)
     trainer = Trainer(model, splits.train, step_fn, options, collate_fn=pad_collate,
                       eval_fn=eval_fn if config.eval.every else None)
     if trainer.dist.is_main:

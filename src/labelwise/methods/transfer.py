@@ -7,7 +7,10 @@
 2. a pretraining run's ``backbone.safetensors`` (or the run folder holding it), or any other
    weights file (``.safetensors``; ``.pth`` / ``.pt`` / ``.bin`` read with
    ``torch.load(weights_only=True)``);
-3. for models whose encoder is a ``VisionTransformer`` (``vit_*``): any checkpoint
+3. a named CNN weights file (``mobilenet_v2_imagenet``, ``mobilenet_v2_torchvision``; see
+   ``labelwise.models.pretrained``) for a model built on that encoder with the same input
+   convention;
+4. for models whose encoder is a ``VisionTransformer`` (``vit_*``): any checkpoint
    ``labelwise.models.vit_loading`` understands (DINO, DINOv2, timm, Hugging Face, ``save_vit``
    files), converted to the native key names first, or a backbone name ``resolve_backbone``
    knows.
@@ -37,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from labelwise.config import ModelConfig
 from labelwise.engine.atomic import atomic_write_json
 from labelwise.engine.checkpoint import read_model_files
 from labelwise.errors import CheckpointError
 
-__all__ = ["InitReport", "initialise_from", "read_pretrained"]
+__all__ = ["InitReport", "configure_encoder", "encoder_lr_scale", "initialise_from", "read_pretrained"]
 
 REPORT_NAME = "init_report.json"
 _PREFIX_HINTS = ("", "encoder.", "backbone.", "module.", "model.", "module.encoder.", "model.encoder.",
@@ -153,10 +157,14 @@ def read_pretrained(path: str | Path, model: nn.Module) -> tuple[str, str, dict[
         _, weights = read_model_files(path)
         return "labelwise-model", str(path), weights, _encoder_prefix(model)
     elif not path.exists():
+        from labelwise.models.pretrained import is_weights_name
+
         if vit:
             from labelwise.models.vit_loading import resolve_backbone
 
             path = resolve_backbone(str(path))
+        elif is_weights_name(str(path)):
+            path = _named_cnn_weights(str(path), encoder)
         if not path.exists():
             raise CheckpointError(f"{path}: no such model folder or weights file")
     kind = "backbone" if path.name == "backbone.safetensors" else "weights"
@@ -166,6 +174,21 @@ def read_pretrained(path: str | Path, model: nn.Module) -> tuple[str, str, dict[
             return f"{kind} (ViT)", str(path), converted, ""
     weights = _raw_weights(path)
     return kind, str(path), weights, _best_prefix(weights, encoder.state_dict())
+
+
+def _named_cnn_weights(name: str, encoder: nn.Module) -> Path:
+    """The file of a named CNN weights file (``mobilenet_v2_imagenet`` ...), after checking that
+    ``encoder`` was built for its input convention (padding rule; the model normalises)."""
+    from labelwise.errors import ConfigError
+    from labelwise.models.pretrained import CONVENTIONS, NAMED_WEIGHTS, resolve_weights
+
+    named = NAMED_WEIGHTS[name]
+    rule = getattr(encoder, "padding_rule", None)
+    if rule is not None and rule != CONVENTIONS[named.convention].padding_rule:
+        raise ConfigError(f"init {name!r}: these weights expect input convention {named.convention!r}, the model was "
+                          f"built for another; set the model option encoder_weights: {name} instead of init, or "
+                          f"encoder_convention: {named.convention}")
+    return resolve_weights(name)
 
 
 def _best_prefix(weights: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str:
@@ -259,3 +282,37 @@ def initialise_from(model: nn.Module, path: str | Path, *, run_dir: str | Path |
     if verbose:
         print(report.summary())
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning settings
+
+
+def configure_encoder(model: nn.Module, config: ModelConfig) -> dict[str, bool]:
+    """Apply ``config.freeze_encoder`` / ``freeze_encoder_bn`` (``ModelConfig``) to ``model``;
+    returns what was applied, ``{"freeze_encoder", "freeze_encoder_bn"}``."""
+    from labelwise.models import SegmentationModel
+
+    if not isinstance(model, SegmentationModel):
+        raise TypeError(f"configure_encoder expects a SegmentationModel, got {type(model).__name__}")
+    freeze_bn = config.freeze_encoder_bn
+    if freeze_bn is None:
+        freeze_bn = bool(getattr(model, "folded_batchnorm", False))
+    if config.freeze_encoder:
+        model.freeze_encoder()
+    elif freeze_bn:
+        model.freeze_encoder_bn()
+    return {"freeze_encoder": config.freeze_encoder, "freeze_encoder_bn": config.freeze_encoder or freeze_bn}
+
+
+def encoder_lr_scale(model: nn.Module, scale: float):
+    """``name -> multiplier`` for ``TrainerOptions.lr_scale``: ``scale`` for the parameters of the
+    encoder of every segmentation model inside ``model`` (e.g. a semi-supervised student), 1
+    elsewhere; None when ``scale`` is 1."""
+    from labelwise.models import SegmentationModel
+
+    if scale == 1.0:
+        return None
+    encoder_ids = {id(p) for m in model.modules() if isinstance(m, SegmentationModel) for p in m.encoder.parameters()}
+    names = {name for name, p in model.named_parameters() if id(p) in encoder_ids}
+    return lambda name: scale if name in names else 1.0

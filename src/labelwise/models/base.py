@@ -164,6 +164,28 @@ class SegmentationModel(nn.Module):
     def _decode(self, features: list[Tensor]) -> ModelOutput:
         raise NotImplementedError
 
+    # -- freezing (transfer learning) -------------------------------------------------------
+    def freeze_encoder(self) -> None:
+        """Freeze the encoder: no gradients for its parameters and its BatchNorm statistics kept
+        (its norm layers stay in eval mode through ``train()``), so it stays bit-identical."""
+        for param in self.encoder.parameters():
+            param.requires_grad_(False)
+        self.freeze_encoder_bn()
+
+    def freeze_encoder_bn(self) -> None:
+        """Keep the encoder's BatchNorm running statistics fixed (eval-mode normalisation) while
+        its weights still train: what small batches need (smp / MMSegmentation ``norm_eval``)."""
+        self._encoder_bn_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SegmentationModel":
+        super().train(mode)
+        if getattr(self, "_encoder_bn_frozen", False):
+            for module in self.encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     # -- parameters and configuration -------------------------------------------------------
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of ``self.encoder`` (initialised from pretrained checkpoints)."""

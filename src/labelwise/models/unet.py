@@ -7,6 +7,9 @@ ConvBNReLU then bilinear x2, or a 2x2 stride-2 transposed conv), concatenate
 ``[skip, upsampled]`` and apply a ``DoubleConv`` (2 * skip -> skip channels). Reducing channels
 before concatenating keeps the decoder ~25% cheaper than concatenating the deep map whole.
 Classifier: 1x1 conv to ``num_classes`` logits. ``output_stride = 2**depth``.
+
+``create("unet")`` builds this model; ``create("unet", encoder="mobilenet_v2")`` builds the
+U-Net on a pretrained encoder of ``models/unet_encoder.py`` (see ``models/unet_select.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from labelwise.models.base import (
     check_choice,
     check_int,
     check_probability,
-    register_model,
 )
 from labelwise.models.blocks import (
     BLOCK_TYPES,
@@ -115,7 +117,6 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([skip, x], dim=1))
 
 
-@register_model("unet")
 class UNet(SegmentationModel):
     """U-Net: images ``[B, in_channels, H, W]`` in [0, 1] -> logits ``[B, num_classes, H, W]``.
 

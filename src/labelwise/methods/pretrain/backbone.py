@@ -26,7 +26,7 @@ from labelwise.engine.atomic import atomic_path
 from labelwise.errors import ConfigError
 from labelwise.methods.pretrain.config import BackboneConfig
 from labelwise.models import create, create_vit
-from labelwise.models.base import IMAGENET_MEAN, IMAGENET_STD, pad_to_multiple
+from labelwise.models.base import pad_to_multiple
 from labelwise.models.vit import VisionTransformer
 from labelwise.models.vit_loading import save_vit
 
@@ -58,8 +58,10 @@ class ViTBackbone(nn.Module):
 
 
 class UNetBackbone(nn.Module):
-    """The encoder of a labelwise U-Net as a backbone: the deepest map ``[B, C, H / 2**depth,
-    W / 2**depth]`` and its spatial mean. Normalises and pads like the full model."""
+    """The encoder of a labelwise U-Net (plain, or on a pretrained encoder such as ImageNet
+    MobileNetV2 with ``encoder: mobilenet_v2``) as a backbone: the deepest map ``[B, C, H / s,
+    W / s]`` (``s`` the output stride) and its spatial mean. Normalises and pads like the full
+    model."""
 
     pixel_mean: Tensor
     pixel_std: Tensor
@@ -70,9 +72,11 @@ class UNetBackbone(nn.Module):
         self.model_config = model.config()
         self.encoder = model.encoder
         self.stride = model.output_stride
-        self.dim = model.encoder_channels[-1]
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # the plain U-Net lists its stage channels; a pretrained encoder (encoder: mobilenet_v2) its own
+        self.dim = model.encoder_channels[-1] if hasattr(model, "encoder_channels") else model.encoder.channels[-1]
+        # the model's normalisation: ImageNet mean/std, or the input convention of the encoder's weights
+        self.register_buffer("pixel_mean", model.pixel_mean.clone(), persistent=False)
+        self.register_buffer("pixel_std", model.pixel_std.clone(), persistent=False)
 
     def forward(self, images: Tensor, masks: Tensor | None = None) -> Features:
         if masks is not None:

@@ -50,6 +50,7 @@ from labelwise.methods.common import DataSplits, build_datasets, export_model, l
 from labelwise.methods.semi.config import SemiConfig
 from labelwise.methods.semi.data import LabeledUnlabeledPairs, pair_collate, unlabeled_images
 from labelwise.methods.semi.model import SemiModel
+from labelwise.methods.transfer import configure_encoder
 from labelwise.methods.semi.perturb import confident_pseudo_labels
 from labelwise.methods.semi.steps import make_consistency_step
 from labelwise.models import create
@@ -100,6 +101,7 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
     unlabeled = unlabeled_images(config, dataset_names(splits.train_source))
     pairs = LabeledUnlabeledPairs(splits.train, unlabeled, seed=config.seed)
     student = create(config.model.name, num_classes=class_map.num_classes, **config.model.options)
+    configure_encoder(student, config.model)
     if config.model.init and not resume:
         from labelwise.methods.transfer import initialise_from
 
@@ -119,7 +121,7 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
         return {"miou": metrics.miou, "pixel_acc": metrics.pixel_acc}
 
     momentum = config.semi.ema_momentum
-    options = supervised.trainer_options(config, run_dir, device)
+    options = supervised.trainer_options(config, run_dir, device, model)
     trainer = Trainer(model, pairs, step_fn, options,
                       collate_fn=partial(pair_collate, ignore_index=class_map.ignore_index),
                       eval_fn=eval_fn if config.eval.every else None,
