@@ -32,7 +32,8 @@ def parse_args(description: str, default_config: str) -> argparse.Namespace:
     parser.add_argument("--eval-only", action="store_true", help="re-evaluate the finished run, do not train")
     parser.add_argument("--method", default=None, help="row label (default: the model name)")
     parser.add_argument("--run-name", default=None, help="run folder under benchmarks/runs (default: the benchmark "
-                                                         "name, plus _<method> for models other than the default)")
+                                                         "name, plus _<method> for models other than the default "
+                                                         "and _<encoder>_<weights> for encoder models)")
     return parser.parse_args()
 
 
@@ -41,11 +42,13 @@ def run(name: str, method: str, dataset: str, data_dir: str, description: str, d
     default_method = method
     root = require_data(data_dir)
     method = args.method or method
-    run_name = args.run_name or (name + args.suffix + ("" if method == default_method else f"_{method}"))
+    config: TrainConfig = load_config(TrainConfig, ROOT / args.config, [f"data.root={root}", *args.overrides])
+    encoder = config.model.options.get("encoder") or "none"
+    weights = "none" if encoder == "none" else (config.model.options.get("encoder_weights", "imagenet") or "random")
+    run_name = args.run_name or (name + args.suffix + ("" if method == default_method else f"_{method}")
+                                 + ("" if encoder == "none" else f"_{encoder}_{weights}"))
     run_dir = ROOT / "benchmarks" / "runs" / run_name
-    config: TrainConfig = load_config(
-        TrainConfig, ROOT / args.config, [f"data.root={root}", f"run_dir={run_dir}", *args.overrides],
-    )
+    config.run_dir = str(run_dir)
     extra = {}
     if args.eval_only:
         previous = RESULTS / f"{name}{args.suffix}.json"
@@ -58,8 +61,6 @@ def run(name: str, method: str, dataset: str, data_dir: str, description: str, d
     flipped = supervised.evaluate(run_dir, config, device=config.device, precision=config.precision,
                                   eval_config=replace(eval_config, flip=True)).to_dict(list(plain["per_class_iou"]))
     split = config.data.val_split if config.data.dataset != "aerial" else "tiles " + ",".join(map(str, config.data.val_tiles))
-    encoder = config.model.options.get("encoder") or "none"
-    weights = "none" if encoder == "none" else (config.model.options.get("encoder_weights", "imagenet") or "random")
     rows = []
     for label, metrics in (("single", plain), ("flip", flipped)):
         rows.append({

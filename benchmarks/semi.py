@@ -16,7 +16,9 @@ augmentation) measure the spread of a row: any non-zero seed puts the runs under
 `results/semi_<dataset>_split<S>_seed<T>.json`.
 Self-training's round 0 is that fraction's `supervised_only` run (`semi.teacher`); its row's
 `train_seconds` and `steps` count the teacher's training too.
-Rows: `fraction`, `labeled_images`, `method`, `miou`, `pixel_acc`, `train_seconds`, `steps`, and the
+`--config configs/semi_camvid_mobilenet_v2.yaml` runs the same plan on the ImageNet MobileNetV2
+U-Net (runs under `benchmarks/runs/semi_<dataset>/mobilenet_v2_imagenet/`).
+Rows: `fraction`, `labeled_images`, `method`, `encoder`, `encoder_weights`, `miou`, `pixel_acc`, `train_seconds`, `steps`, and the
 `commit` / `command` / `date` of the invocation that trained them. The results file keeps the rows
 of earlier invocations: a new row replaces the one with the same fraction, method and seeds, so rows can be
 (re)measured a few at a time (`--methods`, `--fractions`) when runs do not survive between sessions.
@@ -43,8 +45,9 @@ DATA = {"camvid": "camvid", "aerial": "dubai_aerial"}
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes two rows the same measurement: fraction, method and both seeds."""
-    return (row["fraction"], row["method"], row.get("split_seed", 0), row.get("seed", 0))
+    """What makes two rows the same measurement: fraction, method, encoder and weights, both seeds."""
+    return (row["fraction"], row["method"], row.get("encoder", "none"), row.get("encoder_weights", "none"),
+            row.get("split_seed", 0), row.get("seed", 0))
 
 
 def merge_rows(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,11 +78,21 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the labelled subset's draw (CamVid)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (init, batches, augmentation)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="recipe (default: configs/semi_<dataset>.yaml; e.g. configs/semi_camvid_mobilenet_v2.yaml "
+                             "for the ImageNet-encoder rows, whose runs go under runs/semi_<dataset>/<encoder>_<weights>/)")
     args = parser.parse_args()
     data_root = require_data(DATA[args.dataset])
-    config_path = ROOT / "configs" / f"semi_{args.dataset}.yaml"
+    config_path = ROOT / (args.config or Path("configs") / f"semi_{args.dataset}.yaml")
     bench = f"semi_{args.dataset}"
     runs = ROOT / "benchmarks" / "runs" / bench
+    recipe = load_config(semi.SemiConfig, config_path, [f"data.root={data_root}", *args.overrides,
+                                                         "semi.method=supervised_only"])
+    encoder = recipe.model.options.get("encoder") or "none"
+    encoder_weights = "none" if encoder == "none" else (recipe.model.options.get("encoder_weights", "imagenet")
+                                                        or "random")
+    if encoder != "none":
+        runs = runs / f"{encoder}_{encoder_weights}"
     if args.split_seed or args.seed:
         runs = runs / f"split{args.split_seed}_seed{args.seed}"
         bench = f"{bench}_split{args.split_seed}_seed{args.seed}"
@@ -116,14 +129,16 @@ def main() -> None:
             run_row(config_path, [*shared, "semi.method=supervised_only"], teacher)
             overrides.append(f"semi.teacher={teacher}")
         metrics, trained = run_row(config_path, overrides, runs / f"{fraction:g}" / name)
-        key = (fraction, name, args.split_seed if args.dataset == "camvid" else None, args.seed)
+        key = (fraction, name, encoder, encoder_weights, args.split_seed if args.dataset == "camvid" else None,
+               args.seed)
         if not trained and any(row_key(row) == key for row in earlier):
             continue  # a run read back keeps the row (and commit) recorded when it was trained
         config = load_config(semi.SemiConfig, config_path, overrides)
         labeled_images = len(build_datasets(config.data).train_source)  # type: ignore[arg-type]
         rows.append({"dataset": args.dataset, "split": config.data.val_split, "fraction": fraction,
                      "split_seed": args.split_seed if args.dataset == "camvid" else None, "seed": args.seed,
-                     "labeled_images": labeled_images, "method": name, "miou": round(metrics["miou"], 4),
+                     "labeled_images": labeled_images, "method": name, "encoder": encoder,
+                     "encoder_weights": encoder_weights, "miou": round(metrics["miou"], 4),
                      "pixel_acc": round(metrics["pixel_acc"], 4), "train_seconds": round(metrics.get("train_seconds", 0), 1),
                      "steps": config.total_steps * (config.semi.rounds + 1 if method == "self_training" else 1),
                      "per_class_iou": {k: (None if v is None else round(v, 4))

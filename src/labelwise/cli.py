@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --run-dir")
     train.add_argument("--init", type=Path, default=None,
                        help="initialise the encoder from PATH before training: a labelwise model folder, a "
-                            "pretraining run's backbone.safetensors or a ViT checkpoint; writes init_report.json; "
+                            "pretraining run's backbone.safetensors, a ViT checkpoint or a named CNN weights file "
+                            "(mobilenet_v2_imagenet); writes init_report.json; "
                             "ignored with --resume (default: the config's model.init, none)")
     _add_runtime(train, with_config_defaults=True)
 

@@ -47,7 +47,8 @@ def add_semi(commands) -> None:  # noqa: ANN001 - argparse's private subparsers 
     train.add_argument("--method", choices=SEMI_METHODS, default=None,
                        help="method (default: the config's semi.method, unimatch)")
     train.add_argument("--init", type=Path, default=None,
-                       help="self-supervised checkpoint for the encoder (sets model.init)")
+                       help="pretrained encoder: a self-supervised checkpoint, a model folder or a named weights file such as "
+                            "mobilenet_v2_imagenet (sets model.init)")
     train.add_argument("--teacher", type=Path, default=None,
                        help="self_training: a finished model (run folder) to use as the round-0 teacher "
                             "instead of training one (sets semi.teacher)")
