@@ -58,7 +58,7 @@ def test_frozen_encoder_stays_bit_identical(tmp_path):
     config, start = _from_file(tmp_path, "model.freeze_encoder=true")
     supervised.train(config)
     final = _weights(tmp_path / "run")
-    middle = _weights(tmp_path / "run" / "checkpoints" / "step_000002")
+    middle = _weights(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[0])  # after step 2 of 4
     encoder = [k for k in final if k.startswith("encoder.")]
     assert len(encoder) == len([k for k in start if not k.startswith("classifier.")])
     for key in encoder:
@@ -70,7 +70,7 @@ def test_frozen_encoder_bn_keeps_statistics_but_trains_weights(tmp_path):
     config, start = _from_file(tmp_path, "model.freeze_encoder_bn=true")
     supervised.train(config)
     final = _weights(tmp_path / "run")
-    middle = _weights(tmp_path / "run" / "checkpoints" / "step_000002")
+    middle = _weights(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[0])  # after step 2 of 4
     stats = [k for k in final if k.startswith("encoder.") and ("running_" in k or "num_batches" in k)]
     assert stats and all(torch.equal(final[k], start[k.removeprefix("encoder.")]) for k in stats)
     assert not torch.equal(final["encoder.features.0.0.weight"], start["features.0.0.weight"])
@@ -130,7 +130,7 @@ def test_semi_unimatch_on_a_frozen_encoder_unet(tmp_path):
     path, start = _weights_file(tmp_path)
     data = ["data.dataset=synthetic", "data.synthetic_train_images=8", "data.synthetic_val_images=2",
             "data.synthetic_size=[32, 48]"]
-    names = dataset_names(build_datasets(load_config(SemiConfig, None, data).data).train)
+    names = dataset_names(build_datasets(load_config(SemiConfig, None, [*data, "semi.method=supervised_only"]).data).train)
     labeled, unlabeled = write_split(tmp_path / "split", split_labeled(names, count=3, seed=0))
     config = load_config(SemiConfig, None, [
         *data, f"data.train_list={labeled}", f"semi.unlabeled_list={unlabeled}", "semi.method=unimatch",
@@ -176,13 +176,15 @@ SHARED_FILE = SHARED_WEIGHTS_DIR / "mobilenet_v2_imagenet.pth"
 def test_short_training_from_the_shared_imagenet_weights(tmp_path):
     if not SHARED_FILE.is_file():
         pytest.skip(f"{SHARED_FILE} not found (../shared/weights beside the project): nothing to transfer from")
-    options = "model.options={encoder: mobilenet_v2, encoder_weights: imagenet, decoder_channels: [64, 32, 16, 16, 16]}"
+    options = "model.options={encoder_weights: imagenet, decoder_channels: 64}"
     scores = {}
     for name, weights in (("imagenet", options), ("random", options.replace("imagenet", "null"))):
         config = load_config(TrainConfig, None, [
-            "data.synthetic_train_images=32", "data.synthetic_val_images=8", "data.batch_size=8", "stages.0.steps=25",
-            "stages.0.lr=0.002", "model.encoder_lr_scale=0.1", weights, f"run_dir={tmp_path / name}", "device=cpu",
-            "progress=false", "checkpoint_every=25"])
+            "model.name=deeplabv3plus", "data.synthetic_train_images=32", "data.synthetic_val_images=8",
+            "data.batch_size=8", "stages.0.steps=20", "stages.0.lr=0.002", "model.encoder_lr_scale=0.1", weights,
+            f"run_dir={tmp_path / name}", "device=cpu", "progress=false", "checkpoint_every=20"])
         scores[name] = supervised.train(config).metrics["miou"]
-    assert scores["imagenet"] > 0.35  # 5 classes: a uniform guess scores about 0.1
-    assert scores["imagenet"] > scores["random"]
+    # 5 classes: predicting one class everywhere scores about 0.1; the same 20 steps from random
+    # weights stay far lower than from ImageNet's
+    assert scores["imagenet"] > 0.3, scores
+    assert scores["imagenet"] > scores["random"] + 0.05, scores
