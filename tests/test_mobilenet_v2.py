@@ -260,3 +260,26 @@ def test_exported_model_loads_without_the_weights_file(tmp_path, state):
         torch.testing.assert_close(loaded(images), model(images))
     with skip_pretrained_weights():  # reading nothing, even for a missing file
         create("deeplabv3plus", num_classes=5, encoder_weights=str(path))
+
+
+@pytest.mark.parametrize("dilation", [2, 6])
+def test_dilated_depthwise_weight_gradient_in_bf16_channels_last(dilation):
+    """The weight gradient of a dilated depthwise conv under bf16 autocast on a channels-last map
+    matches fp32 (oneDNN's bf16 kernel gets it wrong at this size; PaddedConv runs it in fp32)."""
+    from labelwise.models.mobilenet_v2 import PaddedConv
+
+    torch.manual_seed(0)
+    conv = PaddedConv(256, 256, 3, dilation=dilation, groups=256)
+    x = torch.randn(4, 256, 22, 30)
+    grads = []
+    for bf16 in (False, True):
+        conv.zero_grad()
+        if bf16:  # as the trainer runs it: model and batch in channels-last format
+            conv.to(memory_format=torch.channels_last)
+        inp = x.contiguous(memory_format=torch.channels_last) if bf16 else x
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = conv(inp)
+        out.float().sum().backward()
+        grads.append(conv.weight.grad.clone())
+    relative = (grads[1] - grads[0]).abs().max() / grads[0].abs().max()
+    assert relative < 0.02

@@ -25,6 +25,7 @@ from labelwise.models.base import check_int, register_model
 from labelwise.models.blocks import ConvBNReLU, init_weights
 from labelwise.models.encoder_base import EncoderSegmentationModel
 from labelwise.models.heads import PixelClassifier
+from labelwise.models.mobilenet_v2 import PaddedConv
 
 LOW_LEVEL_CHANNELS = 48
 
@@ -34,8 +35,8 @@ class SeparableConvBNReLU(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, dilation: int = 1) -> None:
         super().__init__(
-            nn.Conv2d(in_channels, in_channels, 3, padding=dilation, dilation=dilation, groups=in_channels,
-                      bias=False),
+            # PaddedConv: a dilated depthwise conv needs its NCHW workaround (see its docstring)
+            PaddedConv(in_channels, in_channels, 3, dilation=dilation, groups=in_channels),
             ConvBNReLU(in_channels, out_channels, 1),
         )
 

@@ -33,6 +33,7 @@ import math
 from collections import OrderedDict
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -60,16 +61,30 @@ class PaddedConv(nn.Conv2d):
     """``nn.Conv2d`` (no bias) with symmetric or TF 'SAME' padding (module docstring).
 
     Only strided convs need the dynamic 'SAME' computation; the others use the fixed symmetric
-    padding, which is identical for them."""
+    padding, which is identical for them.
+
+    A dilated depthwise conv runs in fp32 on NCHW tensors, outside autocast: on this CPU build
+    (torch 2.13, oneDNN) its weight gradient under bf16 autocast is wrong for some map sizes
+    (relative error above 1, up to 1e30, at 22x30 with rate 2 or 6; exact at 11x15), which sent
+    DeepLabV3+ training to inf / NaN at full resolution. Dilated convs only see the small deep
+    maps and are depthwise, so fp32 costs little there.
+    ``tests/test_mobilenet_v2.py`` checks the gradient against fp32.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  dilation: int = 1, groups: int = 1, padding_rule: PaddingRule = "symmetric") -> None:
         self.dynamic_same = padding_rule == "tf_same" and stride > 1
+        self.dilated_depthwise = dilation > 1 and groups > 1
         padding = 0 if self.dynamic_same else dilation * (kernel_size - 1) // 2
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.dilated_depthwise:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = F.conv2d(x.float().contiguous(), self.weight.float().contiguous(), None, self.stride,
+                               self.padding, self.dilation, self.groups)
+            return out.to(x.dtype)
         if self.dynamic_same:
             top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
             left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
