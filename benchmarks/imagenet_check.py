@@ -65,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-class", type=int, default=40, help="images per class of the small set")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--sets", nargs="+", default=["first", "all"], choices=["first", "all"],
+                        help="image sets: the first --per-class files of each class, and/or every file")
     args = parser.parse_args()
     folder = SHARED_DATA / "unlabeled" / "imagenette"
     if not folder.is_dir():
@@ -81,7 +83,9 @@ def main() -> None:
         models[padding] = model
     ten = torch.tensor(sorted(IMAGENETTE_CLASSES.values()))
     rows = []
-    for set_name, paths in image_sets(folder, args.per_class).items():
+    sets = image_sets(folder, args.per_class)
+    chosen = {name: paths for name, paths in sets.items() if name.split("_")[0] in args.sets}
+    for set_name, paths in chosen.items():
         labels = torch.tensor([IMAGENETTE_CLASSES[p.name.split("_")[0]] for p in paths])
         correct = {padding: 0 for padding in models}
         correct_ten = {padding: 0 for padding in models}
