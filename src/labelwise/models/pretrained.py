@@ -199,16 +199,11 @@ def weights_path(encoder: str, weights: str) -> Path:
 
 def read_weights(path: Path) -> dict[str, Tensor]:
     """The tensors of a ``.pth`` (``weights_only=True``) or ``.safetensors`` state dict, with a
-    ``state_dict`` / ``model`` wrapper and ``module.`` prefixes removed."""
-    from labelwise.models.vit_loading import read_checkpoint, unwrap_checkpoint
+    ``state_dict`` / ``model`` wrapper and ``module.`` / ``backbone.`` prefixes removed."""
+    from labelwise.models.vit_loading import _strip_prefixes, read_checkpoint, unwrap_checkpoint
 
     raw, _ = read_checkpoint(path)
-    state = unwrap_checkpoint(raw)
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if isinstance(value, Tensor):
-            out[key[len("module."):] if key.startswith("module.") else key] = value
-    return out
+    return {k: v for k, v in _strip_prefixes(unwrap_checkpoint(raw)).items() if isinstance(v, Tensor)}
 
 
 def load_strict(module: nn.Module, state: Mapping[str, Any], source: str | Path,
