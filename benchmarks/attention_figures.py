@@ -18,12 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from _common import ROOT, ensure_default_backbone, require_data
 
+from _common import ROOT, ensure_default_backbone, require_data
 from labelwise.models.vit import VisionTransformer
 from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH, load_vit
-from labelwise.report.attention import attention_maps, colormap, load_image_tensor, minmax_normalise, overlay, \
-    save_attention_pngs, write_rgb_png
+from labelwise.report.attention import (
+    attention_maps,
+    colormap,
+    load_image_tensor,
+    minmax_normalise,
+    overlay,
+    save_attention_pngs,
+    write_rgb_png,
+)
 
 FIGURES = ROOT / "benchmarks" / "figures"
 

@@ -29,10 +29,9 @@ import shutil
 from pathlib import Path
 
 from _common import ROOT, require_data, write_results
-
 from labelwise.config import load_config
-from labelwise.engine.atomic import atomic_path
 from labelwise.engine.runtime import resolve_device
+from labelwise.io.atomic import atomic_path
 from labelwise.methods.pretrain import PretrainConfig, train
 from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH
 

@@ -32,14 +32,14 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ensure_default_backbone, require_data, write_results
 from torch.utils.data import Subset
 
+from _common import ensure_default_backbone, require_data, write_results
 from labelwise.data import CamVid
-from labelwise.engine.feature_cache import extract_features
 from labelwise.engine.runtime import resolve_device
 from labelwise.eval.kmeans import kmeans_probe
 from labelwise.eval.probes import linear_probe
+from labelwise.features.cache import extract_features
 from labelwise.models.vit import VisionTransformer, create_vit
 from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH, load_vit
 

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from _common import RESULTS, ROOT, START_COMMIT, require_data, write_results
-
 from labelwise.config import load_config
+from labelwise.data.build import build_datasets
 from labelwise.data.splits import dataset_names, split_labeled, write_split
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import semi
-from labelwise.methods.common import build_datasets
+from labelwise.models.artifact import is_artifact
 
 DATA = {"camvid": "camvid", "aerial": "dubai_aerial"}
 
@@ -60,7 +60,7 @@ def merge_rows(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list
 def run_row(config_path: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, Any], bool]:
     """Train (or read back) one row's run; its eval.json and whether this call trained (part of) it."""
     done = run_dir / "eval.json"
-    if done.is_file() and (run_dir / "model.safetensors").is_file():
+    if done.is_file() and is_artifact(run_dir):
         return json.loads(done.read_text()), False
     config = load_config(semi.SemiConfig, config_path, [*overrides, f"run_dir={run_dir}"])
     resume = (run_dir / "checkpoints").is_dir() or (run_dir / "round0").is_dir()

@@ -24,10 +24,10 @@ import time
 from typing import Any
 
 from _common import ROOT, ensure_default_backbone, random_backbone, require_data, write_results
-
 from labelwise.config import load_config
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import unsupervised
+from labelwise.models.artifact import is_artifact
 
 #: row name -> config overrides
 METHOD_ROWS: dict[str, list[str]] = {
@@ -92,7 +92,7 @@ def main() -> None:
         config = load_config(unsupervised.UnsupervisedConfig, config_path, overrides)
         device = resolve_device(config.device)
         start = time.perf_counter()
-        finished = (run_dir / "unsupervised.json").exists()
+        finished = is_artifact(run_dir)
         if not finished:
             checkpoints = run_dir / "checkpoints"
             resume = checkpoints.is_dir() and any(checkpoints.iterdir())

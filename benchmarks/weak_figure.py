@@ -17,8 +17,8 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import ROOT, require_data
 
+from _common import ROOT, require_data
 from labelwise.config import load_config
 from labelwise.methods import weak
 from labelwise.methods.weak.cams import class_activation_maps

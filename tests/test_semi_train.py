@@ -9,23 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from labelwise.config import AugmentConfig, StageConfig, load_config
+from labelwise.data.build import build_datasets
 from labelwise.data.splits import dataset_names, split_labeled, write_split
 from labelwise.data.synthetic import SyntheticShapes
+from labelwise.data.transforms import PairedAugment
 from labelwise.engine.trainer import StepContext
 from labelwise.errors import ConfigError, DataError
 from labelwise.losses import build_loss
-from labelwise.methods.common import build_datasets
 from labelwise.methods.semi import SemiConfig, train
-from labelwise.methods.semi.train import pseudo_label
 from labelwise.methods.semi.data import ImagesOnly, LabeledUnlabeledPairs, pair_collate, unlabeled_images
 from labelwise.methods.semi.model import SemiModel
 from labelwise.methods.semi.perturb import confident_pseudo_labels
 from labelwise.methods.semi.steps import make_consistency_step, unlabeled_loss
-from labelwise.data.transforms import PairedAugment
+from labelwise.methods.semi.train import pseudo_label
 from labelwise.models import create
-from safetensors.torch import load_file
 
 DATA = ["data.dataset=synthetic", "data.synthetic_train_images=16", "data.synthetic_val_images=4",
         "data.synthetic_size=[32, 48]"]
@@ -129,7 +129,7 @@ def test_unimatch_with_ema_resumes_exactly(tmp_path: Path) -> None:
     config = _config(tmp_path / "b", *extra)
     train(config, stop_at=3)
     resumed = train(config, resume=True)
-    first, second = load_file(full.run_dir / "model.safetensors"), load_file(resumed.run_dir / "model.safetensors")
+    first, second = load_file(full.run_dir / "weights.safetensors"), load_file(resumed.run_dir / "weights.safetensors")
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
@@ -150,7 +150,7 @@ def test_semi_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
                      "--set", "progress=false", "--set", "semi.rounds=1", "--device", "cpu", "--run-dir", str(run)])
         assert code == 0
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert 0 <= report["miou"] <= 1 and (run / "model.safetensors").is_file()
+        assert 0 <= report["miou"] <= 1 and (run / "weights.safetensors").is_file()
     rounds = json.loads((tmp_path / "self_training" / "self_training.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["pseudo_labeled_images"] == 12
 
@@ -289,7 +289,7 @@ def test_unimatch_on_a_vit_initialised_from_a_self_supervised_checkpoint(tmp_pat
                      "model.options={arch: vit_tiny, patch_size: 8, depth: 2}", f"model.init={path}",
                      "stages.0.lr=1e-12", "stages.0.steps=2")
     result = train(config)
-    exported = load_file(result.run_dir / "model.safetensors")
+    exported = load_file(result.run_dir / "weights.safetensors")
     source = vit.state_dict()
     for key, value in source.items():
         assert torch.equal(exported[f"encoder.{key}"].float(), value.float()), key

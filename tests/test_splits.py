@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from labelwise.data.splits import read_name_list, split_labeled, write_name_list, write_split
 from labelwise.errors import ConfigError, DataError
@@ -66,8 +66,8 @@ def test_list_files_round_trip_and_errors_name_file_and_line(tmp_path: Path) -> 
 
 def test_train_list_restricts_the_training_split(tmp_path: Path) -> None:
     from labelwise.config import DataConfig
+    from labelwise.data.build import build_datasets
     from labelwise.data.splits import dataset_names
-    from labelwise.methods.common import build_datasets
 
     full = build_datasets(DataConfig(dataset="synthetic", synthetic_train_images=12, synthetic_size=(16, 16)))
     names = dataset_names(full.train)

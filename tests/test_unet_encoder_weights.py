@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from labelwise.config import ModelConfig, load_config
 from labelwise.methods import semi
-from labelwise.methods.transfer import initialise_from
 from labelwise.models import create
+from labelwise.models.init import initialise_from
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = ROOT / "weights" / "unet_dense_moco.safetensors"

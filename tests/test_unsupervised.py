@@ -14,13 +14,13 @@ from PIL import Image
 
 from labelwise.cli import main
 from labelwise.config import load_config
+from labelwise.data.build import build_eval_dataset
 from labelwise.data.synthetic import SyntheticShapes
-from labelwise.engine.feature_attention import local_positive_weights
-from labelwise.engine.feature_cache import extract_features
 from labelwise.errors import ConfigError
+from labelwise.features.attention import local_positive_weights
+from labelwise.features.cache import extract_features
 from labelwise.losses.hidden_positives import HiddenPositiveLoss, HiddenPositiveLossConfig, mix_neighbourhood
 from labelwise.methods import unsupervised
-from labelwise.methods.common import build_eval_dataset
 from labelwise.methods.unsupervised.data import (
     FiveCropDataset,
     PhotometricCopy,
@@ -155,9 +155,11 @@ def test_resume_continues_exactly(tiny_vit: Path, tmp_path: Path, method: str) -
     unsupervised.train(config, stop_at=3)
     resumed = unsupervised.train(config, resume=True)
     a, b = load_head(full.run_dir), load_head(resumed.run_dir)
-    assert set(a.head.state_dict()) == {f"head.{k}" for k in a.head.head.state_dict()}  # the code head only
-    for key, value in a.head.state_dict().items():
-        assert torch.equal(value, b.head.state_dict()[key]), key
+    head_a, head_b = a.segmenter.head.state_dict(), b.segmenter.head.state_dict()
+    assert set(head_a) == {"linear.weight", "linear.bias", "nonlinear.0.weight", "nonlinear.0.bias",
+                           "nonlinear.2.weight", "nonlinear.2.bias"}  # the code head only, no training parts
+    for key, value in head_a.items():
+        assert torch.equal(value, head_b[key]), key
     assert torch.equal(a.centroids, b.centroids)
     assert a.summary["selection"] == "final_checkpoint"
 
@@ -284,14 +286,13 @@ def test_tile_windows_score_each_labelled_pixel_exactly_once() -> None:
 
 
 def test_windowed_prediction_stitches_each_window_into_the_pixels_it_owns(tiny_vit: Path) -> None:
-    from labelwise.methods.unsupervised.model import UnsupervisedHead
     from labelwise.methods.unsupervised.predict import _window_clusters, predict_clusters
+    from labelwise.models.clusters import ClusterSegmenter
     from labelwise.models.vit_loading import load_vit
 
     vit = load_vit(tiny_vit).eval()
     torch.manual_seed(0)
-    exported = unsupervised.ExportedHead(UnsupervisedHead("kmeans", 48, 48).eval(),
-                                         F.normalize(torch.randn(4, 48), dim=1), {})
+    exported = unsupervised.ExportedHead(ClusterSegmenter(vit, torch.randn(4, 48)), {})
     image = torch.rand(3, 40, 45)
     device = torch.device("cpu")
     stitched = predict_clusters(exported, vit, image, device, "fp32", window=16)
@@ -305,7 +306,7 @@ def test_windowed_prediction_stitches_each_window_into_the_pixels_it_owns(tiny_v
 
 
 def test_random_patch_vectors_pick_the_stored_vectors(tmp_path: Path) -> None:
-    from labelwise.engine.feature_store import write_feature_cache
+    from labelwise.features.store import write_feature_cache
     from labelwise.methods.unsupervised.train import random_patch_vectors
 
     features = torch.randn(5, 3, 2, 4)

@@ -16,8 +16,15 @@ import torch.nn.functional as F
 
 from labelwise.config import load_config
 from labelwise.methods import unsupervised
-from labelwise.methods.unsupervised.train import build_training_caches, training_views, load_backbone, cached_rows, random_patch_vectors
 from labelwise.methods.unsupervised.model import load_head
+from labelwise.methods.unsupervised.train import (
+    build_training_caches,
+    cached_rows,
+    load_backbone,
+    random_patch_vectors,
+    training_views,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 runs = sys.argv[1]
 config = load_config(unsupervised.UnsupervisedConfig, ROOT / "configs" / "unsupervised_camvid.yaml",

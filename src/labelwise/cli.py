@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from labelwise.cli_unsupervised import add_unsupervised, run_unsupervised
 from labelwise.cli_semi import add_semi, run_semi
+from labelwise.cli_unsupervised import add_unsupervised, run_unsupervised
 from labelwise.cli_weak import add_weak, run_weak
 from labelwise.errors import LabelwiseError
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="evaluate an exported model on a labelled split",
                                    formatter_class=HELP)
-    evaluate.add_argument("model", type=Path, help="run folder (or folder with model.json + model.safetensors)")
+    evaluate.add_argument("model", type=Path, help="model folder: a run folder, or any folder with model.json + weights.safetensors")
     _add_data_selection(evaluate)
     _add_window(evaluate)
     evaluate.add_argument("--output", type=Path, default=None, help="also write the metrics JSON here")
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="segment images; writes ids/, color/ and overlay/ PNGs",
                                   formatter_class=HELP)
-    predict.add_argument("model", type=Path, help="run folder (or folder with model.json + model.safetensors)")
+    predict.add_argument("model", type=Path, help="model folder: a run folder, or any folder with model.json + weights.safetensors")
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
@@ -173,7 +173,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _eval_config(args: argparse.Namespace, base):  # noqa: ANN001, ANN202
     from dataclasses import replace
 
-    from labelwise.methods.common import load_model
+    from labelwise.models.export import load_model
 
     config = base if base is not None else load_model(args.model).eval_config
     if args.window is not None:
@@ -218,13 +218,13 @@ def run(args: argparse.Namespace) -> int:
         config = _data_config_for(args)
         metrics = supervised.evaluate(args.model, config, split=args.split, device=args.device,
                                       precision=args.precision, eval_config=_eval_config(args, None))
-        from labelwise.methods.common import load_model
+        from labelwise.models.export import load_model
 
         report = metrics.to_dict(list(load_model(args.model).class_map.names))
         text = json.dumps(report, indent=2)
         print(text)
         if args.output is not None:
-            from labelwise.engine.atomic import atomic_write_text
+            from labelwise.io.atomic import atomic_write_text
 
             atomic_write_text(args.output, text + "\n")
         return 0

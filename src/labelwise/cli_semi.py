@@ -81,8 +81,8 @@ def run_semi(args: argparse.Namespace) -> int:
     from labelwise.methods import semi
 
     if args.action == "split":
+        from labelwise.data.build import build_datasets
         from labelwise.data.splits import dataset_names, split_labeled, write_split
-        from labelwise.methods.common import build_datasets
 
         config = load_config(semi.SemiConfig, args.config, [*args.overrides, "semi.method=supervised_only",
                                                             "data.train_list=null"])

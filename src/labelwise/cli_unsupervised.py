@@ -98,7 +98,7 @@ def run_unsupervised(args: argparse.Namespace) -> int:
         text = json.dumps(report, indent=2)
         print(text)
         if args.output is not None:
-            from labelwise.engine.atomic import atomic_write_text
+            from labelwise.io.atomic import atomic_write_text
 
             atomic_write_text(args.output, text + "\n")
         return 0

@@ -64,6 +64,27 @@ def find_images(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def list_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named in ``inputs``: files as given, folders by their image files (not
+    recursive, sorted by name).
+
+    Raises:
+        DataError: an entry does not exist, or a folder holds no image file.
+    """
+    files: list[Path] = []
+    for entry in map(Path, inputs):
+        if entry.is_dir():
+            found = sorted(p for p in entry.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise DataError(f"{entry}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            raise DataError(f"{entry}: no such file or folder")
+    return files
+
+
 def read_image_max_side(path: str | Path, max_side: int | None = None) -> np.ndarray:
     """Read ``path`` as uint8 RGB ``[H, W, 3]``, shrunk (antialiased bilinear) so that
     ``max(H, W) <= max_side`` when ``max_side`` is set; smaller images are returned as they are.

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
 from torch.utils.data import Dataset
 
-from labelwise.engine.atomic import atomic_write_text
+from labelwise.data.identity import dataset_names
 from labelwise.errors import ConfigError, DataError
+from labelwise.io.atomic import atomic_write_text
 
 __all__ = ["LabeledSplit", "NamedSubset", "dataset_names", "read_name_list", "split_labeled", "write_name_list",
            "write_split"]
@@ -120,15 +120,6 @@ def read_name_list(path: str | Path, available: Sequence[str] | None = None) -> 
     if not names:
         raise DataError(f"{path}: the list names no samples")
     return names
-
-
-def dataset_names(dataset: Dataset) -> list[str]:
-    """The sample names of ``dataset``: its ``names`` attribute (file-backed datasets) or, failing
-    that, the ``"name"`` of every sample (reads them all)."""
-    names = getattr(dataset, "names", None)
-    if names is not None:
-        return [str(n) for n in names]
-    return [str(dataset[i]["name"]) for i in range(len(dataset))]  # type: ignore[arg-type]
 
 
 class NamedSubset(Dataset):

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from labelwise.data.classmap import ClassMap
-from labelwise.engine.atomic import atomic_write_json
 from labelwise.errors import DataError
+from labelwise.io.atomic import atomic_write_json
 
 __all__ = ["ImageTags", "read_tag_file", "tags_from_dataset", "tags_from_masks"]
 

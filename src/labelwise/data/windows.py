@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from labelwise.engine.feature_key import dataset_identity, dataset_names
+from labelwise.data.identity import dataset_identity, dataset_names
 
 __all__ = ["TileWindows", "window_starts"]
 

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from labelwise.engine.feature_cache import FeatureCache
 from labelwise.errors import ConfigError
 from labelwise.eval.kmeans import kmeans_probe, upsample_scores
 from labelwise.eval.metrics import ConfusionMatrix, SegmentationMetrics
+from labelwise.features.cache import FeatureCache
 
 __all__ = ["LinearProbeResult", "bilinear_taps", "interpolate_features", "kmeans_probe", "linear_probe",
            "probe_logits"]

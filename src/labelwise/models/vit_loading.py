@@ -67,8 +67,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from labelwise.engine.atomic import atomic_path
 from labelwise.errors import CheckpointError, ConfigError
+from labelwise.io.atomic import atomic_path
 from labelwise.models.vit import CUSTOM_ARCH, VIT_ARCHS, VisionTransformer, ViTConfig
 
 LAYOUTS = ("dino", "dino_training", "dinov2", "timm", "hf_vit", "hf_dinov2", "labelwise")

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from labelwise.data.classmap import ClassMap
-from labelwise.engine.atomic import atomic_path
+from labelwise.io.atomic import atomic_path
 
 
 def _save(array: np.ndarray, path: Path) -> None:

@@ -115,7 +115,7 @@ class PretrainConfig:
     ``export``: which network becomes ``backbone.safetensors`` (``teacher``: the EMA network, as
     DINO evaluates; rotation has no teacher and always exports the student).
     ``init``: start student and teacher from this backbone (any file or run folder
-    ``labelwise.methods.transfer.initialise_from`` reads: an official DINO checkpoint, this
+    ``labelwise.models.init.initialise_from`` reads: an official DINO checkpoint, this
     project's exports) instead of random weights, to continue pretraining on your own images;
     projection heads always start fresh. The init report goes to ``run_dir/init_report.json``.
     """

@@ -50,7 +50,7 @@ class SemiSettings:
       unlabelled images (0 = off).
     - ``rounds``: self-training rounds after the first (teacher) training.
     - ``teacher``: self-training only; a finished labelwise model (a run folder or a folder with
-      ``model.json`` + ``model.safetensors``, e.g. a ``supervised_only`` run on the same labelled
+      ``model.json`` + ``weights.safetensors``, e.g. a ``supervised_only`` run on the same labelled
       subset) used as the round-0 teacher instead of training one. Its classes must match.
 
     Each step takes as many unlabelled images as labelled ones (``data.batch_size``), as UniMatch

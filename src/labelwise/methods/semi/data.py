@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from labelwise.data import AerialTiles, RandomCropDataset, pad_collate
+from labelwise.data.build import DataSplits, build_eval_dataset, build_full_datasets
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
 from labelwise.errors import DataError
-from labelwise.methods.common import DataSplits, _build_datasets, build_eval_dataset
 from labelwise.methods.semi.config import SemiConfig
 
 __all__ = ["ImagesOnly", "LabeledUnlabeledPairs", "pair_collate", "unlabeled_images"]
@@ -73,7 +73,7 @@ def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str]) -> Datase
                                             samples_per_epoch=config.data.samples_per_epoch, seed=config.seed + 1))
     assert config.semi.unlabeled_list is not None
     data = config.data
-    full: DataSplits = _build_datasets(data, config.seed)
+    full: DataSplits = build_full_datasets(data, config.seed)
     names = read_name_list(config.semi.unlabeled_list, dataset_names(full.train_source))
     overlap = sorted(set(names) & set(labeled_names))
     if overlap:

@@ -22,18 +22,17 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from labelwise.config import load_config
-from labelwise.engine.feature_cache import FeatureCache, extract_features, write_feature_cache
+from labelwise.data.build import build_datasets, build_eval_dataset
 from labelwise.engine.runtime import resolve_device
 from labelwise.eval.crf import CRFParams, crf_refine_batch
 from labelwise.eval.kmeans import upsample_scores
 from labelwise.eval.matching import hungarian_match, matched_confusion
 from labelwise.eval.metrics import ConfusionMatrix, metrics_from_confusion
 from labelwise.eval.probes import linear_probe
-from labelwise.methods.common import build_datasets, build_eval_dataset
+from labelwise.features.cache import FeatureCache, extract_features, write_feature_cache
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
 from labelwise.methods.unsupervised.data import ResizedDataset, TileWindows
 from labelwise.methods.unsupervised.model import ExportedHead, load_head
-from labelwise.methods.unsupervised.train import load_backbone
 
 __all__ = ["CRF_ALPHA", "cluster_scores", "evaluate", "evaluate_clusters", "labelled_cache"]
 
@@ -141,7 +140,7 @@ def evaluate(model_dir: str | Path, config: UnsupervisedConfig | None = None, *,
     crf = config.eval.crf if crf is None else crf
     linear = config.eval.linear_probe if linear is None else linear
     device = resolve_device(config.device)
-    backbone = load_backbone(exported.summary["backbone"])
+    backbone = exported.backbone
     dataset, class_map = build_eval_dataset(config.data, split)
     view = eval_view(dataset, config)
     cache = labelled_cache(backbone, view, config, device)

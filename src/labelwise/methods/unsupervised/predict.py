@@ -21,18 +21,17 @@ from torch import Tensor
 
 from labelwise.data.classmap import ClassMap, default_palette
 from labelwise.data.folder import FolderDataset
+from labelwise.data.images import list_images
 from labelwise.data.io import read_image
-from labelwise.engine.atomic import atomic_write_json
-from labelwise.engine.feature_attention import patch_tokens
 from labelwise.engine.runtime import autocast, resolve_device
 from labelwise.eval.kmeans import upsample_scores
 from labelwise.eval.matching import hungarian_match
 from labelwise.eval.metrics import ConfusionMatrix
-from labelwise.methods.supervised import list_images
+from labelwise.features.attention import patch_tokens
+from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.unsupervised.data import window_starts
 from labelwise.methods.unsupervised.evaluate import cluster_scores
 from labelwise.methods.unsupervised.model import ExportedHead, load_head
-from labelwise.methods.unsupervised.train import load_backbone
 from labelwise.report.png import write_id_png, write_prediction_pngs
 
 __all__ = ["MAPPING_FILE", "cluster_map", "match_clusters", "predict", "predict_clusters"]
@@ -107,7 +106,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | 
     Returns the written ``ids/`` PNG paths."""
     exported = load_head(model_dir)
     torch_device = resolve_device(device)
-    backbone = load_backbone(exported.summary["backbone"]).to(torch_device)
+    backbone = exported.backbone.to(torch_device)
     out = Path(out_dir)
     k = int(exported.centroids.shape[0])
     mapping: np.ndarray | None = None

@@ -5,7 +5,7 @@
 2-3. CAMs and pseudo-masks of every training image (:func:`~.stages.make_pseudo_masks`) into
    ``run_dir/pseudo_masks`` (scored against the masks when the training images have them);
 4. the segmenter trained on the pseudo-masks with ``labelwise train``'s pipeline
-   (:func:`labelwise.methods.supervised.train`) in ``run_dir/segmenter``;
+   (:func:`labelwise.engine.segmenter.train_segmenter`) in ``run_dir/segmenter``;
 5. when the training images come from a labelled ``data`` config, the segmenter evaluated on
    its validation split (the labels of that split are used for this score only).
 
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from labelwise.config import TrainConfig, load_config
-from labelwise.engine.atomic import atomic_write_json
 from labelwise.engine.runtime import resolve_device
-from labelwise.methods import supervised
+from labelwise.engine.segmenter import train_segmenter
+from labelwise.eval.evaluate import evaluate_exported
+from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
 from labelwise.methods.weak.stages import make_pseudo_masks
@@ -63,13 +64,11 @@ def run(config: WeakConfig, resume: bool = False) -> dict[str, Any]:
                                                config.pseudo_masks, write_cams=False,
                                                device=resolve_device(config.device))
     seg_config = segmenter_config(config, run_dir / "pseudo_masks" / "pseudo", run_dir / "segmenter")
-    seg = supervised.train(seg_config, resume=resume and _has_checkpoint(run_dir / "segmenter"))
+    seg = train_segmenter(seg_config, resume=resume and _has_checkpoint(run_dir / "segmenter"))
     report["segmenter"] = {"run_dir": str(seg.run_dir), "steps": seg.train.steps,
                            "train_seconds": round(seg.train.train_seconds, 2)}
     if not config.images:
-        data_config = load_config(TrainConfig, None, [])
-        data_config.data = config.data
-        metrics = supervised.evaluate(seg.run_dir, data_config, device=config.device)
+        metrics = evaluate_exported(seg.run_dir, config.data, device=config.device)
         report["final"] = {"split": config.data.val_split, **metrics.to_dict(list(class_map.names))}
     atomic_write_json(run_dir / "weak_run.json", report)
     return report

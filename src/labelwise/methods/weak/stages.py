@@ -27,8 +27,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from labelwise.data.classmap import ClassMap
-from labelwise.engine.atomic import atomic_write_json
 from labelwise.eval.metrics import ConfusionMatrix
+from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps
 from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig, pseudo_masks
 from labelwise.methods.weak.train import load_classifier
