@@ -52,7 +52,9 @@ def _from_file(tmp_path: Path, *extra: str) -> tuple[TrainConfig, dict[str, torc
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "weights.safetensors"))
+    """Weights of an exported run folder, or of a training checkpoint folder."""
+    exported = folder / "weights.safetensors"
+    return load_file(str(exported if exported.is_file() else folder / "model.safetensors"))
 
 
 def test_frozen_encoder_stays_bit_identical(tmp_path):

@@ -187,7 +187,7 @@ def test_self_training_from_a_given_teacher(tmp_path: Path, capsys: pytest.Captu
         raise AssertionError("a finished round was pseudo-labelled again")
 
     monkeypatch.setattr(semi_train, "pseudo_label", fail)
-    monkeypatch.setattr(semi_train.supervised, "train", fail)
+    monkeypatch.setattr(semi_train, "train_segmenter", fail)
     assert main(["semi", "train", *common, *tiny, "--method", "self_training", "--teacher", str(tmp_path / "sup"),
                  "--unlabeled", str(tmp_path / "split" / "unlabeled.txt"), "--run-dir", str(run), "--resume"]) == 0
     capsys.readouterr()

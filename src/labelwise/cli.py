@@ -34,8 +34,8 @@ def _add_runtime(parser: argparse.ArgumentParser, with_config_defaults: bool) ->
 
 def _add_data_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None,
-                        help="YAML TrainConfig describing the data (default: the model's own config.yaml "
-                             "when MODEL is a run folder, else the synthetic dataset)")
+                        help="YAML config whose data section describes the dataset (default: the model's own "
+                             "config.yaml when MODEL is a run folder, else the synthetic dataset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.root=../shared/data/camvid (repeatable)")
     parser.add_argument("--split", default=None,
@@ -51,6 +51,11 @@ def _add_window(parser: argparse.ArgumentParser) -> None:
                         help="sliding-window overlap fraction in [0, 1) (default: the model's eval setting, 0.5)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the horizontally mirrored prediction (default: the model's eval setting, off)")
+    parser.add_argument("--crf", action="store_true", help="refine the prediction with a dense CRF (pydensecrf2)")
+    parser.add_argument("--match-with", type=Path, default=None, metavar="DIR",
+                        help="unsupervised models: map clusters to classes by Hungarian matching on the labelled "
+                             "images of DIR (images/ + labels/, classes.json); evaluate otherwise matches on the "
+                             "evaluated split itself")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,15 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "ignored with --resume (default: the config's model.init, none)")
     _add_runtime(train, with_config_defaults=True)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate an exported model on a labelled split",
+    evaluate = commands.add_parser("evaluate", help="evaluate any model folder on a labelled split",
                                    formatter_class=HELP)
     evaluate.add_argument("model", type=Path, help="model folder: a run folder, or any folder with model.json + weights.safetensors")
     _add_data_selection(evaluate)
     _add_window(evaluate)
-    evaluate.add_argument("--output", type=Path, default=None, help="also write the metrics JSON here")
+    evaluate.add_argument("--metrics", type=Path, default=None, help="also write the metrics JSON to this file")
     _add_runtime(evaluate, with_config_defaults=False)
 
-    predict = commands.add_parser("predict", help="segment images; writes ids/, color/ and overlay/ PNGs",
+    predict = commands.add_parser("predict", help="segment images with any model folder; writes ids/, color/, "
+                                  "overlay/ PNGs",
                                   formatter_class=HELP)
     predict.add_argument("model", type=Path, help="model folder: a run folder, or any folder with model.json + weights.safetensors")
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
@@ -170,28 +176,39 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_config(args: argparse.Namespace, base):  # noqa: ANN001, ANN202
-    from dataclasses import replace
+def _inference(args: argparse.Namespace) -> int:
+    """``evaluate`` / ``predict``: one code path for every regime's model folder."""
+    import labelwise
+    from labelwise.inference import evaluate, predict_files
 
-    from labelwise.models.export import load_model
+    predictor = labelwise.load(args.model, device=args.device, precision=args.precision)
+    options = predictor.options(window=args.window, overlap=args.overlap, flip=args.flip)
+    if args.match_with is not None:
+        from labelwise.data import FolderDataset
+        from labelwise.data.classmap import ClassMap
 
-    config = base if base is not None else load_model(args.model).eval_config
-    if args.window is not None:
-        config = replace(config, window=args.window or None)
-    if args.overlap is not None:
-        config = replace(config, overlap=args.overlap)
-    if args.flip is not None:
-        config = replace(config, flip=args.flip)
-    return config
-
-
-def _data_config_for(args: argparse.Namespace):  # noqa: ANN202
-    from labelwise.config import TrainConfig, load_config
+        predictor.match(FolderDataset(args.match_with, ClassMap.from_json(args.match_with / "classes.json")), options)
+        print(f"matched {predictor.outputs.num_classes} outputs to the classes of {args.match_with}: "
+              f"{dict(zip(predictor.outputs.names, (predictor.class_map.names[i] for i in predictor.mapping)))}")
+    if args.command == "predict":
+        written = predict_files(predictor, args.inputs, args.out, options, crf=args.crf, alpha=args.alpha)
+        print(f"wrote predictions of {len(written)} image(s) to {args.out}/{{ids,color,overlay}}")
+        return 0
+    from labelwise.config import load_data_config
+    from labelwise.data.build import build_eval_dataset
 
     path = args.config
-    if path is None and (args.model / "config.yaml").exists():
+    if path is None and (args.model / "config.yaml").is_file():
         path = args.model / "config.yaml"
-    return load_config(TrainConfig, path, args.overrides) if path or args.overrides else TrainConfig()
+    dataset, _ = build_eval_dataset(load_data_config(path, args.overrides), args.split)
+    report = evaluate(predictor, dataset, options, crf=args.crf)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.metrics is not None:
+        from labelwise.io.atomic import atomic_write_text
+
+        atomic_write_text(args.metrics, text + "\n")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,25 +231,8 @@ def run(args: argparse.Namespace) -> int:
         if result.metrics:
             print(json.dumps({k: result.metrics[k] for k in ("miou", "pixel_acc", "mean_acc") if k in result.metrics}))
         return 0
-    if args.command == "evaluate":
-        config = _data_config_for(args)
-        metrics = supervised.evaluate(args.model, config, split=args.split, device=args.device,
-                                      precision=args.precision, eval_config=_eval_config(args, None))
-        from labelwise.models.export import load_model
-
-        report = metrics.to_dict(list(load_model(args.model).class_map.names))
-        text = json.dumps(report, indent=2)
-        print(text)
-        if args.output is not None:
-            from labelwise.io.atomic import atomic_write_text
-
-            atomic_write_text(args.output, text + "\n")
-        return 0
-    if args.command == "predict":
-        written = supervised.predict(args.model, args.inputs, args.out, device=args.device, precision=args.precision,
-                                     eval_config=_eval_config(args, None), alpha=args.alpha)
-        print(f"wrote predictions of {len(written)} image(s) to {args.out}/{{ids,color,overlay}}")
-        return 0
+    if args.command in ("evaluate", "predict"):
+        return _inference(args)
     if args.command == "attention":
         from labelwise.models.vit_loading import load_vit
         from labelwise.report.attention import write_attention_figures

@@ -423,21 +423,30 @@ def _list_item(node: list, part: str, where: str) -> Any:
     return node[index]
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of YAML file ``path``; ``ConfigError`` naming the file otherwise."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return loaded
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load dataclass ``cls`` from YAML file ``path`` (defaults where absent) plus overrides."""
+    return config_from_mapping(cls, read_yaml_mapping(path) if path is not None else {}, overrides)
+
+
+def config_from_mapping(cls: type[T], loaded: dict[str, Any], overrides: Sequence[str] = ()) -> T:
+    """Dataclass ``cls`` from the defaults, a mapping of keys (as read from YAML) and overrides."""
     data: dict[str, Any] = to_dict(cls())
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: config file not found") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        _check_keys(cls, loaded, "")
-        data = _merge(data, loaded)
+    _check_keys(cls, loaded, "")
+    data = _merge(data, loaded)
     for override in overrides:
         apply_override(data, override)
     config = from_dict(cls, data)
@@ -445,6 +454,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     if callable(validate):
         validate()
     return config
+
+
+@dataclass
+class DataSection:
+    """The ``data`` section alone: what evaluating a model on a dataset needs of any run config."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_data_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DataConfig:
+    """The ``data`` section of any run's YAML config (train, semi, weak, unsupervised), other
+    sections ignored, plus ``data.*`` overrides."""
+    loaded = read_yaml_mapping(path) if path is not None else {}
+    return config_from_mapping(DataSection, {"data": loaded.get("data") or {}}, overrides).data
 
 
 def _check_keys(cls: Any, loaded: dict[str, Any], prefix: str) -> None:
@@ -494,6 +517,10 @@ __all__ = [
     "OptimConfig",
     "EvalConfig",
     "TrainConfig",
+    "DataSection",
+    "load_data_config",
+    "config_from_mapping",
+    "read_yaml_mapping",
     "load_config",
     "from_dict",
     "to_dict",

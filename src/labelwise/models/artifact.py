@@ -237,7 +237,7 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") ->
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if not path.exists():
-        raise CheckpointError(f"{path}: no such model folder")
+        raise CheckpointError(f"{path}: no such model folder (expected a folder with {INFO_FILE} + {WEIGHTS_FILE})")
     if not (folder / INFO_FILE).is_file() and (folder / "unsupervised.json").is_file():
         return _legacy_clusters(folder, map_location)
     info, weights = read_artifact_files(path)
