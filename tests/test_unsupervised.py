@@ -244,7 +244,7 @@ def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.
 
     labelled = _labelled_folder(tmp_path / "labelled", SyntheticShapes(num_images=4, size=(96, 128), num_classes=5,
                                                                        seed=77))
-    assert main(["unsupervised", "predict", str(run), str(labelled / "images"), "--out", str(tmp_path / "pred"),
+    assert main(["predict", str(run), str(labelled / "images"), "--out", str(tmp_path / "pred"),
                  "--match-with", str(labelled), "--device", "cpu"]) == 0
     mapping = json.loads((tmp_path / "pred" / "cluster_mapping.json").read_text())
     assert sorted(mapping["mapping"].values()) == sorted(SyntheticShapes(num_images=1, num_classes=5).class_map.names)
@@ -283,26 +283,6 @@ def test_tile_windows_score_each_labelled_pixel_exactly_once() -> None:
     sample = small[0]
     assert sample["image"].shape == (3, 10, 10) and (sample["mask"][8:] == 255).all() and (sample["mask"][:, 9:] == 255).all()
     assert (sample["mask"][:8, :9] != 255).all()
-
-
-def test_windowed_prediction_stitches_each_window_into_the_pixels_it_owns(tiny_vit: Path) -> None:
-    from labelwise.methods.unsupervised.predict import _window_clusters, predict_clusters
-    from labelwise.models.clusters import ClusterSegmenter
-    from labelwise.models.vit_loading import load_vit
-
-    vit = load_vit(tiny_vit).eval()
-    torch.manual_seed(0)
-    exported = unsupervised.ExportedHead(ClusterSegmenter(vit, torch.randn(4, 48)), {})
-    image = torch.rand(3, 40, 45)
-    device = torch.device("cpu")
-    stitched = predict_clusters(exported, vit, image, device, "fp32", window=16)
-    assert stitched.shape == (40, 45) and int(stitched.max()) < 4
-    for y, y_from, y_to in window_starts(40, 16):
-        for x, x_from, x_to in window_starts(45, 16):
-            alone = _window_clusters(exported, vit, image[:, y:y + 16, x:x + 16], device, "fp32")
-            assert torch.equal(stitched[y_from:y_to, x_from:x_to], alone[y_from - y:y_to - y, x_from - x:x_to - x])
-    whole = predict_clusters(exported, vit, image, device, "fp32", window=None)
-    assert whole.shape == (40, 45)
 
 
 def test_random_patch_vectors_pick_the_stored_vectors(tmp_path: Path) -> None:

@@ -56,6 +56,8 @@ def _add_window(parser: argparse.ArgumentParser) -> None:
                         help="unsupervised models: map clusters to classes by Hungarian matching on the labelled "
                              "images of DIR (images/ + labels/, classes.json); evaluate otherwise matches on the "
                              "evaluated split itself")
+    parser.add_argument("--class-map", type=Path, default=None,
+                        help="class map JSON of the --match-with images (default: DIR/classes.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +189,8 @@ def _inference(args: argparse.Namespace) -> int:
         from labelwise.data import FolderDataset
         from labelwise.data.classmap import ClassMap
 
-        predictor.match(FolderDataset(args.match_with, ClassMap.from_json(args.match_with / "classes.json")), options)
+        class_map = ClassMap.from_json(args.class_map or args.match_with / "classes.json")
+        predictor.match(FolderDataset(args.match_with, class_map), options)
         print(f"matched {predictor.outputs.num_classes} outputs to the classes of {args.match_with}: "
               f"{dict(zip(predictor.outputs.names, (predictor.class_map.names[i] for i in predictor.mapping)))}")
     if args.command == "predict":

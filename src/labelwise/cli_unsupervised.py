@@ -1,4 +1,4 @@
-"""``labelwise unsupervised train | evaluate | predict``: argument parsing over
+"""``labelwise unsupervised train | evaluate``: argument parsing over
 :mod:`labelwise.methods.unsupervised` (kept apart from ``cli.py`` so each file stays short)."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ UNSUPERVISED_METHODS = ("hp", "stego", "picie", "kmeans")
 def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private subparsers action
     parser = commands.add_parser(
         "unsupervised", help="segment images into K semantic clusters without labels (HP, STEGO, PiCIE, k-means)",
-        formatter_class=HELP, description="Train a head on frozen self-supervised ViT features, evaluate it, "
-        "or predict cluster maps of your own images.")
+        formatter_class=HELP, description="Train a head on frozen self-supervised ViT features, or evaluate it "
+        "with the cluster probe on resized views and a linear probe; `labelwise predict RUN` segments your images "
+        "(--match-with DIR maps clusters to class names).")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     train = sub.add_parser("train", help="train a head (features cached once) and fit K cluster centroids",
@@ -56,24 +57,6 @@ def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private sub
                                "eval.linear_probe, on)")
     evaluate.add_argument("--output", type=Path, default=None, help="also write the metrics JSON here")
 
-    predict = sub.add_parser("predict", help="write cluster-id, colour and overlay PNGs of images",
-                             formatter_class=HELP)
-    predict.add_argument("model", type=Path, help="run folder of `labelwise unsupervised train`")
-    predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
-    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
-    predict.add_argument("--match-with", type=Path, default=None, metavar="DIR",
-                         help="a few labelled images (DIR/images, DIR/labels, DIR/classes.json): map clusters to "
-                              "class names by Hungarian matching (default: none, cluster ids)")
-    predict.add_argument("--class-map", type=Path, default=None,
-                         help="class map JSON for --match-with (default: DIR/classes.json)")
-    predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
-    predict.add_argument("--window", type=int, default=1024,
-                         help="images with a side above this many pixels go through the ViT window by window "
-                              "(0 = always whole)")
-    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                         help="where to run: auto picks CUDA when available")
-    predict.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="backbone precision")
-
 
 def run_unsupervised(args: argparse.Namespace) -> int:
     from labelwise.config import load_config
@@ -102,8 +85,4 @@ def run_unsupervised(args: argparse.Namespace) -> int:
 
             atomic_write_text(args.output, text + "\n")
         return 0
-    written = unsupervised.predict(args.model, args.inputs, args.out, match_with=args.match_with,
-                                   class_map=args.class_map, device=args.device, precision=args.precision,
-                                   alpha=args.alpha, window=args.window or None)
-    print(f"wrote predictions of {len(written)} image(s) to {args.out}/{{clusters,ids,color,overlay}}")
-    return 0
+    raise AssertionError(args.action)

@@ -39,10 +39,13 @@ from labelwise.eval.crf import CRFParams, crf_refine_batch
 from labelwise.eval.evaluate import make_logits_fn, predict_batch
 from labelwise.eval.matching import hungarian_match, matched_confusion
 from labelwise.eval.metrics import ConfusionMatrix, SegmentationMetrics, metrics_from_confusion
+from labelwise.io.atomic import atomic_write_json
 from labelwise.models.artifact import Artifact, load_artifact
 from labelwise.report.png import write_id_png, write_prediction_pngs
 
-__all__ = ["CLUSTER_SOFTMAX_SCALE", "Predictor", "evaluate", "load", "predict_files"]
+__all__ = ["CLUSTER_SOFTMAX_SCALE", "MAPPING_FILE", "Predictor", "evaluate", "load", "predict_files"]
+
+MAPPING_FILE = "cluster_mapping.json"
 
 #: Cosine scores of a cluster model are multiplied by this before the softmax that feeds the CRF
 #: (they lie in [-1, 1]; logits of a classifier need no scaling).
@@ -202,8 +205,15 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | Path], out_dir: s
                   options: EvalConfig | None = None, crf: bool = False, alpha: float = 0.5) -> list[Path]:
     """Segment every image of ``inputs`` (files, or folders of images); write ``ids/``, ``color/``
     and ``overlay/`` PNGs per image under ``out_dir`` (and ``clusters/`` for a cluster model:
-    the raw cluster ids). Returns the written ``ids/`` paths."""
+    the raw cluster ids, and ``cluster_mapping.json`` once clusters are matched to classes).
+    Returns the written ``ids/`` paths."""
     out = Path(out_dir)
+    if predictor.kind == "clusters" and predictor.mapping is not None:
+        record = {"clusters": predictor.outputs.num_classes,
+                  "mapping": {name: predictor.class_map.names[int(c)]
+                              for name, c in zip(predictor.outputs.names, predictor.mapping)}}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / MAPPING_FILE, record)
     written = []
     for path in list_images(inputs):
         image = read_image(path)

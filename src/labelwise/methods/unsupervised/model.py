@@ -20,13 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from labelwise.config import EvalConfig, to_dict
 from labelwise.errors import CheckpointError
 from labelwise.models.artifact import cluster_class_map, load_artifact, provenance, save_artifact
 from labelwise.models.clusters import ClusterSegmenter
 from labelwise.models.heads import ContrastProjection, ProjectionHead
 from labelwise.models.vit import VisionTransformer
 
-__all__ = ["ExportedHead", "UnsupervisedHead", "load_head", "save_head"]
+__all__ = ["PREDICT_WINDOW", "ExportedHead", "UnsupervisedHead", "load_head", "save_head"]
+
+#: Sliding-window size (pixels) an exported model predicts large images with.
+PREDICT_WINDOW = 1024
 
 
 class UnsupervisedHead(nn.Module):
@@ -102,6 +106,8 @@ def save_head(folder: str | Path, backbone: VisionTransformer, head: Unsupervise
                      "pad_to_multiple_of": int(backbone.patch_size)}
     return save_artifact(folder, "clusters", module, module.config(), cluster_class_map(module.num_clusters),
                          preprocessing=preprocessing, source={"backbone": str(summary.get("backbone"))},
+                         # images above 1,024 px go through the ViT in overlapping windows
+                         eval_config=to_dict(EvalConfig(window=PREDICT_WINDOW)),
                          training=provenance(data), extra={"unsupervised": record})
 
 
