@@ -1,7 +1,7 @@
 """Benchmark probe_camvid: frozen-feature quality of a ViT backbone vs the same ViT at random init.
 
 Run from the project root: `.venv/bin/python benchmarks/probe_camvid.py [--backbone PATH]`
-(default backbone: `weights/labelwise_vit.safetensors`, the project's pretrained ViT; when it is
+(default backbone: `src/labelwise/weights/labelwise_vit.safetensors`, the project's pretrained ViT; when it is
 missing it is rebuilt with `benchmarks/pretrain_dino.py` first, or with `--no-rebuild` only the
 random-init rows are computed and a note says why). `--quick` is a
 smoke test on a few images that writes `probe_camvid_quick.json`.

@@ -3,7 +3,7 @@
 Run from the project root:
 `.venv/bin/python benchmarks/unsupervised.py --dataset camvid` (also `aerial`, `synthetic`).
 The recipe is `configs/unsupervised_<dataset>.yaml`; every row uses the same backbone (the
-project's pretrained ViT, `weights/labelwise_vit.safetensors`, rebuilt with
+project's pretrained ViT, `src/labelwise/weights/labelwise_vit.safetensors`, rebuilt with
 `benchmarks/pretrain_dino.py` when missing) and the same training budget (the config's steps and
 batch), except `kmeans`, which trains nothing. `--random-floor` adds `hp_full` on the same ViT at
 random initialisation (the floor). Rows (one with and one without dense CRF per method):

@@ -93,3 +93,20 @@ def test_the_checker_sees_a_cross_regime_import(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(ast, "parse", lambda text, _parse=ast.parse: _parse(source.read_text()))
     injected = _imports(fake)
     assert "labelwise.methods.supervised" in injected and "labelwise.methods.weak.pipeline" in injected
+
+
+def test_default_weights_ship_inside_the_package():
+    """A non-editable install carries the default backbone and the U-Net encoder: they live in the
+    package folder and pyproject's package-data globs name them (.ci/wheel_check.sh installs the
+    wheel and loads them)."""
+    import fnmatch
+    import tomllib
+
+    from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH
+
+    assert DEFAULT_BACKBONE_PATH.parent == PACKAGE / "weights" and DEFAULT_BACKBONE_PATH.is_file()
+    pyproject = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["labelwise"]
+    for name in ("labelwise_vit.safetensors", "unet_dense_moco.safetensors", "README.md"):
+        assert (PACKAGE / "weights" / name).is_file(), name
+        assert any(fnmatch.fnmatch(f"weights/{name}", glob) for glob in globs), name

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 runs = sys.argv[1]
 config = load_config(unsupervised.UnsupervisedConfig, ROOT / "configs" / "unsupervised_camvid.yaml",
                      [f"data.root={ROOT.parent / 'shared' / 'data' / 'camvid'}",
-                      f"features.backbone={ROOT / 'weights' / 'labelwise_vit.safetensors'}", "progress=false",
+                      f"features.backbone={ROOT / 'src' / 'labelwise' / 'weights' / 'labelwise_vit.safetensors'}", "progress=false",
                       "method=hp", "hp.local=false"])
 views = training_views(config)
 cache, _ = build_training_caches(config, load_backbone(config.features.backbone), views, torch.device('cpu'))
