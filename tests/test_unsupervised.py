@@ -229,7 +229,7 @@ def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["variant"] == "hp_full" and summary["selection"] == "final_checkpoint"
 
-    assert main(["unsupervised", "evaluate", str(run), "--crf", "--output", str(tmp_path / "eval.json")]) == 0
+    assert main(["unsupervised", "evaluate", str(run), "--crf", "--metrics", str(tmp_path / "eval.json")]) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     # chance: clusters drawn uniformly at random, independent of the image: IoU_c = (p_c / K) /
     # (p_c + 1 / K - p_c / K) for class frequency p_c (about 0.11 here)
