@@ -5,7 +5,7 @@ CPU cores). It runs `labelwise pretrain --config configs/pretrain_vit_tiny.yaml`
 `benchmarks/runs/pretrain_dino/` (resumable: run the same command again after an interruption),
 copies the exported teacher to `src/labelwise/weights/labelwise_vit.safetensors` (the offline default backbone,
 `--no-export` to leave it alone) and writes `benchmarks/results/pretrain_dino.json` with one row:
-arch, patch, images, epochs, train_seconds, checkpoint. The data are the unlabelled photographs
+arch, patch, images, epochs, train_seconds, checkpoint. The data are the unlabeled photographs
 of `../shared/data/unlabeled` plus the images (never the labels) of CamVid train+val and the
 Dubai aerial tiles, as listed in the config.
 

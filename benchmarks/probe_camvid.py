@@ -12,10 +12,10 @@ cache, so a re-run reuses them).
 
 - ``linear_probe``: a 1x1 conv trained by full-batch L-BFGS (up to 1,500 iterations; it
   converges in about 400) on camvid/train features (1024
-  labelled pixels sampled per image, logits bilinearly upsampled to the label resolution),
-  scored on every labelled pixel of camvid/val.
+  labeled pixels sampled per image, logits bilinearly upsampled to the label resolution),
+  scored on every labeled pixel of camvid/val.
 - ``kmeans``: k-means (K = 11, k-means++, 5 restarts) on the L2-normalised camvid/val features,
-  clusters Hungarian-matched to classes over the whole split, scored on every labelled pixel.
+  clusters Hungarian-matched to classes over the whole split, scored on every labeled pixel.
 
 Labels of camvid/val are used only for scoring: no hyper-parameter is chosen with them.
 

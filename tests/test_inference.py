@@ -47,7 +47,7 @@ class Coded(Dataset):
         return {"image": image, "mask": mask, "name": f"img{index}"}
 
 
-class ColourClusters(nn.Module):
+class ColorClusters(nn.Module):
     """Scores peaking at cluster ``k`` where the red channel is ``order[k] / 4``."""
 
     def __init__(self, order: list[int]) -> None:
@@ -61,7 +61,7 @@ class ColourClusters(nn.Module):
 def _cluster_predictor(order: list[int]) -> Predictor:
     names = cluster_class_map(len(order))
     artifact = Artifact(folder=__import__("pathlib").Path("memory"), kind="clusters",
-                        module=ColourClusters(order), class_map=names, info={"eval": {}})
+                        module=ColorClusters(order), class_map=names, info={"eval": {}})
     return Predictor(artifact, device="cpu", precision="fp32")
 
 
@@ -120,7 +120,7 @@ def test_clusters_are_scored_under_scipy_hungarian_matching_and_match_recovers_t
     counts = np.zeros((3, 3))
     for index in range(len(data)):
         sample = data[index]
-        clusters = ColourClusters(order)(sample["image"][None]).argmax(1)[0].numpy()
+        clusters = ColorClusters(order)(sample["image"][None]).argmax(1)[0].numpy()
         mask = sample["mask"].numpy()
         keep = mask != 255
         np.add.at(counts, (mask[keep], clusters[keep]), 1)

@@ -45,7 +45,7 @@ def _config(tmp_path: Path, *extra: str) -> SemiConfig:
         "progress=false", "precision=fp32", "checkpoint_every=3", "semi.threshold=0.3", *extra])
 
 
-def test_pairs_cover_the_unlabelled_set_once_and_cycle_the_labelled_set() -> None:
+def test_pairs_cover_the_unlabeled_set_once_and_cycle_the_labeled_set() -> None:
     labeled = SyntheticShapes(num_images=3, size=(16, 16), seed=0)
     unlabeled = ImagesOnly(SyntheticShapes(num_images=7, size=(16, 16), seed=1))
     pairs = LabeledUnlabeledPairs(labeled, unlabeled, seed=5)
@@ -64,14 +64,14 @@ def test_pairs_cover_the_unlabelled_set_once_and_cycle_the_labelled_set() -> Non
     assert batch["valid_u"].all() and batch["mask"].shape == (2, 16, 16)
 
 
-def test_unlabelled_list_must_not_overlap_the_labelled_list(tmp_path: Path) -> None:
+def test_unlabeled_list_must_not_overlap_the_labeled_list(tmp_path: Path) -> None:
     config = _config(tmp_path)
     labeled_names = (tmp_path / "split" / "labeled.txt").read_text().split()
     images = unlabeled_images(config, [n for n in labeled_names if not n.startswith("#")])
     assert len(images) == 12 and "mask" not in images[0]
     overlapping = (tmp_path / "split" / "unlabeled.txt").read_text() + labeled_names[-1] + "\n"
     (tmp_path / "split" / "unlabeled.txt").write_text(overlapping)
-    with pytest.raises(DataError, match="also in the labelled list"):
+    with pytest.raises(DataError, match="also in the labeled list"):
         unlabeled_images(config, [labeled_names[-1]])
     with pytest.raises(ConfigError, match="semi.unlabeled"):
         load_config(SemiConfig, None, [*DATA, "semi.method=fixmatch"])
@@ -178,13 +178,13 @@ def test_self_training_from_a_given_teacher(tmp_path: Path, capsys: pytest.Captu
     round1 = json.loads((run / "round1" / "eval.json").read_text())
     assert final["train_seconds"] == pytest.approx(teacher_eval["train_seconds"] + round1["train_seconds"])
 
-    # running it again finds every round finished: nothing is pseudo-labelled or trained again
+    # running it again finds every round finished: nothing is pseudo-labeled or trained again
     import importlib
 
     semi_train = importlib.import_module("labelwise.methods.semi.train")  # the package exports a `train` function
 
     def fail(*args, **kwargs):
-        raise AssertionError("a finished round was pseudo-labelled again")
+        raise AssertionError("a finished round was pseudo-labeled again")
 
     monkeypatch.setattr(semi_train, "pseudo_label", fail)
     monkeypatch.setattr(semi_train, "train_segmenter", fail)
@@ -209,8 +209,8 @@ def test_self_training_from_a_given_teacher(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_a_self_training_round_improves_over_its_teacher(tmp_path: Path) -> None:
-    """Round 0 learns from 6 labelled synthetic images; round 1 adds the confident pseudo-labels
-    of 42 unlabelled ones and must score higher on the validation images (both rounds are
+    """Round 0 learns from 6 labeled synthetic images; round 1 adds the confident pseudo-labels
+    of 42 unlabeled ones and must score higher on the validation images (both rounds are
     scored by the same evaluation, against the real validation masks)."""
     data = ["data.dataset=synthetic", "data.synthetic_train_images=48", "data.synthetic_val_images=16",
             "data.synthetic_size=[48, 64]"]
@@ -228,7 +228,7 @@ def test_a_self_training_round_improves_over_its_teacher(tmp_path: Path) -> None
     assert result.metrics["miou"] == rounds[1]["miou"]
 
 
-def test_aerial_unlabelled_tiles_are_crops_without_masks(tmp_path: Path) -> None:
+def test_aerial_unlabeled_tiles_are_crops_without_masks(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
@@ -268,7 +268,7 @@ def test_aerial_unlabelled_tiles_are_crops_without_masks(tmp_path: Path) -> None
     for i, mask in enumerate(masks):
         inside = images[i]["valid"].numpy()
         assert mask.shape == (48, 48) and (mask[~inside] == 255).all() and (mask[inside] < 2).all()
-    with pytest.raises(DataError, match=r"tiles \[1\] are also labelled"):
+    with pytest.raises(DataError, match=r"tiles \[1\] are also labeled"):
         unlabeled_images(load_config(SemiConfig, None, [*base, "semi.unlabeled_tiles=[1, 2]"]), [])
 
 

@@ -1,4 +1,4 @@
-"""Labelled / unlabelled splits: deterministic, disjoint, nested across sizes, round-trip through
+"""Labeled / unlabeled splits: deterministic, disjoint, nested across sizes, round-trip through
 list files, and list-file errors naming the file and line."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def test_list_files_round_trip_and_errors_name_file_and_line(tmp_path: Path) -> 
     labeled, unlabeled = write_split(tmp_path / "split", split)
     assert read_name_list(labeled, NAMES) == split.labeled
     assert read_name_list(unlabeled, NAMES) == split.unlabeled
-    assert labeled.read_text().startswith("# labelwise split: 23 of 367 labelled")
+    assert labeled.read_text().startswith("# labelwise split: 23 of 367 labeled")
     path = write_name_list(tmp_path / "bad.txt", ["img_000", "img_001"])
     path.write_text(path.read_text() + "\n# a comment\nimg_000\n")
     with pytest.raises(DataError, match=r"bad\.txt:5: 'img_000' is listed twice \(first on line 1\)"):

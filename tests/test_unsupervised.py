@@ -201,7 +201,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- end to end
 
 
-def _labelled_folder(root: Path, dataset: SyntheticShapes) -> Path:
+def _labeled_folder(root: Path, dataset: SyntheticShapes) -> Path:
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
     for index in range(len(dataset)):
@@ -216,7 +216,7 @@ def _labelled_folder(root: Path, dataset: SyntheticShapes) -> Path:
 
 def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The default backbone, HP with every term: clearly above chance after a short run, CRF and
-    linear probe reported, and predictions mapped to class names with a few labelled images."""
+    linear probe reported, and predictions mapped to class names with a few labeled images."""
     run = tmp_path / "run"
     settings = ["data.dataset=synthetic", "data.synthetic_train_images=24", "data.synthetic_val_images=8",
                 "features.crop_size=64", f"features.cache_dir={tmp_path / 'cache'}", "batch_size=16",
@@ -242,16 +242,16 @@ def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.
     assert report["crf"]["miou"] > 2 * chance and report["linear_miou"] > report["miou"]
     assert sorted(report["mapping"]) == list(range(5))
 
-    labelled = _labelled_folder(tmp_path / "labelled", SyntheticShapes(num_images=4, size=(96, 128), num_classes=5,
+    labeled = _labeled_folder(tmp_path / "labeled", SyntheticShapes(num_images=4, size=(96, 128), num_classes=5,
                                                                        seed=77))
-    assert main(["predict", str(run), str(labelled / "images"), "--out", str(tmp_path / "pred"),
-                 "--match-with", str(labelled), "--device", "cpu"]) == 0
+    assert main(["predict", str(run), str(labeled / "images"), "--out", str(tmp_path / "pred"),
+                 "--match-with", str(labeled), "--device", "cpu"]) == 0
     mapping = json.loads((tmp_path / "pred" / "cluster_mapping.json").read_text())
     assert sorted(mapping["mapping"].values()) == sorted(SyntheticShapes(num_images=1, num_classes=5).class_map.names)
     clusters = np.asarray(Image.open(tmp_path / "pred" / "clusters" / "000.png"))
     ids = np.asarray(Image.open(tmp_path / "pred" / "ids" / "000.png"))
     assert clusters.shape == (96, 128) and clusters.max() < 5
-    truth = np.asarray(Image.open(labelled / "labels" / "000.png"))
+    truth = np.asarray(Image.open(labeled / "labels" / "000.png"))
     assert (ids == truth).mean() > 0.25  # matched pixel accuracy of random clusters: 1 / K = 0.2
 
 
@@ -261,7 +261,7 @@ def test_window_starts_cover_every_pixel_once() -> None:
     assert window_starts(3, 4) == [(0, 0, 3)]
 
 
-def test_tile_windows_score_each_labelled_pixel_exactly_once() -> None:
+def test_tile_windows_score_each_labeled_pixel_exactly_once() -> None:
     source = SyntheticShapes(num_images=2, size=(23, 30), num_classes=4, seed=4)
     windows = TileWindows(source, window=10)
     assert len(windows) == 2 * 3 * 3

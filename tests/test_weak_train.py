@@ -185,8 +185,8 @@ def test_aerial_tiles_train_on_crops_and_pseudo_label_every_pixel_once(tiny_vit:
 
 def test_end_to_end_on_synthetic_data_is_clearly_above_chance(tmp_path: Path) -> None:
     """Tags only -> classifier -> CAMs -> pseudo-masks -> U-Net, on a small random-init ViT. The
-    references are computed here from the masks alone: the mIoU of labelling every pixel as the
-    background (the majority class) and of labelling every pixel with a uniformly drawn class
+    references are computed here from the masks alone: the mIoU of labeling every pixel as the
+    background (the majority class) and of labeling every pixel with a uniformly drawn class
     among the image's tagged classes (the background included)."""
     from labelwise.data.build import build_datasets, build_eval_dataset
     from labelwise.eval.metrics import ConfusionMatrix

@@ -22,8 +22,8 @@ from labelwise.errors import LabelwiseError
 
 DESCRIPTION = """\
 Semantic segmentation from whatever labels you have. Pick the command by what you have:
-  every pixel labelled          labelwise train        (then evaluate / predict)
-  a few labelled images         labelwise semi train
+  every pixel labeled          labelwise train        (then evaluate / predict)
+  a few labeled images         labelwise semi train
   image-level tags only         labelwise weak run
   images only                   labelwise unsupervised train   (or pretrain a backbone: labelwise pretrain)
 Every training command writes a model folder that `labelwise evaluate` and `labelwise predict` take.
@@ -39,7 +39,7 @@ def _subparser(commands, name: str, help: str, description: str | None = None) -
 
 
 def _add_train(commands) -> None:  # noqa: ANN001 - argparse's private subparsers action
-    parser = _subparser(commands, "train", "train a segmentation model on fully labelled images",
+    parser = _subparser(commands, "train", "train a segmentation model on fully labeled images",
                         "Train a model from a YAML config (see configs/) plus overrides; writes the model folder "
                         "(model.json + weights.safetensors), eval.json and checkpoints into the run folder.")
     add_run_options(parser)
@@ -47,8 +47,8 @@ def _add_train(commands) -> None:  # noqa: ANN001 - argparse's private subparser
 
 
 def _add_evaluate(commands) -> None:  # noqa: ANN001
-    parser = _subparser(commands, "evaluate", "score any model folder on a labelled split",
-                        "Score a model folder of any regime on a labelled split: mIoU, pixel and mean accuracy, "
+    parser = _subparser(commands, "evaluate", "score any model folder on a labeled split",
+                        "Score a model folder of any regime on a labeled split: mIoU, pixel and mean accuracy, "
                         "per-class IoU. Unsupervised models are scored after Hungarian matching of their clusters.")
     add(parser, "model")
     add(parser, "config", help="YAML config whose data section names the dataset (default: the model's own "
@@ -95,7 +95,7 @@ def _add_attention(commands) -> None:  # noqa: ANN001
 
 
 def _add_pretrain(commands) -> None:  # noqa: ANN001
-    parser = _subparser(commands, "pretrain", "self-supervised pretraining of a backbone on unlabelled images",
+    parser = _subparser(commands, "pretrain", "self-supervised pretraining of a backbone on unlabeled images",
                         "Pretrain a ViT or the U-Net encoder on folders of images (DINO / iBOT, MoCo, dense MoCo or "
                         "rotation prediction); writes RUN_DIR/backbone.safetensors and RUN_DIR/pretrain.json.")
     add_run_options(parser)

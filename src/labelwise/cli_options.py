@@ -104,7 +104,7 @@ OPTIONS: dict[str, Option] = {
                                        "config's eval.crf)"}),
     "match_with": Option(("--match-with",), {"type": Path, "default": None, "metavar": "DIR",
                                              "help": "unsupervised models: map clusters to classes by Hungarian "
-                                                     "matching on the labelled images of DIR (images/ + labels/, "
+                                                     "matching on the labeled images of DIR (images/ + labels/, "
                                                      "classes.json; default: match on the evaluated split itself)"}),
     "class_map": Option(("--class-map",), {"type": Path, "default": None, "metavar": "JSON",
                                            "help": "class map of the --match-with images (default: DIR/classes.json)"}),
@@ -112,7 +112,7 @@ OPTIONS: dict[str, Option] = {
                                "help": "output folder (default: the command's, see its description)"}),
     "metrics": Option(("--metrics",), {"type": Path, "default": None, "metavar": "FILE",
                                        "help": "also write the metrics JSON to this file"}),
-    "alpha": Option(("--alpha",), {"type": float, "default": 0.5, "help": "overlay opacity of the class colours"}),
+    "alpha": Option(("--alpha",), {"type": float, "default": 0.5, "help": "overlay opacity of the class colors"}),
 }
 
 #: Options every training command has.

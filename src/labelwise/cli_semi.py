@@ -15,13 +15,13 @@ SEMI_METHODS = ("supervised_only", "fixmatch", "unimatch", "self_training")
 
 def add_semi(commands) -> None:  # noqa: ANN001 - argparse's private subparsers action
     parser = commands.add_parser(
-        "semi", help="semi-supervised training from a few labelled and many unlabelled images",
-        formatter_class=HelpFormatter, description="Split a labelled dataset into labelled / unlabelled parts, then "
+        "semi", help="semi-supervised training from a few labeled and many unlabeled images",
+        formatter_class=HelpFormatter, description="Split a labeled dataset into labeled / unlabeled parts, then "
         "train with consistency (FixMatch, UniMatch) or self-training.")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     split = sub.add_parser("split", help="write labeled.txt / unlabeled.txt: a deterministic split of the "
-                           "training split of a labelled dataset", formatter_class=HelpFormatter)
+                           "training split of a labeled dataset", formatter_class=HelpFormatter)
     add(split, "config", help="YAML train / semi config whose data section names the dataset (default: synthetic)")
     add(split, "set")
     size = split.add_mutually_exclusive_group(required=True)
@@ -30,14 +30,14 @@ def add_semi(commands) -> None:  # noqa: ANN001 - argparse's private subparsers 
     split.add_argument("--seed", type=int, default=0, help="seed of the draw (same seed: nested sizes)")
     add(split, "out", required=True, help="folder for labeled.txt and unlabeled.txt")
 
-    train = sub.add_parser("train", help="train a segmenter from labelled and unlabelled images",
+    train = sub.add_parser("train", help="train a segmenter from labeled and unlabeled images",
                            formatter_class=HelpFormatter)
     add_run_options(train)
     train.add_argument("--labeled", type=Path, default=None,
-                       help="list file of the labelled training samples (sets data.train_list; default: the "
+                       help="list file of the labeled training samples (sets data.train_list; default: the "
                             "config's, or every training sample)")
     train.add_argument("--unlabeled", nargs="+", type=Path, default=None, metavar="PATH",
-                       help="folders of unlabelled images, or one list file (.txt) of training-split names whose "
+                       help="folders of unlabeled images, or one list file (.txt) of training-split names whose "
                             "masks are then not used (default: the config's semi.unlabeled / unlabeled_list)")
     add(train, "method", key="semi.method", choices=SEMI_METHODS)
     add(train, "init")

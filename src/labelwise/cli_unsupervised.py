@@ -23,7 +23,7 @@ def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private sub
     train = sub.add_parser("train", help="train a head (features cached once) and fit K cluster centroids",
                            formatter_class=HelpFormatter)
     add_run_options(train)
-    add(train, "images", help="folders of unlabelled training images (default: the config's images, or its data "
+    add(train, "images", help="folders of unlabeled training images (default: the config's images, or its data "
                               "training split)")
     train.add_argument("--clusters", type=int, default=None,
                        help="number of clusters K (default: the number of classes of the config's data; required "
@@ -34,7 +34,7 @@ def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private sub
     train.set_defaults(_config_keys={**train.get_default("_config_keys"), "clusters": "eval.clusters"})
 
     evaluate = sub.add_parser("evaluate", help="cluster probe (Hungarian) on the run's evaluation views, linear "
-                              "probe and optional CRF on a labelled split", formatter_class=HelpFormatter)
+                              "probe and optional CRF on a labeled split", formatter_class=HelpFormatter)
     add(evaluate, "model", help="run folder of `labelwise unsupervised train`")
     add(evaluate, "set")
     add(evaluate, "split")

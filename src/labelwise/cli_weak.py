@@ -31,7 +31,7 @@ def add_weak(commands) -> None:  # noqa: ANN001 - argparse's private subparsers 
     train = sub.add_parser("train", help="train the multi-class-token ViT classifier on image tags",
                            formatter_class=HelpFormatter)
     run = sub.add_parser("run", help="every stage: classifier, pseudo-masks, segmenter trained on them, and "
-                         "its score on the data's validation split when the data is labelled", formatter_class=HelpFormatter)
+                         "its score on the data's validation split when the data is labeled", formatter_class=HelpFormatter)
     for stage in (train, run):
         add_run_options(stage, "config", "run_dir", "resume", "overwrite", "device", "precision")
         _add_data_options(stage)

@@ -106,11 +106,11 @@ class DataConfig:
 
     ``dataset``: ``synthetic`` (embedded, generated from ``seed``), ``folder`` (``root/<split>/images``
     + ``labels``, class map from ``class_map`` or ``root/classes.json``), ``camvid`` (the
-    ``../shared/data/camvid`` layout) or ``aerial`` (colour-coded tiles ``root/tileN/{images,masks}``).
+    ``../shared/data/camvid`` layout) or ``aerial`` (color-coded tiles ``root/tileN/{images,masks}``).
     ``resize`` is (H, W) applied when loading whole images; aerial training samples random
     ``tile_crop`` crops on the fly, ``samples_per_epoch`` of them per epoch. ``train_list``: a
     list file (one sample name per line, ``labelwise.data.splits``) restricting the training
-    split to the samples it names (a labelled subset); for aerial data choose ``train_tiles``.
+    split to the samples it names (a labeled subset); for aerial data choose ``train_tiles``.
     """
 
     dataset: Literal["synthetic", "folder", "camvid", "aerial"] = "synthetic"

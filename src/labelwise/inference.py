@@ -12,7 +12,7 @@ supervised segmenters, cosine scores to cluster centroids for unsupervised model
 the same for all: sliding windows with Gaussian blending for large images (``window``,
 ``overlap``), optional mirror averaging (``flip``) and resizing (``input_scale``), optionally a
 dense CRF on the softmax of the scores. An unsupervised model predicts cluster ids until a
-cluster-to-class mapping is set (:meth:`Predictor.match`, Hungarian matching on a few labelled
+cluster-to-class mapping is set (:meth:`Predictor.match`, Hungarian matching on a few labeled
 images, or the ``mapping`` argument); evaluation without a mapping matches on the evaluated
 split itself (the cluster-probe protocol of unsupervised segmentation).
 """
@@ -138,7 +138,7 @@ class Predictor:
         return torch.as_tensor(self.mapping, device=ids.device)[ids]
 
     def match(self, dataset: Dataset, options: EvalConfig | None = None) -> np.ndarray:
-        """Map outputs to the classes of a labelled ``dataset`` (Hungarian matching on the
+        """Map outputs to the classes of a labeled ``dataset`` (Hungarian matching on the
         ``[C, K]`` pixel confusion; outputs left over go to the class they overlap most) and use
         that mapping from now on. Returns it."""
         class_map = _class_map_of(dataset)
@@ -157,7 +157,7 @@ def load(path: str | Path, device: str | torch.device = "auto", precision: str =
 def _class_map_of(dataset: Dataset) -> ClassMap:
     class_map = getattr(dataset, "class_map", None)
     if not isinstance(class_map, ClassMap):
-        raise ConfigError(f"{type(dataset).__name__}: a labelled dataset with a class_map is needed")
+        raise ConfigError(f"{type(dataset).__name__}: a labeled dataset with a class_map is needed")
     return class_map
 
 
@@ -176,7 +176,7 @@ def _confusion(predictor: Predictor, dataset: Dataset, class_map: ClassMap, opti
 
 def evaluate(predictor: Predictor, dataset: Dataset, options: EvalConfig | None = None, crf: bool = False
              ) -> dict[str, Any]:
-    """Score ``predictor`` on every labelled pixel of ``dataset`` (whole images, one at a time).
+    """Score ``predictor`` on every labeled pixel of ``dataset`` (whole images, one at a time).
 
     A segmenter (or a cluster model with a mapping) is scored as it predicts; its classes must be
     the dataset's. A cluster model without a mapping is scored under the Hungarian matching of its

@@ -78,7 +78,7 @@ def build_datasets(config: DataConfig, seed: int = 0) -> DataSplits:
     """Training and validation datasets described by ``config`` (the training split restricted
     to ``config.train_list`` when it is set)."""
     if config.train_list and config.dataset == "aerial":
-        raise ConfigError("data.train_list: aerial tiles are trained on random crops; choose the labelled tiles "
+        raise ConfigError("data.train_list: aerial tiles are trained on random crops; choose the labeled tiles "
                           "with data.train_tiles")
     splits = build_full_datasets(config, seed)
     if not config.train_list:

@@ -1,5 +1,5 @@
 """What identifies a dataset without reading its pixels: its sample names, and its class, length
-and plain public attributes (the feature cache's key, the labelled/unlabelled split lists)."""
+and plain public attributes (the feature cache's key, the labeled/unlabeled split lists)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Unlabelled images: every image file under one or more folders, for self-supervised pretraining.
+"""Unlabeled images: every image file under one or more folders, for self-supervised pretraining.
 
 Folders are searched recursively for ``.jpg/.jpeg/.png/.bmp/.tif/.tiff`` files; sub-folders
-named ``labels`` or ``masks`` (the label folders of the labelled layouts) and hidden files are
+named ``labels`` or ``masks`` (the label folders of the labeled layouts) and hidden files are
 skipped, so ``camvid/train`` can be given as it is. The order is deterministic: the folders in
 the order given, the files of each sorted by their path relative to it.
 
@@ -30,7 +30,7 @@ OnError = Literal["raise", "skip"]
 
 
 class ImageSample(TypedDict):
-    """One unlabelled image: ``image`` float32 ``[3, H, W]`` in [0, 1] (RGB) and its ``name``
+    """One unlabeled image: ``image`` float32 ``[3, H, W]`` in [0, 1] (RGB) and its ``name``
     (the path relative to its folder, without suffix)."""
 
     image: torch.Tensor

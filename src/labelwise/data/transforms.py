@@ -51,7 +51,7 @@ def _bernoulli(n: int, p: float, generator: torch.Generator | None) -> torch.Ten
 
 
 class PairedAugment(torch.nn.Module):
-    """Random flips / rotation / scale / crop (paired) and colour jitter (images only).
+    """Random flips / rotation / scale / crop (paired) and color jitter (images only).
 
     Args:
         config: the settings; ``None`` for :class:`AugmentConfig` defaults.
@@ -119,7 +119,7 @@ class PairedAugment(torch.nn.Module):
         matrices = self.sample_matrices(batch, height, width, generator)
         return warp_pair(images, masks, matrices, cfg.crop_size or (height, width), self.ignore_index)
 
-    # -- colour ------------------------------------------------------------------------
+    # -- color ------------------------------------------------------------------------
 
     def photometric(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample brightness, contrast, saturation (factors in ``[1-v, 1+v]``) and hue shift,

@@ -94,7 +94,7 @@ def train_segmenter(config: TrainConfig, resume: bool = False, overwrite: bool =
 
     Writes ``run_dir/config.yaml``, ``metrics.jsonl`` (training log), ``checkpoints/``,
     ``weights.safetensors`` + ``model.json`` (the final model) and ``eval.json`` (val metrics).
-    ``splits`` replaces the datasets ``config.data`` describes (e.g. labelled + pseudo-labelled
+    ``splits`` replaces the datasets ``config.data`` describes (e.g. labeled + pseudo-labeled
     images in self-training); class weights then come from its ``train_source``.
     """
     config.validate()

@@ -1,4 +1,4 @@
-"""Supervised segmentation: train on fully labelled images, evaluate, predict."""
+"""Supervised segmentation: train on fully labeled images, evaluate, predict."""
 
 from __future__ import annotations
 

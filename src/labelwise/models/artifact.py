@@ -5,7 +5,7 @@
     kind            "segmenter" (class logits) or "clusters" (scores to unsupervised cluster centroids)
     architecture    what rebuilds the network without its weights (``models.create`` options, or
                     the ViT config + head + cluster count of a ``ClusterSegmenter``)
-    class_map       names, display colours and ignore index of the output channels
+    class_map       names, display colors and ignore index of the output channels
     preprocessing   what the network expects and does itself: RGB in [0, 1], its mean/std, padding
     source          the encoder / backbone and the pretrained weights it started from
     eval            the evaluation settings it was exported with (window, overlap, flip, input_scale)
@@ -79,7 +79,7 @@ KINDS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
 
 
 def cluster_class_map(clusters: int) -> ClassMap:
-    """Display names ``cluster_0 ...`` and palette colours for ``clusters`` unmatched cluster ids."""
+    """Display names ``cluster_0 ...`` and palette colors for ``clusters`` unmatched cluster ids."""
     return ClassMap(names=tuple(f"cluster_{i}" for i in range(clusters)), colors=tuple(default_palette(clusters)))
 
 

@@ -1,4 +1,4 @@
-"""Self-supervised pretraining of a backbone on unlabelled images (``labelwise pretrain``).
+"""Self-supervised pretraining of a backbone on unlabeled images (``labelwise pretrain``).
 
 Methods (``PretrainConfig.method``): ``dino`` (self-distillation with an EMA teacher and
 multi-crop; ``dino.ibot: true`` adds iBOT's masked-patch term), ``moco`` (MoCo v2 InfoNCE with a

@@ -19,7 +19,7 @@ METHODS = ("dino", "moco", "dense_moco", "rotation")
 
 @dataclass
 class PretrainDataConfig:
-    """Unlabelled images: every image file under the ``images`` folders (recursive; ``labels``/
+    """Unlabeled images: every image file under the ``images`` folders (recursive; ``labels``/
     ``masks`` sub-folders skipped), shrunk on load to ``max_side`` (longer side, ``None``: as
     stored). ``batch_size`` images per step and process, each giving all its crops."""
 

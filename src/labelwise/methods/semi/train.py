@@ -1,21 +1,21 @@
 """``labelwise semi train``: semi-supervised training by method name.
 
-- ``supervised_only``: the ordinary supervised pipeline on the labelled subset
+- ``supervised_only``: the ordinary supervised pipeline on the labeled subset
   (``data.train_list``), the baseline every table needs.
 - ``fixmatch`` / ``unimatch``: the Trainer runs :func:`~.steps.make_consistency_step` on
   :class:`~.data.LabeledUnlabeledPairs`; the model is a :class:`~.model.SemiModel` (student,
   optional EMA teacher updated after every optimiser step, optional rotation head), checkpointed
   whole, so ``--resume`` is exact. The student is exported like any labelwise model
   (``weights.safetensors`` + ``model.json``) and scored on the validation split (``eval.json``).
-- ``self_training``: round 0 trains the student on the labelled subset; each later round
-  pseudo-labels every unlabelled image with the previous round's model (argmax at full
+- ``self_training``: round 0 trains the student on the labeled subset; each later round
+  pseudo-labels every unlabeled image with the previous round's model (argmax at full
   resolution with the evaluation settings; pixels below ``semi.self_training_threshold`` ignored) and trains a
-  fresh model (same initialisation) on the labelled images, repeated to match the number of
-  pseudo-labelled ones (ST++), plus the pseudo-labelled images. Each round is a
+  fresh model (same initialisation) on the labeled images, repeated to match the number of
+  pseudo-labeled ones (ST++), plus the pseudo-labeled images. Each round is a
   complete supervised run in ``run_dir/round<k>``; finished rounds are skipped on resume. The last
   round's model is copied to ``run_dir``; its ``eval.json`` carries the training seconds of all
   rounds. ``semi.teacher`` (``--teacher``) replaces round 0 by a finished model, e.g. the
-  ``supervised_only`` run on the same labelled subset.
+  ``supervised_only`` run on the same labeled subset.
 
 ``model.init`` (``--init``) initialises the student's encoder from a self-supervised checkpoint
 (U-Net encoders and ViTs, :mod:`labelwise.models.init`) before training starts.
@@ -156,7 +156,7 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
 
 
 class PseudoLabeled(Dataset):
-    """Unlabelled images with pseudo-label masks: ``{"image", "mask", "name"}`` samples."""
+    """Unlabeled images with pseudo-label masks: ``{"image", "mask", "name"}`` samples."""
 
     def __init__(self, images: Dataset, masks: list[np.ndarray]) -> None:
         if len(images) != len(masks):  # type: ignore[arg-type]
@@ -248,14 +248,14 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
         round_splits = splits
         info: dict[str, Any] = {"round": k, "labeled_images": len(splits.train)}  # type: ignore[arg-type]
         if _round_done(folder) and not overwrite and k in previous:
-            rounds.append(previous[k])  # finished before a resume: not pseudo-labelled again
+            rounds.append(previous[k])  # finished before a resume: not pseudo-labeled again
             continue
         if k > 0:
             source = Path(config.semi.teacher) if k == 1 and config.semi.teacher else run_dir / f"round{k - 1}"
             teacher = load_model(source).model.to(device)
             masks, fraction = pseudo_label(teacher, unlabeled, config, splits.class_map.ignore_index, device)
             pseudo = PseudoLabeled(unlabeled, masks)
-            # the labelled images repeated to match the pseudo-labelled ones (as ST++ does), so
+            # the labeled images repeated to match the pseudo-labeled ones (as ST++ does), so
             # that the real labels keep half the weight however few they are
             repeats = max(1, math.ceil(len(pseudo) / len(splits.train)))  # type: ignore[arg-type]
             combined = ConcatDataset([splits.train] * repeats + [pseudo])

@@ -16,8 +16,8 @@ task-specific global hidden positives, local hidden positives, photometric consi
 
 Modules: ``config``, ``data`` (five-crop / whole-image views, photometric copies), ``model``
 (the head and its export as a ``clusters`` model folder), ``train``, ``evaluate``. Prediction,
-cluster-to-class matching with a few labelled images and CRF refinement are those of every model
-folder: :mod:`labelwise.inference` (``labelwise predict RUN images/ --match-with labelled/``).
+cluster-to-class matching with a few labeled images and CRF refinement are those of every model
+folder: :mod:`labelwise.inference` (``labelwise predict RUN images/ --match-with labeled/``).
 """
 
 from labelwise.methods.unsupervised.config import (

@@ -111,7 +111,7 @@ class FiveCropDataset(Dataset):
 
 
 class PhotometricCopy(Dataset):
-    """``dataset`` with a colour jitter drawn from ``(seed, index)`` (the same every epoch, so its
+    """``dataset`` with a color jitter drawn from ``(seed, index)`` (the same every epoch, so its
     features can be cached): brightness, contrast, saturation factors in ``[1-v, 1+v]`` and a hue
     shift, the photometric part of :class:`labelwise.data.transforms.PairedAugment`. Geometry is
     untouched, so patch ``(y, x)`` of the copy shows the same place as in the original."""

@@ -6,7 +6,7 @@
    ``run_dir/pseudo_masks`` (scored against the masks when the training images have them);
 4. the segmenter trained on the pseudo-masks with ``labelwise train``'s pipeline
    (:func:`labelwise.engine.segmenter.train_segmenter`) in ``run_dir/segmenter``;
-5. when the training images come from a labelled ``data`` config, the segmenter evaluated on
+5. when the training images come from a labeled ``data`` config, the segmenter evaluated on
    its validation split (the labels of that split are used for this score only).
 
 The stage reports go to ``run_dir/weak_run.json``.
