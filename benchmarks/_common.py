@@ -88,11 +88,11 @@ DEFAULT_BACKBONE_STAGES = (
 
 
 def ensure_default_backbone(rebuild: bool = True) -> Path | None:
-    """The project's pretrained ViT (``weights/labelwise_vit.safetensors``).
+    """The project's pretrained ViT (``src/labelwise/weights/labelwise_vit.safetensors``).
 
     When the file is missing and ``rebuild`` is true, it is rebuilt by running
     ``benchmarks/pretrain_dino.py`` once per stage of :data:`DEFAULT_BACKBONE_STAGES` (the
-    commands in ``weights/README.md``; about 80 + 50 minutes on 2 CPU cores, each resumable);
+    commands in ``src/labelwise/weights/README.md``; about 80 + 50 minutes on 2 CPU cores, each resumable);
     only the last stage writes the file. Returns ``None`` when it is missing and ``rebuild`` is
     false.
     """

@@ -16,11 +16,10 @@ import json
 from dataclasses import replace
 
 from _common import RESULTS, ROOT, START_COMMIT, command_line, require_data, write_results
-
 from labelwise.config import TrainConfig, load_config
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import supervised
-from labelwise.methods.common import load_model
+from labelwise.models.export import load_model
 
 
 def parse_args(description: str, default_config: str) -> argparse.Namespace:

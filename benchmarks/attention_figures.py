@@ -1,7 +1,7 @@
 """Figures: class-token attention of the pretrained ViT on 4 CamVid val images (the DINO picture).
 
 Run from the project root: `.venv/bin/python benchmarks/attention_figures.py [--backbone PATH]`
-(default: `weights/labelwise_vit.safetensors`; a minute on 2 CPU cores). Writes, for each image,
+(default: `src/labelwise/weights/labelwise_vit.safetensors`; a minute on 2 CPU cores). Writes, for each image,
 `labelwise attention`'s PNGs of the pretrained ViT (every head, the head mean, the overlay) under
 `benchmarks/figures/attention/<stem>/`, and one overview per backbone at half size,
 `benchmarks/figures/attention_camvid_<backbone>.png`: a row per image with the image, the
@@ -18,12 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from _common import ROOT, ensure_default_backbone, require_data
 
+from _common import ROOT, ensure_default_backbone, require_data
 from labelwise.models.vit import VisionTransformer
 from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH, load_vit
-from labelwise.report.attention import attention_maps, colormap, load_image_tensor, minmax_normalise, overlay, \
-    save_attention_pngs, write_rgb_png
+from labelwise.report.attention import (
+    attention_maps,
+    colormap,
+    load_image_tensor,
+    minmax_normalise,
+    overlay,
+    save_attention_pngs,
+    write_rgb_png,
+)
 
 FIGURES = ROOT / "benchmarks" / "figures"
 

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import require_data, write_results
 from torch.utils.data import Dataset
 
+from _common import require_data, write_results
 from labelwise.data.io import read_image
-from labelwise.engine.feature_cache import extract_features, normalise_preprocessing, preprocess
 from labelwise.engine.runtime import autocast, resolve_device
+from labelwise.features.cache import extract_features, normalise_preprocessing, preprocess
 from labelwise.models.vit import create_vit
 
 SIZE = 224

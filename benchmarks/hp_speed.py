@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from _common import write_results
 
 FEATURE_DIM = 384

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import SHARED_DATA, write_results
 from PIL import Image
 
+from _common import SHARED_DATA, write_results
 from labelwise.models import MobileNetV2
 from labelwise.models.pretrained import CONVENTIONS, load_strict, read_weights, resolve_weights
 

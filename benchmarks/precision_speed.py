@@ -15,11 +15,9 @@ import json
 from pathlib import Path
 
 from _common import ROOT, write_results
-
 from labelwise.config import TrainConfig, load_config
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import supervised
-
 
 #: row label -> (model config overrides, encoder, encoder_weights label)
 MODELS = {

@@ -3,9 +3,9 @@
 Run from the project root: `.venv/bin/python benchmarks/pretrain_dino.py` (about 90 minutes on 2
 CPU cores). It runs `labelwise pretrain --config configs/pretrain_vit_tiny.yaml` into
 `benchmarks/runs/pretrain_dino/` (resumable: run the same command again after an interruption),
-copies the exported teacher to `weights/labelwise_vit.safetensors` (the offline default backbone,
+copies the exported teacher to `src/labelwise/weights/labelwise_vit.safetensors` (the offline default backbone,
 `--no-export` to leave it alone) and writes `benchmarks/results/pretrain_dino.json` with one row:
-arch, patch, images, epochs, train_seconds, checkpoint. The data are the unlabelled photographs
+arch, patch, images, epochs, train_seconds, checkpoint. The data are the unlabeled photographs
 of `../shared/data/unlabeled` plus the images (never the labels) of CamVid train+val and the
 Dubai aerial tiles, as listed in the config.
 
@@ -29,10 +29,9 @@ import shutil
 from pathlib import Path
 
 from _common import ROOT, require_data, write_results
-
 from labelwise.config import load_config
-from labelwise.engine.atomic import atomic_path
 from labelwise.engine.runtime import resolve_device
+from labelwise.io.atomic import atomic_path
 from labelwise.methods.pretrain import PretrainConfig, train
 from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH
 
@@ -52,7 +51,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=ROOT / "benchmarks" / "runs" / "pretrain_dino",
                         help="run folder (default: benchmarks/runs/pretrain_dino)")
     parser.add_argument("--export", type=Path, default=DEFAULT_BACKBONE_PATH,
-                        help="where the pretrained backbone is copied (default: weights/labelwise_vit.safetensors)")
+                        help="where the pretrained backbone is copied (default: src/labelwise/weights/labelwise_vit.safetensors)")
     parser.add_argument("--no-export", action="store_true", help="do not write --export")
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished run in --run-dir instead of "
                         "resuming it")

@@ -1,7 +1,7 @@
 """Benchmark probe_camvid: frozen-feature quality of a ViT backbone vs the same ViT at random init.
 
 Run from the project root: `.venv/bin/python benchmarks/probe_camvid.py [--backbone PATH]`
-(default backbone: `weights/labelwise_vit.safetensors`, the project's pretrained ViT; when it is
+(default backbone: `src/labelwise/weights/labelwise_vit.safetensors`, the project's pretrained ViT; when it is
 missing it is rebuilt with `benchmarks/pretrain_dino.py` first, or with `--no-rebuild` only the
 random-init rows are computed and a note says why). `--quick` is a
 smoke test on a few images that writes `probe_camvid_quick.json`.
@@ -12,10 +12,10 @@ cache, so a re-run reuses them).
 
 - ``linear_probe``: a 1x1 conv trained by full-batch L-BFGS (up to 1,500 iterations; it
   converges in about 400) on camvid/train features (1024
-  labelled pixels sampled per image, logits bilinearly upsampled to the label resolution),
-  scored on every labelled pixel of camvid/val.
+  labeled pixels sampled per image, logits bilinearly upsampled to the label resolution),
+  scored on every labeled pixel of camvid/val.
 - ``kmeans``: k-means (K = 11, k-means++, 5 restarts) on the L2-normalised camvid/val features,
-  clusters Hungarian-matched to classes over the whole split, scored on every labelled pixel.
+  clusters Hungarian-matched to classes over the whole split, scored on every labeled pixel.
 
 Labels of camvid/val are used only for scoring: no hyper-parameter is chosen with them.
 
@@ -32,14 +32,14 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ensure_default_backbone, require_data, write_results
 from torch.utils.data import Subset
 
+from _common import ensure_default_backbone, require_data, write_results
 from labelwise.data import CamVid
-from labelwise.engine.feature_cache import extract_features
 from labelwise.engine.runtime import resolve_device
 from labelwise.eval.kmeans import kmeans_probe
 from labelwise.eval.probes import linear_probe
+from labelwise.features.cache import extract_features
 from labelwise.models.vit import VisionTransformer, create_vit
 from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH, load_vit
 

@@ -1,16 +1,16 @@
-"""Benchmark semi_<dataset>: semi-supervised methods at several labelled fractions.
+"""Benchmark semi_<dataset>: semi-supervised methods at several labeled fractions.
 
 Run from the project root: `.venv/bin/python benchmarks/semi.py --dataset camvid [--fractions 0.0625 0.125 0.25]
 [--methods supervised_only fixmatch unimatch self_training] [--ssl-init PATH]`. Recipe:
 `configs/semi_<dataset>.yaml` (the same step budget for every row of a fraction). For CamVid each
-fraction's labelled subset is drawn from `camvid/train` by `labelwise.data.splits` (seed 0; the
-subsets of one seed are nested) and the rest of `camvid/train` is the unlabelled part; scores are
-on `camvid/val`. For aerial, tile 1 is labelled, tiles 2-5 are unlabelled crops, tiles 6-7 are
+fraction's labeled subset is drawn from `camvid/train` by `labelwise.data.splits` (seed 0; the
+subsets of one seed are nested) and the rest of `camvid/train` is the unlabeled part; scores are
+on `camvid/val`. For aerial, tile 1 is labeled, tiles 2-5 are unlabeled crops, tiles 6-7 are
 scored. `--ssl-init` adds `<method>+ssl` rows (the encoder initialised from that self-supervised
 checkpoint) for the methods given with `--ssl-methods`; `--methods` with no names runs only those.
 Every row is a resumable run in `benchmarks/runs/semi_<dataset>/<fraction>/<method>/`; finished
 runs are read back, not retrained.
-`--split-seed S` (CamVid's draw of the labelled subset) and `--seed T` (training: init, batches,
+`--split-seed S` (CamVid's draw of the labeled subset) and `--seed T` (training: init, batches,
 augmentation) measure the spread of a row: any non-zero seed puts the runs under
 `benchmarks/runs/semi_<dataset>/split<S>_seed<T>/` and the rows in
 `results/semi_<dataset>_split<S>_seed<T>.json`.
@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from _common import RESULTS, ROOT, START_COMMIT, require_data, write_results
-
 from labelwise.config import load_config
+from labelwise.data.build import build_datasets
 from labelwise.data.splits import dataset_names, split_labeled, write_split
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import semi
-from labelwise.methods.common import build_datasets
+from labelwise.models.artifact import is_artifact
 
 DATA = {"camvid": "camvid", "aerial": "dubai_aerial"}
 
@@ -60,7 +60,7 @@ def merge_rows(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list
 def run_row(config_path: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, Any], bool]:
     """Train (or read back) one row's run; its eval.json and whether this call trained (part of) it."""
     done = run_dir / "eval.json"
-    if done.is_file() and (run_dir / "model.safetensors").is_file():
+    if done.is_file() and is_artifact(run_dir):
         return json.loads(done.read_text()), False
     config = load_config(semi.SemiConfig, config_path, [*overrides, f"run_dir={run_dir}"])
     resume = (run_dir / "checkpoints").is_dir() or (run_dir / "round0").is_dir()
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(semi.METHODS), choices=list(semi.METHODS))
     parser.add_argument("--ssl-init", type=Path, default=None, help="self-supervised encoder checkpoint")
     parser.add_argument("--ssl-methods", nargs="+", default=["unimatch"], choices=list(semi.METHODS))
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the labelled subset's draw (CamVid)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the labeled subset's draw (CamVid)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (init, batches, augmentation)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--config", type=Path, default=None,

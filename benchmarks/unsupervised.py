@@ -3,7 +3,7 @@
 Run from the project root:
 `.venv/bin/python benchmarks/unsupervised.py --dataset camvid` (also `aerial`, `synthetic`).
 The recipe is `configs/unsupervised_<dataset>.yaml`; every row uses the same backbone (the
-project's pretrained ViT, `weights/labelwise_vit.safetensors`, rebuilt with
+project's pretrained ViT, `src/labelwise/weights/labelwise_vit.safetensors`, rebuilt with
 `benchmarks/pretrain_dino.py` when missing) and the same training budget (the config's steps and
 batch), except `kmeans`, which trains nothing. `--random-floor` adds `hp_full` on the same ViT at
 random initialisation (the floor). Rows (one with and one without dense CRF per method):
@@ -24,10 +24,10 @@ import time
 from typing import Any
 
 from _common import ROOT, ensure_default_backbone, random_backbone, require_data, write_results
-
 from labelwise.config import load_config
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import unsupervised
+from labelwise.models.artifact import is_artifact
 
 #: row name -> config overrides
 METHOD_ROWS: dict[str, list[str]] = {
@@ -92,7 +92,7 @@ def main() -> None:
         config = load_config(unsupervised.UnsupervisedConfig, config_path, overrides)
         device = resolve_device(config.device)
         start = time.perf_counter()
-        finished = (run_dir / "unsupervised.json").exists()
+        finished = is_artifact(run_dir)
         if not finished:
             checkpoints = run_dir / "checkpoints"
             resume = checkpoints.is_dir() and any(checkpoints.iterdir())

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from _common import ROOT, ensure_default_backbone, random_backbone, require_data, write_results
-
 from labelwise.config import load_config
 from labelwise.engine.runtime import resolve_device
 from labelwise.methods import weak

@@ -4,9 +4,9 @@ Run from the project root after `benchmarks/weak.py --dataset camvid`:
 `.venv/bin/python benchmarks/weak_figure.py [--backbone pretrained|random]`. Uses the classifier
 exported in `benchmarks/runs/weak_camvid/<backbone>/` and the CAM / pseudo-mask settings of
 `configs/weak_camvid.yaml`. Writes `benchmarks/figures/weak_camvid_<backbone>.png`, a row per
-image at half size: the image, the CAM of each tagged class (colour map, titled by nothing: the
+image at half size: the image, the CAM of each tagged class (color map, titled by nothing: the
 classes are in the order of `classes.json`, untagged classes left white), the pseudo-mask
-(ignored pixels black) and the ground truth, in the CamVid colours. Images: four of camvid/train
+(ignored pixels black) and the ground truth, in the CamVid colors. Images: four of camvid/train
 evenly spaced in file-name order (indices 0, 90, 180, 270; no selection by content).
 """
 
@@ -17,8 +17,8 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import ROOT, require_data
 
+from _common import ROOT, require_data
 from labelwise.config import load_config
 from labelwise.methods import weak
 from labelwise.methods.weak.cams import class_activation_maps

@@ -6,12 +6,12 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from labelwise.config import DataConfig, ModelConfig, StageConfig, TrainConfig
-from labelwise.engine.runtime import resolve_device
-from labelwise.engine.trainer import Trainer, TrainerOptions
 from labelwise.data import pad_collate
+from labelwise.data.build import build_datasets
+from labelwise.engine.runtime import resolve_device, seed_everything
+from labelwise.engine.segmenter import make_augmenters, make_step_fn
+from labelwise.engine.trainer import Trainer, TrainerOptions
 from labelwise.losses import build_loss
-from labelwise.methods.common import build_datasets, seed_everything
-from labelwise.methods.supervised import make_augmenters, make_step_fn
 from labelwise.models import create
 
 out = Path(sys.argv[1])

@@ -40,7 +40,7 @@ def test_demo_end_to_end_then_evaluate_and_predict(tmp_path, capsys):
     capsys.readouterr()
 
     out = tmp_path / "m.json"
-    assert main(["evaluate", str(run_dir), "--device", "cpu", "--output", str(out)]) == 0
+    assert main(["evaluate", str(run_dir), "--device", "cpu", "--metrics", str(out)]) == 0
     again = json.loads(out.read_text())
     # same weights; bf16 kernels differ slightly between the NHWC (trained) and NCHW (loaded) layouts
     assert again["miou"] == pytest.approx(metrics["miou"], abs=2e-3)

@@ -14,13 +14,7 @@ import pytest
 dcrf = pytest.importorskip("pydensecrf.densecrf")
 
 from labelwise.errors import ConfigError, LabelwiseError  # noqa: E402
-from labelwise.eval.crf import (  # noqa: E402
-    CRFParams,
-    CRFTimeoutError,
-    crf_labels,
-    crf_refine_batch,
-    dense_crf,
-)
+from labelwise.eval.crf import CRFParams, CRFTimeoutError, crf_labels, crf_refine_batch, dense_crf  # noqa: E402
 
 H, W = 24, 32
 

@@ -304,7 +304,7 @@ def test_synthetic_determinism_and_format() -> None:
     assert labels.tolist() == [float(k in sample["mask"].unique().tolist()) for k in range(5)]
 
 
-def test_synthetic_covers_all_classes_with_distinct_colours() -> None:
+def test_synthetic_covers_all_classes_with_distinct_colors() -> None:
     ds = SyntheticShapes(32, num_classes=8, seed=0)
     counts = torch.zeros(8)
     means = torch.zeros(8, 3)
@@ -390,7 +390,7 @@ def test_real_camvid_train() -> None:
     assert len(CamVid(root, "val")) == 101
 
 
-def test_real_aerial_tile1_has_only_known_colours() -> None:
+def test_real_aerial_tile1_has_only_known_colors() -> None:
     root = _need(SHARED_DATA / "dubai_aerial")
     tiles = AerialTiles(root, tiles=[1])
     assert len(tiles) == 9

@@ -108,7 +108,7 @@ def test_read_label_16bit_ids(tmp_path: Path, id_map: ClassMap) -> None:
         read_label(path, id_map)
 
 
-# ----------------------------------------------------------------------------- colour masks
+# ----------------------------------------------------------------------------- color masks
 
 
 def _color_mask(labels: np.ndarray, colors: tuple) -> np.ndarray:
@@ -129,14 +129,14 @@ def test_read_label_unknown_color_names_hex_and_count(tmp_path: Path, color_map:
     rgb = _color_mask(np.zeros(size, dtype=np.int64), COLORS)
     rgb[0, :3] = (10, 11, 12)
     rgb[1, 0] = (255, 255, 255)
-    path = tmp_path / "odd_colour.png"
+    path = tmp_path / "odd_color.png"
     Image.fromarray(rgb).save(path)
     with pytest.raises(DataError) as info:
         read_label(path, color_map)
     message = str(info.value)
-    assert "odd_colour.png" in message
+    assert "odd_color.png" in message
     assert "#0A0B0C (3 px)" in message and "#FFFFFF (1 px)" in message
-    assert "unknown colour" in message
+    assert "unknown color" in message
 
 
 def test_read_label_rgba_drops_alpha(tmp_path: Path, color_map: ClassMap) -> None:
@@ -154,7 +154,7 @@ def _palette_png(path: Path, indices: np.ndarray, palette: list[tuple[int, int, 
     img.save(path)
 
 
-def test_palette_png_with_class_colours_is_colour_coded(tmp_path: Path, color_map: ClassMap) -> None:
+def test_palette_png_with_class_colors_is_color_coded(tmp_path: Path, color_map: ClassMap) -> None:
     # palette order differs from class order: index 0 → road, 1 → black (ignore), 2 → building
     indices = np.array([[0, 1, 2], [2, 2, 0]])
     path = tmp_path / "pal.png"
@@ -169,13 +169,13 @@ def test_palette_png_with_other_palette_is_class_ids(tmp_path: Path, color_map: 
     assert read_label(path, color_map).tolist() == indices.tolist()
 
 
-def test_palette_png_mostly_class_colours_reports_stray_colour(tmp_path: Path, color_map: ClassMap) -> None:
+def test_palette_png_mostly_class_colors_reports_stray_color(tmp_path: Path, color_map: ClassMap) -> None:
     indices = np.full((10, 10), 5)
-    indices[0, 0] = 7  # one stray palette entry that is no class colour
+    indices[0, 0] = 7  # one stray palette entry that is no class color
     path = tmp_path / "stray.png"
     palette = [(1, 1, 1)] * 5 + [COLORS[1], (1, 1, 1), (9, 9, 9)]
     _palette_png(path, indices, palette)
-    with pytest.raises(DataError, match=r"stray\.png: unknown colour\(s\) #090909 \(1 px\)"):
+    with pytest.raises(DataError, match=r"stray\.png: unknown color\(s\) #090909 \(1 px\)"):
         read_label(path, color_map)
 
 

@@ -1,4 +1,4 @@
-"""The committed default backbone (weights/labelwise_vit.safetensors) and its model card."""
+"""The committed default backbone (src/labelwise/weights/labelwise_vit.safetensors) and its model card."""
 
 from __future__ import annotations
 

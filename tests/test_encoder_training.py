@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from labelwise.config import TrainConfig, load_config
+from labelwise.engine.segmenter import trainer_options
 from labelwise.engine.trainer import build_optimizer
 from labelwise.errors import ConfigError
 from labelwise.methods import supervised
-from labelwise.methods.transfer import initialise_from
 from labelwise.models import MobileNetV2, create
+from labelwise.models.init import initialise_from
 from labelwise.models.pretrained import SHARED_WEIGHTS_DIR, WEIGHTS_ENV
 
 TINY = ["data.synthetic_train_images=8", "data.synthetic_val_images=2", "data.synthetic_size=[32, 48]",
@@ -51,7 +52,9 @@ def _from_file(tmp_path: Path, *extra: str) -> tuple[TrainConfig, dict[str, torc
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
+    """Weights of an exported run folder, or of a training checkpoint folder."""
+    exported = folder / "weights.safetensors"
+    return load_file(str(exported if exported.is_file() else folder / "model.safetensors"))
 
 
 def test_frozen_encoder_stays_bit_identical(tmp_path):
@@ -79,7 +82,7 @@ def test_frozen_encoder_bn_keeps_statistics_but_trains_weights(tmp_path):
 
 
 def test_bn_freezing_defaults_to_the_folded_weights_only(tmp_path):
-    from labelwise.methods.transfer import configure_encoder
+    from labelwise.models.init import configure_encoder
 
     torch.save(MobileNetV2().state_dict(), tmp_path / "mobilenet_v2_imagenet.pth")
     torch.save(MobileNetV2().state_dict(), tmp_path / "mobilenet_v2-b0353104.pth")
@@ -95,7 +98,7 @@ def test_bn_freezing_defaults_to_the_folded_weights_only(tmp_path):
 def test_encoder_lr_scale_reaches_the_optimizer(tmp_path):
     config = _config(tmp_path, "model.encoder_lr_scale=0.1")
     model = create(config.model.name, num_classes=5, **config.model.options)
-    options = supervised.trainer_options(config, tmp_path, torch.device("cpu"), model)
+    options = trainer_options(config, tmp_path, torch.device("cpu"), model)
     optimizer = build_optimizer(model, config.optim, 1e-3, options.lr_scale)
     encoder_ids = {id(p) for p in model.encoder.parameters()}
     for group in optimizer.param_groups:
@@ -123,8 +126,8 @@ def test_init_by_weights_name(tmp_path, monkeypatch):
 
 
 def test_semi_unimatch_on_a_frozen_encoder_unet(tmp_path):
+    from labelwise.data.build import build_datasets
     from labelwise.data.splits import dataset_names, split_labeled, write_split
-    from labelwise.methods.common import build_datasets
     from labelwise.methods.semi import SemiConfig, train
 
     path, start = _weights_file(tmp_path)

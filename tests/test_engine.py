@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from labelwise.config import StageConfig
-from labelwise.engine import checkpoint as ckpt
 from labelwise.engine.sampler import ResumableBatchSampler
 from labelwise.engine.schedule import lr_at
 from labelwise.errors import CheckpointError
+from labelwise.io import checkpoint as ckpt
 from labelwise.methods import supervised
 
 
@@ -46,7 +46,7 @@ def test_sampler_shards_are_disjoint_and_resumable():
 
 
 def _weights(run_dir):
-    return load_file(str(run_dir / "model.safetensors"))
+    return load_file(str(run_dir / "weights.safetensors"))
 
 
 @pytest.mark.parametrize("stop_at", [4, 6])  # about N/2 of the 9 steps, and one step past the stage change
@@ -59,7 +59,7 @@ def test_exact_resume_gives_identical_weights(tiny_config, tmp_path, stop_at):
 
     interrupted = replace(config, run_dir=str(tmp_path / "interrupted"))
     partial = supervised.train(interrupted, stop_at=stop_at)
-    assert partial.train.steps == stop_at and not (tmp_path / "interrupted" / "model.safetensors").exists()
+    assert partial.train.steps == stop_at and not (tmp_path / "interrupted" / "weights.safetensors").exists()
     with pytest.raises(CheckpointError, match="--resume"):
         supervised.train(interrupted)
     supervised.train(interrupted, resume=True)

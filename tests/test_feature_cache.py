@@ -12,14 +12,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from labelwise.data import SyntheticShapes
-from labelwise.engine.feature_cache import (
+from labelwise.errors import ConfigError, DataError
+from labelwise.features.cache import (
     FeatureCache,
     cache_key,
     default_cache_dir,
     extract_features,
     neighbourhood_attention,
 )
-from labelwise.errors import ConfigError, DataError
 from labelwise.models.vit import create_vit
 
 

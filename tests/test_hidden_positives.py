@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labelwise.engine.feature_attention import local_positive_weights, neighbourhood_attention, row_quantile
 from labelwise.errors import ConfigError
+from labelwise.features.attention import local_positive_weights, neighbourhood_attention, row_quantile
 from labelwise.losses.hidden_positives import (
     HiddenPositiveLoss,
     HiddenPositiveLossConfig,

@@ -1,4 +1,4 @@
-"""The unlabelled image dataset: discovery, order, max_side, and errors that name the file."""
+"""The unlabeled image dataset: discovery, order, max_side, and errors that name the file."""
 
 from __future__ import annotations
 

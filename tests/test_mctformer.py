@@ -10,13 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from labelwise.models.base import pad_to_multiple
-from labelwise.models.mctformer import (
-    MultiClassTokenViT,
-    class_to_patch_attention,
-    mct_loss,
-    patch_to_patch_attention,
-)
-from labelwise.models.vit import ViTConfig, VisionTransformer
+from labelwise.models.mctformer import MultiClassTokenViT, class_to_patch_attention, mct_loss, patch_to_patch_attention
+from labelwise.models.vit import VisionTransformer, ViTConfig
 
 
 def _backbone(seed: int = 0, registers: int = 0) -> VisionTransformer:

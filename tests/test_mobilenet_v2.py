@@ -4,7 +4,6 @@ reference forward, strict loading errors, named weights, feature strides, output
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -246,7 +245,7 @@ def test_extra_input_bands_keep_the_rgb_kernels(tmp_path, state):
 def test_exported_model_loads_without_the_weights_file(tmp_path, state):
     from labelwise.config import EvalConfig
     from labelwise.data import SyntheticShapes
-    from labelwise.methods.common import export_model, load_model
+    from labelwise.models.export import export_model, load_model
 
     path = tmp_path / "weights" / "mobilenet_v2_imagenet.pth"
     path.parent.mkdir()

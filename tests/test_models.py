@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from labelwise.errors import ConfigError
-from labelwise.models import base as models_base
 from labelwise.models import (
     DeepSupervisionOutput,
     SegmentationModel,
@@ -19,6 +18,7 @@ from labelwise.models import (
     create,
     register_model,
 )
+from labelwise.models import base as models_base
 from labelwise.models.blocks import (
     ChannelShuffle,
     ConvBNReLU,

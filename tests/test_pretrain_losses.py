@@ -8,13 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labelwise.losses.contrastive import (
-    FeatureQueue,
-    dense_info_nce,
-    info_nce,
-    sample_at,
-    view_correspondence,
-)
+from labelwise.losses.contrastive import FeatureQueue, dense_info_nce, info_nce, sample_at, view_correspondence
 from labelwise.losses.dino import DINOHead, DINOLoss, PatchDistillationLoss, block_masks, teacher_temperature
 from labelwise.losses.rotation import RotationHead, rotate_images, rotation_loss
 

@@ -143,9 +143,9 @@ def test_hue_rotation_properties() -> None:
     grey = torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64)
     assert torch.allclose(third @ grey, grey, atol=1e-9)  # greys have no hue
     luma = torch.tensor(LUMA, dtype=torch.float64)
-    colour = torch.tensor([0.8, 0.3, 0.1], dtype=torch.float64)
-    assert float(luma @ (third @ colour)) == pytest.approx(float(luma @ colour))  # brightness kept
-    shifted = third @ colour  # a third of a turn moves the dominant channel from red towards green
+    color = torch.tensor([0.8, 0.3, 0.1], dtype=torch.float64)
+    assert float(luma @ (third @ color)) == pytest.approx(float(luma @ color))  # brightness kept
+    shifted = third @ color  # a third of a turn moves the dominant channel from red towards green
     assert int(shifted.argmax()) == 1
 
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from labelwise.cli import PRETRAIN_METHODS, build_parser, main
 from labelwise.config import load_config
-from labelwise.engine.checkpoint import latest_checkpoint_dir
 from labelwise.errors import CheckpointError, ConfigError
+from labelwise.io.checkpoint import latest_checkpoint_dir
 from labelwise.methods import pretrain
 from labelwise.methods.pretrain import PretrainConfig, build_objective, cosine_schedule, ema_update
 from labelwise.models import create
@@ -186,7 +186,7 @@ def test_resume_gives_identical_student_and_teacher(image_folder: Path, tmp_path
 
 @pytest.mark.parametrize("frozen_steps", [0, 2])
 def test_freeze_last_layer(image_folder: Path, tmp_path: Path, frozen_steps: int) -> None:
-    from labelwise.methods.common import seed_everything
+    from labelwise.engine.runtime import seed_everything
 
     config = _config(image_folder, tmp_path / "run", "steps=2", f"dino.freeze_last_layer_steps={frozen_steps}")
     seed_everything(config.seed)

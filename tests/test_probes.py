@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from labelwise.engine.feature_cache import write_feature_cache
 from labelwise.eval.kmeans import kmeans, kmeans_plusplus, kmeans_probe, pairwise_sq_distances
 from labelwise.eval.probes import bilinear_taps, interpolate_features, linear_probe
+from labelwise.features.cache import write_feature_cache
 
 STRIDE = 4
 

@@ -34,7 +34,7 @@ def test_id_png_refuses_ids_that_would_wrap(tmp_path: Path, ids: np.ndarray, max
     assert not (tmp_path / "bad.png").exists()
 
 
-def test_prediction_pngs_write_ids_colours_and_overlay(tmp_path: Path) -> None:
+def test_prediction_pngs_write_ids_colors_and_overlay(tmp_path: Path) -> None:
     class_map = ClassMap.from_names(["a", "b", "c"])
     prediction = np.array([[0, 1], [2, 1]])
     image = np.full((2, 2, 3), 100, dtype=np.uint8)

@@ -9,23 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from labelwise.config import AugmentConfig, StageConfig, load_config
+from labelwise.data.build import build_datasets
 from labelwise.data.splits import dataset_names, split_labeled, write_split
 from labelwise.data.synthetic import SyntheticShapes
+from labelwise.data.transforms import PairedAugment
 from labelwise.engine.trainer import StepContext
 from labelwise.errors import ConfigError, DataError
 from labelwise.losses import build_loss
-from labelwise.methods.common import build_datasets
 from labelwise.methods.semi import SemiConfig, train
-from labelwise.methods.semi.train import pseudo_label
 from labelwise.methods.semi.data import ImagesOnly, LabeledUnlabeledPairs, pair_collate, unlabeled_images
 from labelwise.methods.semi.model import SemiModel
 from labelwise.methods.semi.perturb import confident_pseudo_labels
 from labelwise.methods.semi.steps import make_consistency_step, unlabeled_loss
-from labelwise.data.transforms import PairedAugment
+from labelwise.methods.semi.train import pseudo_label
 from labelwise.models import create
-from safetensors.torch import load_file
 
 DATA = ["data.dataset=synthetic", "data.synthetic_train_images=16", "data.synthetic_val_images=4",
         "data.synthetic_size=[32, 48]"]
@@ -45,7 +45,7 @@ def _config(tmp_path: Path, *extra: str) -> SemiConfig:
         "progress=false", "precision=fp32", "checkpoint_every=3", "semi.threshold=0.3", *extra])
 
 
-def test_pairs_cover_the_unlabelled_set_once_and_cycle_the_labelled_set() -> None:
+def test_pairs_cover_the_unlabeled_set_once_and_cycle_the_labeled_set() -> None:
     labeled = SyntheticShapes(num_images=3, size=(16, 16), seed=0)
     unlabeled = ImagesOnly(SyntheticShapes(num_images=7, size=(16, 16), seed=1))
     pairs = LabeledUnlabeledPairs(labeled, unlabeled, seed=5)
@@ -64,14 +64,14 @@ def test_pairs_cover_the_unlabelled_set_once_and_cycle_the_labelled_set() -> Non
     assert batch["valid_u"].all() and batch["mask"].shape == (2, 16, 16)
 
 
-def test_unlabelled_list_must_not_overlap_the_labelled_list(tmp_path: Path) -> None:
+def test_unlabeled_list_must_not_overlap_the_labeled_list(tmp_path: Path) -> None:
     config = _config(tmp_path)
     labeled_names = (tmp_path / "split" / "labeled.txt").read_text().split()
     images = unlabeled_images(config, [n for n in labeled_names if not n.startswith("#")])
     assert len(images) == 12 and "mask" not in images[0]
     overlapping = (tmp_path / "split" / "unlabeled.txt").read_text() + labeled_names[-1] + "\n"
     (tmp_path / "split" / "unlabeled.txt").write_text(overlapping)
-    with pytest.raises(DataError, match="also in the labelled list"):
+    with pytest.raises(DataError, match="also in the labeled list"):
         unlabeled_images(config, [labeled_names[-1]])
     with pytest.raises(ConfigError, match="semi.unlabeled"):
         load_config(SemiConfig, None, [*DATA, "semi.method=fixmatch"])
@@ -129,7 +129,7 @@ def test_unimatch_with_ema_resumes_exactly(tmp_path: Path) -> None:
     config = _config(tmp_path / "b", *extra)
     train(config, stop_at=3)
     resumed = train(config, resume=True)
-    first, second = load_file(full.run_dir / "model.safetensors"), load_file(resumed.run_dir / "model.safetensors")
+    first, second = load_file(full.run_dir / "weights.safetensors"), load_file(resumed.run_dir / "weights.safetensors")
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
@@ -150,7 +150,7 @@ def test_semi_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
                      "--set", "progress=false", "--set", "semi.rounds=1", "--device", "cpu", "--run-dir", str(run)])
         assert code == 0
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert 0 <= report["miou"] <= 1 and (run / "model.safetensors").is_file()
+        assert 0 <= report["miou"] <= 1 and (run / "weights.safetensors").is_file()
     rounds = json.loads((tmp_path / "self_training" / "self_training.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["pseudo_labeled_images"] == 12
 
@@ -178,16 +178,16 @@ def test_self_training_from_a_given_teacher(tmp_path: Path, capsys: pytest.Captu
     round1 = json.loads((run / "round1" / "eval.json").read_text())
     assert final["train_seconds"] == pytest.approx(teacher_eval["train_seconds"] + round1["train_seconds"])
 
-    # running it again finds every round finished: nothing is pseudo-labelled or trained again
+    # running it again finds every round finished: nothing is pseudo-labeled or trained again
     import importlib
 
     semi_train = importlib.import_module("labelwise.methods.semi.train")  # the package exports a `train` function
 
     def fail(*args, **kwargs):
-        raise AssertionError("a finished round was pseudo-labelled again")
+        raise AssertionError("a finished round was pseudo-labeled again")
 
     monkeypatch.setattr(semi_train, "pseudo_label", fail)
-    monkeypatch.setattr(semi_train.supervised, "train", fail)
+    monkeypatch.setattr(semi_train, "train_segmenter", fail)
     assert main(["semi", "train", *common, *tiny, "--method", "self_training", "--teacher", str(tmp_path / "sup"),
                  "--unlabeled", str(tmp_path / "split" / "unlabeled.txt"), "--run-dir", str(run), "--resume"]) == 0
     capsys.readouterr()
@@ -209,8 +209,8 @@ def test_self_training_from_a_given_teacher(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_a_self_training_round_improves_over_its_teacher(tmp_path: Path) -> None:
-    """Round 0 learns from 6 labelled synthetic images; round 1 adds the confident pseudo-labels
-    of 42 unlabelled ones and must score higher on the validation images (both rounds are
+    """Round 0 learns from 6 labeled synthetic images; round 1 adds the confident pseudo-labels
+    of 42 unlabeled ones and must score higher on the validation images (both rounds are
     scored by the same evaluation, against the real validation masks)."""
     data = ["data.dataset=synthetic", "data.synthetic_train_images=48", "data.synthetic_val_images=16",
             "data.synthetic_size=[48, 64]"]
@@ -228,7 +228,7 @@ def test_a_self_training_round_improves_over_its_teacher(tmp_path: Path) -> None
     assert result.metrics["miou"] == rounds[1]["miou"]
 
 
-def test_aerial_unlabelled_tiles_are_crops_without_masks(tmp_path: Path) -> None:
+def test_aerial_unlabeled_tiles_are_crops_without_masks(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
@@ -268,7 +268,7 @@ def test_aerial_unlabelled_tiles_are_crops_without_masks(tmp_path: Path) -> None
     for i, mask in enumerate(masks):
         inside = images[i]["valid"].numpy()
         assert mask.shape == (48, 48) and (mask[~inside] == 255).all() and (mask[inside] < 2).all()
-    with pytest.raises(DataError, match=r"tiles \[1\] are also labelled"):
+    with pytest.raises(DataError, match=r"tiles \[1\] are also labeled"):
         unlabeled_images(load_config(SemiConfig, None, [*base, "semi.unlabeled_tiles=[1, 2]"]), [])
 
 
@@ -289,7 +289,7 @@ def test_unimatch_on_a_vit_initialised_from_a_self_supervised_checkpoint(tmp_pat
                      "model.options={arch: vit_tiny, patch_size: 8, depth: 2}", f"model.init={path}",
                      "stages.0.lr=1e-12", "stages.0.steps=2")
     result = train(config)
-    exported = load_file(result.run_dir / "model.safetensors")
+    exported = load_file(result.run_dir / "weights.safetensors")
     source = vit.state_dict()
     for key, value in source.items():
         assert torch.equal(exported[f"encoder.{key}"].float(), value.float()), key

@@ -1,4 +1,4 @@
-"""Labelled / unlabelled splits: deterministic, disjoint, nested across sizes, round-trip through
+"""Labeled / unlabeled splits: deterministic, disjoint, nested across sizes, round-trip through
 list files, and list-file errors naming the file and line."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from labelwise.data.splits import read_name_list, split_labeled, write_name_list, write_split
 from labelwise.errors import ConfigError, DataError
@@ -49,7 +49,7 @@ def test_list_files_round_trip_and_errors_name_file_and_line(tmp_path: Path) -> 
     labeled, unlabeled = write_split(tmp_path / "split", split)
     assert read_name_list(labeled, NAMES) == split.labeled
     assert read_name_list(unlabeled, NAMES) == split.unlabeled
-    assert labeled.read_text().startswith("# labelwise split: 23 of 367 labelled")
+    assert labeled.read_text().startswith("# labelwise split: 23 of 367 labeled")
     path = write_name_list(tmp_path / "bad.txt", ["img_000", "img_001"])
     path.write_text(path.read_text() + "\n# a comment\nimg_000\n")
     with pytest.raises(DataError, match=r"bad\.txt:5: 'img_000' is listed twice \(first on line 1\)"):
@@ -66,8 +66,8 @@ def test_list_files_round_trip_and_errors_name_file_and_line(tmp_path: Path) -> 
 
 def test_train_list_restricts_the_training_split(tmp_path: Path) -> None:
     from labelwise.config import DataConfig
+    from labelwise.data.build import build_datasets
     from labelwise.data.splits import dataset_names
-    from labelwise.methods.common import build_datasets
 
     full = build_datasets(DataConfig(dataset="synthetic", synthetic_train_images=12, synthetic_size=(16, 16)))
     names = dataset_names(full.train)

@@ -19,8 +19,8 @@ CLASSES = ClassMap.from_names(["sky", "road", "car", "tree"])
 
 
 def _literal_tags(mask: np.ndarray, num_classes: int, min_fraction: float, ignore: int) -> list[bool]:
-    labelled = [int(v) for v in mask.ravel() if v != ignore and 0 <= v < num_classes]
-    return [labelled.count(c) > 0 and labelled.count(c) >= min_fraction * len(labelled) for c in range(num_classes)]
+    labeled = [int(v) for v in mask.ravel() if v != ignore and 0 <= v < num_classes]
+    return [labeled.count(c) > 0 and labeled.count(c) >= min_fraction * len(labeled) for c in range(num_classes)]
 
 
 def test_tags_from_masks_match_a_literal_count() -> None:
@@ -30,8 +30,8 @@ def test_tags_from_masks_match_a_literal_count() -> None:
     masks[1, :, :] = 1
     masks[1, 0, 0] = 3  # one pixel of class 3 out of 63: 1.6%
     masks[2, :3] = 255  # ignored pixels leave the denominator
-    masks[3, :, :] = 255  # nothing labelled: no class
-    masks[4, 0, :2] = 7  # ids outside the class range are not labelled pixels
+    masks[3, :, :] = 255  # nothing labeled: no class
+    masks[4, 0, :2] = 7  # ids outside the class range are not labeled pixels
     for min_fraction in (0.01, 0.02, 0.3):
         got = tags_from_masks(masks, 4, min_fraction)
         expected = [_literal_tags(m.numpy(), 4, min_fraction, 255) for m in masks]

@@ -13,9 +13,9 @@ from labelwise.cli import main
 from labelwise.config import EvalConfig, to_dict
 from labelwise.data import ClassMap
 from labelwise.errors import CheckpointError
-from labelwise.methods.common import export_model, load_model
-from labelwise.methods.transfer import initialise_from
 from labelwise.models import create
+from labelwise.models.export import export_model, load_model
+from labelwise.models.init import initialise_from
 from labelwise.models.vit import create_vit
 from labelwise.models.vit_loading import save_vit
 

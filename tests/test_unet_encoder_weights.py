@@ -1,4 +1,4 @@
-"""The committed self-supervised U-Net encoder (weights/unet_dense_moco.safetensors) and its model card.
+"""The committed self-supervised U-Net encoder (src/labelwise/weights/unet_dense_moco.safetensors) and its model card.
 
 It initialises the `+ssl` rows of semi_camvid / semi_aerial, so it must load whole into the U-Net
 of `configs/semi_camvid.yaml`.
@@ -15,12 +15,12 @@ from safetensors import safe_open
 
 from labelwise.config import ModelConfig, load_config
 from labelwise.methods import semi
-from labelwise.methods.transfer import initialise_from
 from labelwise.models import create
+from labelwise.models.init import initialise_from
 
 ROOT = Path(__file__).resolve().parents[1]
-ENCODER = ROOT / "weights" / "unet_dense_moco.safetensors"
-MODEL_CARD = ROOT / "weights" / "README.md"
+ENCODER = ROOT / "src" / "labelwise" / "weights" / "unet_dense_moco.safetensors"
+MODEL_CARD = ROOT / "src" / "labelwise" / "weights" / "README.md"
 
 pytestmark = pytest.mark.skipif(not ENCODER.is_file(), reason=f"{ENCODER} is not present")
 

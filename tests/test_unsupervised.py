@@ -14,13 +14,13 @@ from PIL import Image
 
 from labelwise.cli import main
 from labelwise.config import load_config
+from labelwise.data.build import build_eval_dataset
 from labelwise.data.synthetic import SyntheticShapes
-from labelwise.engine.feature_attention import local_positive_weights
-from labelwise.engine.feature_cache import extract_features
 from labelwise.errors import ConfigError
+from labelwise.features.attention import local_positive_weights
+from labelwise.features.cache import extract_features
 from labelwise.losses.hidden_positives import HiddenPositiveLoss, HiddenPositiveLossConfig, mix_neighbourhood
 from labelwise.methods import unsupervised
-from labelwise.methods.common import build_eval_dataset
 from labelwise.methods.unsupervised.data import (
     FiveCropDataset,
     PhotometricCopy,
@@ -155,9 +155,11 @@ def test_resume_continues_exactly(tiny_vit: Path, tmp_path: Path, method: str) -
     unsupervised.train(config, stop_at=3)
     resumed = unsupervised.train(config, resume=True)
     a, b = load_head(full.run_dir), load_head(resumed.run_dir)
-    assert set(a.head.state_dict()) == {f"head.{k}" for k in a.head.head.state_dict()}  # the code head only
-    for key, value in a.head.state_dict().items():
-        assert torch.equal(value, b.head.state_dict()[key]), key
+    head_a, head_b = a.segmenter.head.state_dict(), b.segmenter.head.state_dict()
+    assert set(head_a) == {"linear.weight", "linear.bias", "nonlinear.0.weight", "nonlinear.0.bias",
+                           "nonlinear.2.weight", "nonlinear.2.bias"}  # the code head only, no training parts
+    for key, value in head_a.items():
+        assert torch.equal(value, head_b[key]), key
     assert torch.equal(a.centroids, b.centroids)
     assert a.summary["selection"] == "final_checkpoint"
 
@@ -199,7 +201,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- end to end
 
 
-def _labelled_folder(root: Path, dataset: SyntheticShapes) -> Path:
+def _labeled_folder(root: Path, dataset: SyntheticShapes) -> Path:
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
     for index in range(len(dataset)):
@@ -214,7 +216,7 @@ def _labelled_folder(root: Path, dataset: SyntheticShapes) -> Path:
 
 def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The default backbone, HP with every term: clearly above chance after a short run, CRF and
-    linear probe reported, and predictions mapped to class names with a few labelled images."""
+    linear probe reported, and predictions mapped to class names with a few labeled images."""
     run = tmp_path / "run"
     settings = ["data.dataset=synthetic", "data.synthetic_train_images=24", "data.synthetic_val_images=8",
                 "features.crop_size=64", f"features.cache_dir={tmp_path / 'cache'}", "batch_size=16",
@@ -227,7 +229,7 @@ def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["variant"] == "hp_full" and summary["selection"] == "final_checkpoint"
 
-    assert main(["unsupervised", "evaluate", str(run), "--crf", "--output", str(tmp_path / "eval.json")]) == 0
+    assert main(["unsupervised", "evaluate", str(run), "--crf", "--metrics", str(tmp_path / "eval.json")]) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     # chance: clusters drawn uniformly at random, independent of the image: IoU_c = (p_c / K) /
     # (p_c + 1 / K - p_c / K) for class frequency p_c (about 0.11 here)
@@ -240,16 +242,16 @@ def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.
     assert report["crf"]["miou"] > 2 * chance and report["linear_miou"] > report["miou"]
     assert sorted(report["mapping"]) == list(range(5))
 
-    labelled = _labelled_folder(tmp_path / "labelled", SyntheticShapes(num_images=4, size=(96, 128), num_classes=5,
+    labeled = _labeled_folder(tmp_path / "labeled", SyntheticShapes(num_images=4, size=(96, 128), num_classes=5,
                                                                        seed=77))
-    assert main(["unsupervised", "predict", str(run), str(labelled / "images"), "--out", str(tmp_path / "pred"),
-                 "--match-with", str(labelled), "--device", "cpu"]) == 0
+    assert main(["predict", str(run), str(labeled / "images"), "--out", str(tmp_path / "pred"),
+                 "--match-with", str(labeled), "--device", "cpu"]) == 0
     mapping = json.loads((tmp_path / "pred" / "cluster_mapping.json").read_text())
     assert sorted(mapping["mapping"].values()) == sorted(SyntheticShapes(num_images=1, num_classes=5).class_map.names)
     clusters = np.asarray(Image.open(tmp_path / "pred" / "clusters" / "000.png"))
     ids = np.asarray(Image.open(tmp_path / "pred" / "ids" / "000.png"))
     assert clusters.shape == (96, 128) and clusters.max() < 5
-    truth = np.asarray(Image.open(labelled / "labels" / "000.png"))
+    truth = np.asarray(Image.open(labeled / "labels" / "000.png"))
     assert (ids == truth).mean() > 0.25  # matched pixel accuracy of random clusters: 1 / K = 0.2
 
 
@@ -259,7 +261,7 @@ def test_window_starts_cover_every_pixel_once() -> None:
     assert window_starts(3, 4) == [(0, 0, 3)]
 
 
-def test_tile_windows_score_each_labelled_pixel_exactly_once() -> None:
+def test_tile_windows_score_each_labeled_pixel_exactly_once() -> None:
     source = SyntheticShapes(num_images=2, size=(23, 30), num_classes=4, seed=4)
     windows = TileWindows(source, window=10)
     assert len(windows) == 2 * 3 * 3
@@ -283,29 +285,8 @@ def test_tile_windows_score_each_labelled_pixel_exactly_once() -> None:
     assert (sample["mask"][:8, :9] != 255).all()
 
 
-def test_windowed_prediction_stitches_each_window_into_the_pixels_it_owns(tiny_vit: Path) -> None:
-    from labelwise.methods.unsupervised.model import UnsupervisedHead
-    from labelwise.methods.unsupervised.predict import _window_clusters, predict_clusters
-    from labelwise.models.vit_loading import load_vit
-
-    vit = load_vit(tiny_vit).eval()
-    torch.manual_seed(0)
-    exported = unsupervised.ExportedHead(UnsupervisedHead("kmeans", 48, 48).eval(),
-                                         F.normalize(torch.randn(4, 48), dim=1), {})
-    image = torch.rand(3, 40, 45)
-    device = torch.device("cpu")
-    stitched = predict_clusters(exported, vit, image, device, "fp32", window=16)
-    assert stitched.shape == (40, 45) and int(stitched.max()) < 4
-    for y, y_from, y_to in window_starts(40, 16):
-        for x, x_from, x_to in window_starts(45, 16):
-            alone = _window_clusters(exported, vit, image[:, y:y + 16, x:x + 16], device, "fp32")
-            assert torch.equal(stitched[y_from:y_to, x_from:x_to], alone[y_from - y:y_to - y, x_from - x:x_to - x])
-    whole = predict_clusters(exported, vit, image, device, "fp32", window=None)
-    assert whole.shape == (40, 45)
-
-
 def test_random_patch_vectors_pick_the_stored_vectors(tmp_path: Path) -> None:
-    from labelwise.engine.feature_store import write_feature_cache
+    from labelwise.features.store import write_feature_cache
     from labelwise.methods.unsupervised.train import random_patch_vectors
 
     features = torch.randn(5, 3, 2, 4)

@@ -16,13 +16,7 @@ import torch.nn.functional as F
 
 from labelwise.errors import ConfigError
 from labelwise.models import create
-from labelwise.models.vit import (
-    VIT_ARCHS,
-    DropPath,
-    VisionTransformer,
-    ViTConfig,
-    create_vit,
-)
+from labelwise.models.vit import VIT_ARCHS, DropPath, VisionTransformer, ViTConfig, create_vit
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -20,13 +20,7 @@ from safetensors.torch import save_file
 from labelwise.errors import CheckpointError, ConfigError
 from labelwise.models import vit_loading
 from labelwise.models.vit import VisionTransformer, ViTConfig
-from labelwise.models.vit_loading import (
-    convert_state_dict,
-    detect_layout,
-    load_vit,
-    resolve_backbone,
-    save_vit,
-)
+from labelwise.models.vit_loading import convert_state_dict, detect_layout, load_vit, resolve_backbone, save_vit
 
 DIM, HEADS, DEPTH = 48, 3, 2
 

@@ -9,7 +9,7 @@ import torch
 from labelwise.errors import ConfigError
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps, refine_with_affinity
 from labelwise.models.mctformer import MultiClassTokenViT
-from labelwise.models.vit import ViTConfig, VisionTransformer
+from labelwise.models.vit import VisionTransformer, ViTConfig
 
 
 def _model(variant: str = "v2", seed: int = 0) -> MultiClassTokenViT:

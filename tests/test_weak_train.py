@@ -94,8 +94,8 @@ def test_user_images_with_a_tag_file(tiny_vit: Path, tmp_path: Path) -> None:
 
 
 def test_pseudo_masks_stage_writes_a_folder_dataset_and_scores(tiny_vit: Path, tmp_path: Path) -> None:
-    from labelwise.data.folder import FolderDataset
     from labelwise.data.classmap import ClassMap
+    from labelwise.data.folder import FolderDataset
     from labelwise.methods.weak.cams import CAMConfig
     from labelwise.methods.weak.data import TaggedImages
     from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig
@@ -146,7 +146,7 @@ def test_run_chains_every_stage_and_scores_the_val_split(tiny_vit: Path, tmp_pat
     report = run(config, resume=True)  # nothing to resume yet: every stage starts fresh
     assert set(report) == {"pseudo_masks", "segmenter", "final"}
     assert report["segmenter"]["steps"] == 2 and report["final"]["split"] == "val"
-    assert (tmp_path / "run" / "segmenter" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "segmenter" / "weights.safetensors").is_file()
     assert 0 <= report["final"]["miou"] <= 1
     assert json.loads((tmp_path / "run" / "weak_run.json").read_text())["segmenter"]["steps"] == 2
     hybrid, summary = load_classifier(tmp_path / "run")  # the hybrid stem survives export and reload
@@ -185,11 +185,11 @@ def test_aerial_tiles_train_on_crops_and_pseudo_label_every_pixel_once(tiny_vit:
 
 def test_end_to_end_on_synthetic_data_is_clearly_above_chance(tmp_path: Path) -> None:
     """Tags only -> classifier -> CAMs -> pseudo-masks -> U-Net, on a small random-init ViT. The
-    references are computed here from the masks alone: the mIoU of labelling every pixel as the
-    background (the majority class) and of labelling every pixel with a uniformly drawn class
+    references are computed here from the masks alone: the mIoU of labeling every pixel as the
+    background (the majority class) and of labeling every pixel with a uniformly drawn class
     among the image's tagged classes (the background included)."""
+    from labelwise.data.build import build_datasets, build_eval_dataset
     from labelwise.eval.metrics import ConfusionMatrix
-    from labelwise.methods.common import build_datasets, build_eval_dataset
     from labelwise.methods.weak.pipeline import run
 
     torch.manual_seed(0)

@@ -16,13 +16,20 @@ import torch.nn.functional as F
 
 from labelwise.config import load_config
 from labelwise.methods import unsupervised
-from labelwise.methods.unsupervised.train import build_training_caches, training_views, load_backbone, cached_rows, random_patch_vectors
 from labelwise.methods.unsupervised.model import load_head
+from labelwise.methods.unsupervised.train import (
+    build_training_caches,
+    cached_rows,
+    load_backbone,
+    random_patch_vectors,
+    training_views,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 runs = sys.argv[1]
 config = load_config(unsupervised.UnsupervisedConfig, ROOT / "configs" / "unsupervised_camvid.yaml",
                      [f"data.root={ROOT.parent / 'shared' / 'data' / 'camvid'}",
-                      f"features.backbone={ROOT / 'weights' / 'labelwise_vit.safetensors'}", "progress=false",
+                      f"features.backbone={ROOT / 'src' / 'labelwise' / 'weights' / 'labelwise_vit.safetensors'}", "progress=false",
                       "method=hp", "hp.local=false"])
 views = training_views(config)
 cache, _ = build_training_caches(config, load_backbone(config.features.backbone), views, torch.device('cpu'))

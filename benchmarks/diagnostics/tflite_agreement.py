@@ -65,7 +65,6 @@ def compare(reference_file: Path) -> None:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from imagenet_check import IMAGENETTE_CLASSES
-
     from labelwise.models import MobileNetV2
     from labelwise.models.pretrained import load_strict, read_weights, resolve_weights
 

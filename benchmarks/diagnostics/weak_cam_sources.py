@@ -22,10 +22,10 @@ from labelwise.config import load_config
 from labelwise.eval.metrics import ConfusionMatrix
 from labelwise.methods.weak import WeakConfig
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps, refine_with_affinity
-from labelwise.models.mctformer import patch_to_patch_attention
+from labelwise.methods.weak.data import TaggedImages
 from labelwise.methods.weak.stages import _cam_labels, same_size_batches
 from labelwise.methods.weak.train import load_classifier, tagged_training_images
-from labelwise.methods.weak.data import TaggedImages
+from labelwise.models.mctformer import patch_to_patch_attention
 
 run_dir, config_path, *overrides = sys.argv[1:]
 config = load_config(WeakConfig, Path(config_path), overrides)

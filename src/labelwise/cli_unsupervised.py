@@ -1,13 +1,12 @@
-"""``labelwise unsupervised train | evaluate | predict``: argument parsing over
+"""``labelwise unsupervised train | evaluate``: argument parsing over
 :mod:`labelwise.methods.unsupervised` (kept apart from ``cli.py`` so each file stays short)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-HELP = argparse.ArgumentDefaultsHelpFormatter
+from labelwise.cli_options import HelpFormatter, add, add_run_options, config_overrides
 
 #: ``labelwise.methods.unsupervised.METHODS``, spelled out so that building the parser imports no torch.
 UNSUPERVISED_METHODS = ("hp", "stego", "picie", "kmeans")
@@ -16,63 +15,37 @@ UNSUPERVISED_METHODS = ("hp", "stego", "picie", "kmeans")
 def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private subparsers action
     parser = commands.add_parser(
         "unsupervised", help="segment images into K semantic clusters without labels (HP, STEGO, PiCIE, k-means)",
-        formatter_class=HELP, description="Train a head on frozen self-supervised ViT features, evaluate it, "
-        "or predict cluster maps of your own images.")
+        formatter_class=HelpFormatter, description="Train a head on frozen self-supervised ViT features, or evaluate "
+        "it with the cluster probe on the run's evaluation views and a linear probe; `labelwise predict RUN` "
+        "segments your images (--match-with DIR maps clusters to class names).")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     train = sub.add_parser("train", help="train a head (features cached once) and fit K cluster centroids",
-                           formatter_class=HELP)
-    train.add_argument("--config", type=Path, default=None,
-                       help="YAML UnsupervisedConfig (default: built-in defaults, HP on the synthetic dataset)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set hp.temperature=0.6 (repeatable)")
-    train.add_argument("--images", nargs="+", type=Path, default=None, metavar="DIR",
-                       help="folders of unlabelled training images (default: the config's data training split)")
+                           formatter_class=HelpFormatter)
+    add_run_options(train)
+    add(train, "images", help="folders of unlabeled training images (default: the config's images, or its data "
+                              "training split)")
     train.add_argument("--clusters", type=int, default=None,
                        help="number of clusters K (default: the number of classes of the config's data; required "
                             "with --images)")
-    train.add_argument("--method", choices=UNSUPERVISED_METHODS, default=None,
-                       help="objective (default: the config's method, hp)")
-    train.add_argument("--backbone", default=None,
-                       help="frozen ViT: labelwise_default, a DINO name or a checkpoint path (default: the config's "
-                            "features.backbone, labelwise_default)")
-    train.add_argument("--steps", type=int, default=None, help="training steps (default: the config's steps, 1000)")
-    train.add_argument("--run-dir", type=Path, default=None, help="output folder (default: the config's run_dir)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --run-dir")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                       help="where to run (default: the config's device, auto)")
+    add(train, "method", choices=UNSUPERVISED_METHODS)
+    add(train, "backbone", key="features.backbone")
+    add(train, "steps")
+    train.set_defaults(_config_keys={**train.get_default("_config_keys"), "clusters": "eval.clusters"})
 
-    evaluate = sub.add_parser("evaluate", help="cluster probe (Hungarian), linear probe and optional CRF on a "
-                              "labelled split", formatter_class=HELP)
-    evaluate.add_argument("model", type=Path, help="run folder of `labelwise unsupervised train`")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a key of the run's config, e.g. --set data.root=... (repeatable)")
-    evaluate.add_argument("--split", default=None, help="split to score (default: the config's data.val_split)")
-    evaluate.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
-                          help="also report dense-CRF refined scores (default: the config's eval.crf, off)")
+    evaluate = sub.add_parser("evaluate", help="cluster probe (Hungarian) on the run's evaluation views, linear "
+                              "probe and optional CRF on a labeled split", formatter_class=HelpFormatter)
+    add(evaluate, "model", help="run folder of `labelwise unsupervised train`")
+    add(evaluate, "set")
+    add(evaluate, "split")
+    add(evaluate, "crf", key="eval.crf")
     evaluate.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=None,
                           help="also train a linear probe on the train split's labels (default: the config's "
                                "eval.linear_probe, on)")
-    evaluate.add_argument("--output", type=Path, default=None, help="also write the metrics JSON here")
-
-    predict = sub.add_parser("predict", help="write cluster-id, colour and overlay PNGs of images",
-                             formatter_class=HELP)
-    predict.add_argument("model", type=Path, help="run folder of `labelwise unsupervised train`")
-    predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
-    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
-    predict.add_argument("--match-with", type=Path, default=None, metavar="DIR",
-                         help="a few labelled images (DIR/images, DIR/labels, DIR/classes.json): map clusters to "
-                              "class names by Hungarian matching (default: none, cluster ids)")
-    predict.add_argument("--class-map", type=Path, default=None,
-                         help="class map JSON for --match-with (default: DIR/classes.json)")
-    predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
-    predict.add_argument("--window", type=int, default=1024,
-                         help="images with a side above this many pixels go through the ViT window by window "
-                              "(0 = always whole)")
-    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                         help="where to run: auto picks CUDA when available")
-    predict.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="backbone precision")
+    add(evaluate, "device")
+    add(evaluate, "precision")
+    add(evaluate, "metrics")
+    evaluate.set_defaults(_config_keys={**evaluate.get_default("_config_keys"), "linear_probe": "eval.linear_probe"})
 
 
 def run_unsupervised(args: argparse.Namespace) -> int:
@@ -80,30 +53,18 @@ def run_unsupervised(args: argparse.Namespace) -> int:
     from labelwise.methods import unsupervised
 
     if args.action == "train":
-        overrides = list(args.overrides)
-        if args.images:
-            overrides.append("images=" + json.dumps([str(path) for path in args.images]))
-        for key, value in (("eval.clusters", args.clusters), ("method", args.method),
-                           ("features.backbone", args.backbone), ("steps", args.steps), ("run_dir", args.run_dir),
-                           ("device", args.device)):
-            if value is not None:
-                overrides.append(f"{key}={json.dumps(value if isinstance(value, int) else str(value))}")
-        config = load_config(unsupervised.UnsupervisedConfig, args.config, overrides)
+        config = load_config(unsupervised.UnsupervisedConfig, args.config, config_overrides(args))
         result = unsupervised.train(config, resume=args.resume, overwrite=args.overwrite)
         print(json.dumps({"run_dir": str(result.run_dir), **result.summary}))
         return 0
     if args.action == "evaluate":
-        config = load_config(unsupervised.UnsupervisedConfig, args.model / "config.yaml", args.overrides)
-        report = unsupervised.evaluate(args.model, config, split=args.split, crf=args.crf, linear=args.linear_probe)
+        config = load_config(unsupervised.UnsupervisedConfig, args.model / "config.yaml", config_overrides(args))
+        report = unsupervised.evaluate(args.model, config, split=args.split)
         text = json.dumps(report, indent=2)
         print(text)
-        if args.output is not None:
-            from labelwise.engine.atomic import atomic_write_text
+        if args.metrics is not None:
+            from labelwise.io.atomic import atomic_write_text
 
-            atomic_write_text(args.output, text + "\n")
+            atomic_write_text(args.metrics, text + "\n")
         return 0
-    written = unsupervised.predict(args.model, args.inputs, args.out, match_with=args.match_with,
-                                   class_map=args.class_map, device=args.device, precision=args.precision,
-                                   alpha=args.alpha, window=args.window or None)
-    print(f"wrote predictions of {len(written)} image(s) to {args.out}/{{clusters,ids,color,overlay}}")
-    return 0
+    raise AssertionError(args.action)

@@ -17,12 +17,67 @@ from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
-from labelwise.data.transforms import AugmentConfig
 from labelwise.errors import ConfigError
 
 T = TypeVar("T")
 # a float in exponent notation without a dot, which YAML 1.1 leaves a string (1e-3, -2E5)
 _YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation settings; the defaults apply horizontal flips only.
+
+    Attributes:
+        hflip: probability of a horizontal flip.
+        vflip: probability of a vertical flip.
+        rotate_degrees: rotation angle drawn uniformly in ``[-rotate_degrees, rotate_degrees]``.
+        scale: zoom factor range ``(lo, hi)``, drawn log-uniformly; > 1 enlarges the content.
+        crop_size: output ``(h, w)`` in pixels; ``None`` keeps the input size. The crop centre
+            is drawn uniformly so that the crop stays inside the (scaled) image when it fits.
+        brightness, contrast, saturation: factors drawn in ``[1 - v, 1 + v]``.
+        hue: hue shift drawn in ``[-hue, hue]`` as a fraction of the full circle (<= 0.5).
+    """
+
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotate_degrees: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
+    crop_size: tuple[int, int] | None = None
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("hflip", "vflip"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"augment.{key}: a probability in [0, 1] is required, got {value}")
+        for key in ("rotate_degrees", "brightness", "contrast", "saturation", "hue"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"augment.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("brightness", "contrast", "saturation"):
+            if getattr(self, key) > 1.0:
+                raise ConfigError(f"augment.{key}: must be <= 1 (factors in [1 - v, 1 + v]), got {getattr(self, key)}")
+        if self.hue > 0.5:
+            raise ConfigError(f"augment.hue: must be <= 0.5 (fraction of the hue circle), got {self.hue}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ConfigError(f"augment.scale: need 0 < lo <= hi, got {self.scale}")
+        self.scale = (float(self.scale[0]), float(self.scale[1]))
+        if self.crop_size is not None:
+            if len(self.crop_size) != 2 or min(self.crop_size) <= 0:
+                raise ConfigError(f"augment.crop_size: need two positive ints (h, w), got {self.crop_size}")
+            self.crop_size = (int(self.crop_size[0]), int(self.crop_size[1]))
+
+    @property
+    def warps(self) -> bool:
+        """Whether the geometry needs resampling (rotation, scale or crop), not just flips."""
+        return self.rotate_degrees > 0 or self.scale != (1.0, 1.0) or self.crop_size is not None
+
+    @property
+    def jitters(self) -> bool:
+        return self.brightness > 0 or self.contrast > 0 or self.saturation > 0 or self.hue > 0
 
 
 @dataclass
@@ -51,11 +106,11 @@ class DataConfig:
 
     ``dataset``: ``synthetic`` (embedded, generated from ``seed``), ``folder`` (``root/<split>/images``
     + ``labels``, class map from ``class_map`` or ``root/classes.json``), ``camvid`` (the
-    ``../shared/data/camvid`` layout) or ``aerial`` (colour-coded tiles ``root/tileN/{images,masks}``).
+    ``../shared/data/camvid`` layout) or ``aerial`` (color-coded tiles ``root/tileN/{images,masks}``).
     ``resize`` is (H, W) applied when loading whole images; aerial training samples random
     ``tile_crop`` crops on the fly, ``samples_per_epoch`` of them per epoch. ``train_list``: a
     list file (one sample name per line, ``labelwise.data.splits``) restricting the training
-    split to the samples it names (a labelled subset); for aerial data choose ``train_tiles``.
+    split to the samples it names (a labeled subset); for aerial data choose ``train_tiles``.
     """
 
     dataset: Literal["synthetic", "folder", "camvid", "aerial"] = "synthetic"
@@ -86,7 +141,7 @@ class ModelConfig:
     ``init``: pretrained weights for the encoder, loaded before training starts (not on resume:
     the checkpoint wins): a labelwise model folder, a pretraining run's ``backbone.safetensors``,
     a ViT checkpoint or a named CNN weights file such as ``mobilenet_v2_imagenet`` (see
-    ``labelwise.methods.transfer``). ImageNet encoders are usually chosen in ``options``
+    ``labelwise.models.init``). ImageNet encoders are usually chosen in ``options``
     (``encoder: mobilenet_v2``, ``encoder_weights: imagenet``).
 
     Transfer-learning settings (as segmentation_models.pytorch / MMSegmentation users set them):
@@ -368,21 +423,30 @@ def _list_item(node: list, part: str, where: str) -> Any:
     return node[index]
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of YAML file ``path``; ``ConfigError`` naming the file otherwise."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return loaded
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load dataclass ``cls`` from YAML file ``path`` (defaults where absent) plus overrides."""
+    return config_from_mapping(cls, read_yaml_mapping(path) if path is not None else {}, overrides)
+
+
+def config_from_mapping(cls: type[T], loaded: dict[str, Any], overrides: Sequence[str] = ()) -> T:
+    """Dataclass ``cls`` from the defaults, a mapping of keys (as read from YAML) and overrides."""
     data: dict[str, Any] = to_dict(cls())
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: config file not found") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        _check_keys(cls, loaded, "")
-        data = _merge(data, loaded)
+    _check_keys(cls, loaded, "")
+    data = _merge(data, loaded)
     for override in overrides:
         apply_override(data, override)
     config = from_dict(cls, data)
@@ -390,6 +454,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     if callable(validate):
         validate()
     return config
+
+
+@dataclass
+class DataSection:
+    """The ``data`` section alone: what evaluating a model on a dataset needs of any run config."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_data_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DataConfig:
+    """The ``data`` section of any run's YAML config (train, semi, weak, unsupervised), other
+    sections ignored, plus ``data.*`` overrides."""
+    loaded = read_yaml_mapping(path) if path is not None else {}
+    return config_from_mapping(DataSection, {"data": loaded.get("data") or {}}, overrides).data
 
 
 def _check_keys(cls: Any, loaded: dict[str, Any], prefix: str) -> None:
@@ -424,7 +502,7 @@ def _merge(base: Any, update: Any) -> Any:
 
 def save_config(config: Any, path: str | Path) -> None:
     """Write ``config`` as YAML (atomically)."""
-    from labelwise.engine.atomic import atomic_write_text
+    from labelwise.io.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
 
@@ -439,6 +517,10 @@ __all__ = [
     "OptimConfig",
     "EvalConfig",
     "TrainConfig",
+    "DataSection",
+    "load_data_config",
+    "config_from_mapping",
+    "read_yaml_mapping",
     "load_config",
     "from_dict",
     "to_dict",

@@ -1,7 +1,7 @@
 """The data layer: datasets yielding :class:`Sample` dicts, batch transforms, statistics.
 
 Every dataset yields ``image`` float32 ``[3, H, W]`` in [0, 1], ``mask`` int64 ``[H, W]``
-(``class_map.ignore_index``, default 255, where unlabelled) and ``name``.
+(``class_map.ignore_index``, default 255, where unlabeled) and ``name``.
 """
 
 from __future__ import annotations

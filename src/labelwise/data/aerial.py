@@ -1,4 +1,4 @@
-"""Large colour-coded aerial tiles (ISPRS Potsdam / Vaihingen format, the Dubai aerial set).
+"""Large color-coded aerial tiles (ISPRS Potsdam / Vaihingen format, the Dubai aerial set).
 
 * :class:`AerialTiles` lists the whole tiles of ``root/tileN/images/*`` + ``root/tileN/masks/*``
   (or a flat ``root/images`` + ``root/labels|masks``) and yields them whole, for sliding-window
@@ -43,7 +43,7 @@ def list_tile_folders(root: Path) -> list[str]:
 
 
 class AerialTiles(PairedFilesDataset):
-    """Whole colour-coded tiles of several tile folders.
+    """Whole color-coded tiles of several tile folders.
 
     Args:
         root: folder with ``tile1/``, ``tile2/``, ... each holding ``images/`` and ``masks/``
@@ -253,7 +253,7 @@ class RandomCropDataset(SegmentationDataset):
     def inside(self, index: int) -> np.ndarray:
         """bool ``[h, w]`` of crop ``index``: True on tile pixels, False on the padding. Computed
         from the crop's position alone, so it can mark the real pixels of images whose masks must
-        not be read (the unlabelled part of a semi-supervised run)."""
+        not be read (the unlabeled part of a semi-supervised run)."""
         tile, y, x = self.crop_params(index)
         height, width = self.sizes[tile]
         crop_h, crop_w = self.crop_size

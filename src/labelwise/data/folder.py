@@ -235,7 +235,7 @@ class PairedFilesDataset(SegmentationDataset):
         try:
             mask = read_label(mask_path, self.class_map)
         except DataError as exc:
-            kind = "invalid label" if ("invalid class id" in str(exc) or "unknown colour" in str(exc)) else "unreadable mask"
+            kind = "invalid label" if ("invalid class id" in str(exc) or "unknown color" in str(exc)) else "unreadable mask"
             return Problem(mask_path, kind, str(exc))
         if image.shape[:2] != mask.shape:
             return Problem(

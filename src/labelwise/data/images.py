@@ -1,7 +1,7 @@
-"""Unlabelled images: every image file under one or more folders, for self-supervised pretraining.
+"""Unlabeled images: every image file under one or more folders, for self-supervised pretraining.
 
 Folders are searched recursively for ``.jpg/.jpeg/.png/.bmp/.tif/.tiff`` files; sub-folders
-named ``labels`` or ``masks`` (the label folders of the labelled layouts) and hidden files are
+named ``labels`` or ``masks`` (the label folders of the labeled layouts) and hidden files are
 skipped, so ``camvid/train`` can be given as it is. The order is deterministic: the folders in
 the order given, the files of each sorted by their path relative to it.
 
@@ -30,7 +30,7 @@ OnError = Literal["raise", "skip"]
 
 
 class ImageSample(TypedDict):
-    """One unlabelled image: ``image`` float32 ``[3, H, W]`` in [0, 1] (RGB) and its ``name``
+    """One unlabeled image: ``image`` float32 ``[3, H, W]`` in [0, 1] (RGB) and its ``name``
     (the path relative to its folder, without suffix)."""
 
     image: torch.Tensor
@@ -62,6 +62,27 @@ def find_images(folder: str | Path) -> list[Path]:
             f"{'/'.join(LABEL_DIR_NAMES)} sub-folders are skipped)"
         )
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def list_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named in ``inputs``: files as given, folders by their image files (not
+    recursive, sorted by name).
+
+    Raises:
+        DataError: an entry does not exist, or a folder holds no image file.
+    """
+    files: list[Path] = []
+    for entry in map(Path, inputs):
+        if entry.is_dir():
+            found = sorted(p for p in entry.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise DataError(f"{entry}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            raise DataError(f"{entry}: no such file or folder")
+    return files
 
 
 def read_image_max_side(path: str | Path, max_side: int | None = None) -> np.ndarray:

@@ -6,15 +6,15 @@ Label files come in two encodings, both handled by :func:`read_label`:
   pixel value is the class id. Values in ``class_map.label_ignore_values`` or equal to
   ``class_map.ignore_index`` become ``ignore_index``; any other value ``>= num_classes`` is an
   error.
-* **colour-coded masks**: RGB (or RGBA, alpha dropped) images whose colours are
-  ``class_map.colors``; ``class_map.ignore_colors`` become ``ignore_index``; any other colour is
+* **color-coded masks**: RGB (or RGBA, alpha dropped) images whose colors are
+  ``class_map.colors``; ``class_map.ignore_colors`` become ``ignore_index``; any other color is
   an error that names it as ``#RRGGBB`` with its pixel count.
 
 Palette (``P``) PNGs are ambiguous, so this rule decides (see :func:`palette_is_color_coded`):
-a palette mask is colour-coded when every palette entry its pixels use is a class or ignore
-colour; otherwise, when every index it uses is a valid class id or ignore value, the indices
+a palette mask is color-coded when every palette entry its pixels use is a class or ignore
+color; otherwise, when every index it uses is a valid class id or ignore value, the indices
 are class ids; when neither holds, the reading with more valid pixels wins and the error is
-reported in that reading (so a colour-coded mask with one stray colour names that colour).
+reported in that reading (so a color-coded mask with one stray color names that color).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from labelwise.data.classmap import ClassMap
 from labelwise.errors import DataError
 
-#: Largest number of distinct offending values / colours spelled out in an error message.
+#: Largest number of distinct offending values / colors spelled out in an error message.
 MAX_REPORTED = 8
 
 _ID_MODES = {"L", "I;16", "I;16L", "I;16B", "I", "1"}
@@ -95,14 +95,14 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_label(path: str | Path, class_map: ClassMap) -> np.ndarray:
-    """Read a label mask (class-id or colour-coded; see the module docstring for the rule).
+    """Read a label mask (class-id or color-coded; see the module docstring for the rule).
 
     Returns:
         int64 array ``[H, W]`` of class ids in ``[0, num_classes)`` or ``class_map.ignore_index``.
 
     Raises:
         DataError: unreadable file, a class id ``>= num_classes`` that is not an ignore value
-            (message gives the values and their pixel counts), or an unknown colour (message
+            (message gives the values and their pixel counts), or an unknown color (message
             gives ``#RRGGBB`` and pixel counts).
     """
     path = Path(path)
@@ -175,11 +175,11 @@ def _invalid_ids_message(found: np.ndarray, counts: np.ndarray, class_map: Class
     )
 
 
-# ----------------------------------------------------------------------------- colours
+# ----------------------------------------------------------------------------- colors
 
 
 def pack_rgb(rgb: np.ndarray) -> np.ndarray:
-    """``[..., 3]`` uint8 colours → ``[...]`` uint32 keys ``r << 16 | g << 8 | b``."""
+    """``[..., 3]`` uint8 colors → ``[...]`` uint32 keys ``r << 16 | g << 8 | b``."""
     rgb = np.asarray(rgb)
     keys = rgb[..., 0].astype(np.uint32)
     keys <<= 8
@@ -191,7 +191,7 @@ def pack_rgb(rgb: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=32)
 def _color_table(class_map: ClassMap) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted colour keys of classes and ignore colours, and the label of each key."""
+    """Sorted color keys of classes and ignore colors, and the label of each key."""
     keys = [pack_rgb(np.asarray(c, dtype=np.uint8)) for c in class_map.colors]
     labels = list(range(class_map.num_classes))
     for color in class_map.ignore_colors:
@@ -208,8 +208,8 @@ def _color_table(class_map: ClassMap) -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=4)
 def _color_codes(class_map: ClassMap) -> tuple[np.ndarray, np.ndarray] | None:
-    """A 2**24-entry uint8 table colour key → code (0: unknown colour, k: the k-th known
-    colour) and the label of each code; ``None`` when there are more than 255 known colours."""
+    """A 2**24-entry uint8 table color key → code (0: unknown color, k: the k-th known
+    color) and the label of each code; ``None`` when there are more than 255 known colors."""
     known, labels = _color_table(class_map)
     if len(known) > 255:
         return None
@@ -222,10 +222,10 @@ def _color_codes(class_map: ClassMap) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _lookup_keys(keys: np.ndarray, class_map: ClassMap) -> tuple[np.ndarray, np.ndarray]:
-    """Labels of packed colour ``keys`` and a boolean array of unknown colours.
+    """Labels of packed color ``keys`` and a boolean array of unknown colors.
 
     Large arrays use a cached 16 MB table lookup (one gather per pixel); small ones (palettes)
-    a binary search in the sorted known colours.
+    a binary search in the sorted known colors.
     """
     table = _color_codes(class_map) if keys.size > 4096 else None
     if table is not None:
@@ -239,10 +239,10 @@ def _lookup_keys(keys: np.ndarray, class_map: ClassMap) -> tuple[np.ndarray, np.
 
 
 def colors_to_labels(rgb: np.ndarray, class_map: ClassMap, where: str = "mask") -> np.ndarray:
-    """Map a colour-coded mask ``[H, W, 3]`` uint8 to int64 labels ``[H, W]``.
+    """Map a color-coded mask ``[H, W, 3]`` uint8 to int64 labels ``[H, W]``.
 
     Raises:
-        DataError: naming ``where``, each unknown colour as ``#RRGGBB`` and its pixel count.
+        DataError: naming ``where``, each unknown color as ``#RRGGBB`` and its pixel count.
     """
     keys = pack_rgb(rgb)
     labels, unknown = _lookup_keys(keys, class_map)
@@ -259,11 +259,11 @@ def _hex(key: int) -> str:
 def _unknown_colors_message(found: np.ndarray, counts: np.ndarray, class_map: ClassMap) -> str:
     order = np.argsort(-counts, kind="stable")[:MAX_REPORTED]
     listed = ", ".join(f"{_hex(int(found[i]))} ({int(counts[i])} px)" for i in order)
-    more = f" and {len(found) - len(order)} more colour(s)" if len(found) > len(order) else ""
+    more = f" and {len(found) - len(order)} more color(s)" if len(found) > len(order) else ""
     known = ", ".join(f"{name} {_hex(int(pack_rgb(np.asarray(c, np.uint8))))}" for name, c in zip(class_map.names, class_map.colors))
     message = (
-        f"unknown colour(s) {listed}{more}: {int(counts.sum())} pixel(s) match no class colour "
-        f"({known}) and no ignore colour"
+        f"unknown color(s) {listed}{more}: {int(counts.sum())} pixel(s) match no class color "
+        f"({known}) and no ignore color"
     )
     greys = [(k >> 16) == ((k >> 8) & 255) == (k & 255) for k in found.tolist()]
     if all(greys):
@@ -277,7 +277,7 @@ def _unknown_colors_message(found: np.ndarray, counts: np.ndarray, class_map: Cl
 def palette_is_color_coded(indices: np.ndarray, palette: np.ndarray, class_map: ClassMap) -> bool:
     """Decide how to read a palette mask (``indices`` ``[H, W]`` uint8, ``palette`` ``[N, 3]``).
 
-    Colour-coded when every used palette entry is a class or ignore colour; else class ids when
+    Color-coded when every used palette entry is a class or ignore color; else class ids when
     every used index is a valid id or ignore value; else whichever reading has more valid pixels.
     """
     used, counts = np.unique(indices, return_counts=True)

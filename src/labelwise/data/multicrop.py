@@ -2,7 +2,7 @@
 
 Each image gives two *global* crops (random resized crop, area ``global_scale`` of the image,
 ``global_size`` px square) and ``local_crops`` *local* crops (area ``local_scale``,
-``local_size`` px), each randomly mirrored, then colour-jittered (p 0.8: brightness, contrast,
+``local_size`` px), each randomly mirrored, then color-jittered (p 0.8: brightness, contrast,
 saturation, hue), turned grey (p 0.2), blurred (p 1.0 for the first global crop, 0.1 for the
 second, 0.5 for local crops) and, for the second global crop only, solarised (p 0.2), as in DINO.
 
@@ -19,7 +19,7 @@ images (128 global crops of 96 px, 384 local crops of 48 px), CPU seconds on one
   one vectorised tensor operation over all crops of a view type: 0.04-0.06 s per batch,
   against 0.15-0.24 s for the same operations per sample with PIL (``ImageEnhance``, HSV hue,
   ``GaussianBlur``, ``solarize``) in workers. Saturation, hue and greying are folded into one
-  3x3 colour matrix per crop (hue as a rotation in YIQ space): the whole jitter takes 7 ms,
+  3x3 color matrix per crop (hue as a rotation in YIQ space): the whole jitter takes 7 ms,
   where kornia's HSV ``adjust_hue`` alone took ~0.1 s for the global crops.
 
 On 2 cores a worker process does not add compute, it only overlaps with the training step's
@@ -65,9 +65,9 @@ class MultiCropConfig:
         local_scale: ``(lo, hi)`` fraction of the image area a local crop covers.
         ratio: ``(lo, hi)`` aspect ratio (w / h) range of a crop box, drawn log-uniformly.
         hflip: probability of mirroring a crop.
-        jitter_prob: probability of colour jitter; ``brightness``, ``contrast``, ``saturation``
+        jitter_prob: probability of color jitter; ``brightness``, ``contrast``, ``saturation``
             factors are drawn in ``[1 - v, 1 + v]`` and the hue shift in ``[-hue, hue]`` (fraction
-            of the colour circle).
+            of the color circle).
         grayscale_prob: probability of turning a crop grey.
         blur_prob: blur probability of (first global crop, second global crop, local crops).
         blur_sigma: ``(lo, hi)`` Gaussian sigma range in output pixels (DINO's 0.1-2.0 at 224 px
@@ -260,11 +260,11 @@ def saturation_matrices(factor: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
                  hue: torch.Tensor, to_grey: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-image colour jitter of ``images [B, 3, H, W]`` in [0, 1] (modified in place).
+    """Per-image color jitter of ``images [B, 3, H, W]`` in [0, 1] (modified in place).
 
     Factors ``[B]`` (1 = no change; ``hue`` a shift in turns, 0 = none) apply in this order:
     brightness (scale), contrast (blend with the mean luma), then saturation, hue and the
-    optional greying (``to_grey`` bool ``[B]``) as one 3x3 colour matrix per image; the result
+    optional greying (``to_grey`` bool ``[B]``) as one 3x3 color matrix per image; the result
     is clamped to [0, 1] after each of the three steps. Folding the last three into one matrix
     product is what keeps this fast (one pass instead of three broadcasts).
     """

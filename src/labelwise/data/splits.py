@@ -1,8 +1,8 @@
-"""Labelled / unlabelled subsets of a labelled dataset, for semi-supervised runs.
+"""Labeled / unlabeled subsets of a labeled dataset, for semi-supervised runs.
 
-:func:`split_labeled` picks the labelled part deterministically from the sample names, a seed and
+:func:`split_labeled` picks the labeled part deterministically from the sample names, a seed and
 a fraction or count: the names are sorted, shuffled by ``numpy.random.default_rng(seed)``, and the
-first ``n`` become labelled (``n = round(fraction * N)``, at least 1). Because every size takes a
+first ``n`` become labeled (``n = round(fraction * N)``, at least 1). Because every size takes a
 prefix of the same shuffled order, the splits of one seed are nested: the 1/16 subset is part of
 the 1/8 subset, which is part of the 1/4 subset.
 
@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
 from torch.utils.data import Dataset
 
-from labelwise.engine.atomic import atomic_write_text
+from labelwise.data.identity import dataset_names
 from labelwise.errors import ConfigError, DataError
+from labelwise.io.atomic import atomic_write_text
 
 __all__ = ["LabeledSplit", "NamedSubset", "dataset_names", "read_name_list", "split_labeled", "write_name_list",
            "write_split"]
@@ -44,12 +44,12 @@ class LabeledSplit:
 
     def describe(self) -> str:
         total = len(self.labeled) + len(self.unlabeled)
-        return f"{len(self.labeled)} of {total} labelled (fraction {self.fraction:.6g}, seed {self.seed})"
+        return f"{len(self.labeled)} of {total} labeled (fraction {self.fraction:.6g}, seed {self.seed})"
 
 
 def split_labeled(names: Sequence[str], fraction: float | None = None, count: int | None = None,
                   seed: int = 0) -> LabeledSplit:
-    """Split ``names`` into labelled and unlabelled parts (module docstring); give exactly one of
+    """Split ``names`` into labeled and unlabeled parts (module docstring); give exactly one of
     ``fraction`` (in (0, 1]) and ``count`` (in [1, N])."""
     unique = sorted(set(names))
     if len(unique) != len(names):
@@ -89,8 +89,8 @@ def write_split(folder: str | Path, split: LabeledSplit) -> tuple[Path, Path]:
     """``folder/labeled.txt`` and ``folder/unlabeled.txt`` of ``split``."""
     folder = Path(folder)
     header = f"labelwise split: {split.describe()}"
-    return (write_name_list(folder / LABELED_FILE, split.labeled, f"{header}\nlabelled samples"),
-            write_name_list(folder / UNLABELED_FILE, split.unlabeled, f"{header}\nunlabelled samples"))
+    return (write_name_list(folder / LABELED_FILE, split.labeled, f"{header}\nlabeled samples"),
+            write_name_list(folder / UNLABELED_FILE, split.unlabeled, f"{header}\nunlabeled samples"))
 
 
 def read_name_list(path: str | Path, available: Sequence[str] | None = None) -> list[str]:
@@ -120,15 +120,6 @@ def read_name_list(path: str | Path, available: Sequence[str] | None = None) -> 
     if not names:
         raise DataError(f"{path}: the list names no samples")
     return names
-
-
-def dataset_names(dataset: Dataset) -> list[str]:
-    """The sample names of ``dataset``: its ``names`` attribute (file-backed datasets) or, failing
-    that, the ``"name"`` of every sample (reads them all)."""
-    names = getattr(dataset, "names", None)
-    if names is not None:
-        return [str(n) for n in names]
-    return [str(dataset[i]["name"]) for i in range(len(dataset))]  # type: ignore[arg-type]
 
 
 class NamedSubset(Dataset):

@@ -87,7 +87,7 @@ def class_balanced_weights(counts: Any, method: str = "inverse_sqrt", beta: floa
 
     Weights are scaled so that the count-weighted mean weight is 1 (``sum(n * w) / sum(n) == 1``),
     so the loss keeps its scale. Classes absent from ``counts`` get the largest weight of the
-    present classes (not 0: counts taken from a labelled subset must not silence a class that
+    present classes (not 0: counts taken from a labeled subset must not silence a class that
     appears later, e.g. in pseudo-labels; not infinity).
 
     Returns:

@@ -1,7 +1,7 @@
 """A deterministic synthetic segmentation dataset: textured shapes on a textured background.
 
-Every class has its own shape family, base colour and texture (noise, checker, stripes of a
-class-specific orientation and period, dots), so a small CNN can learn it; per-image colour
+Every class has its own shape family, base color and texture (noise, checker, stripes of a
+class-specific orientation and period, dots), so a small CNN can learn it; per-image color
 casts, per-shape brightness, occlusions and pixel noise keep it from being trivial. Masks are
 exact. Sample ``i`` is generated on demand from ``np.random.default_rng([seed, i])``.
 """
@@ -148,9 +148,9 @@ class SyntheticShapes(SegmentationDataset):
         seed: same seed → identical samples; different seeds → different samples.
         min_shapes, max_shapes: shapes per image (inclusive range).
         noise: standard deviation of the additive pixel noise (image values in [0, 1]).
-        color_mix: each shape's and the background's colour is blended with a random colour by
-            a fraction drawn in ``[0, color_mix]``, so colour alone does not give the class
-            away and textures matter (0: class colours only; easier).
+        color_mix: each shape's and the background's color is blended with a random color by
+            a fraction drawn in ``[0, color_mix]``, so color alone does not give the class
+            away and textures matter (0: class colors only; easier).
 
     Items: image float32 ``[3, H, W]`` in [0, 1], mask int64 ``[H, W]`` in ``[0, num_classes)``
     (no ignore pixels), name ``"synthetic_<index>"``.
@@ -232,7 +232,7 @@ class SyntheticShapes(SegmentationDataset):
         return (color[None, None, :] * (1.0 + wave[..., None])).astype(np.float32)
 
     def _mix(self, rng: np.random.Generator, color: np.ndarray) -> np.ndarray:
-        """Blend ``color`` with a random colour by a random fraction in [0, color_mix]."""
+        """Blend ``color`` with a random color by a random fraction in [0, color_mix]."""
         alpha = rng.uniform(0.0, self.color_mix)
         return ((1.0 - alpha) * color + alpha * rng.uniform(0.1, 0.9, 3)).astype(np.float32)
 

@@ -13,7 +13,7 @@ describe; every problem is a :class:`~labelwise.errors.DataError` naming the fil
 CSV line) and what is wrong: an unknown class name, an entry without tags, a duplicate entry,
 tags for an image that is not there, an image without an entry. :func:`tags_from_masks` derives
 tags from label masks instead (for benchmarks): a class is present in an image when it covers
-at least ``min_fraction`` of the image's labelled pixels.
+at least ``min_fraction`` of the image's labeled pixels.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from labelwise.data.classmap import ClassMap
-from labelwise.engine.atomic import atomic_write_json
 from labelwise.errors import DataError
+from labelwise.io.atomic import atomic_write_json
 
 __all__ = ["ImageTags", "read_tag_file", "tags_from_dataset", "tags_from_masks"]
 
@@ -173,12 +173,12 @@ def tags_from_masks(masks: Tensor, num_classes: int, min_fraction: float = 0.01,
 
     Args:
         masks: long ``[B, H, W]`` class ids; ``ignore_index`` (and any id outside
-            ``[0, num_classes)``) is not a labelled pixel.
+            ``[0, num_classes)``) is not a labeled pixel.
         min_fraction: a class is present when it covers at least this fraction of the image's
-            labelled pixels (0 < fraction <= 1).
+            labeled pixels (0 < fraction <= 1).
 
     Returns:
-        bool ``[B, num_classes]``; an image without labelled pixels has no class.
+        bool ``[B, num_classes]``; an image without labeled pixels has no class.
     """
     if not 0 < min_fraction <= 1:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
@@ -189,13 +189,13 @@ def tags_from_masks(masks: Tensor, num_classes: int, min_fraction: float = 0.01,
     valid = (flat >= 0) & (flat < num_classes) & (flat != ignore_index)
     offsets = torch.arange(b, device=masks.device)[:, None] * num_classes
     counts = torch.bincount((flat + offsets)[valid], minlength=b * num_classes).view(b, num_classes)
-    labelled = counts.sum(1, keepdim=True)
-    return (counts > 0) & (counts >= min_fraction * labelled)
+    labeled = counts.sum(1, keepdim=True)
+    return (counts > 0) & (counts >= min_fraction * labeled)
 
 
 def tags_from_dataset(dataset: Iterable[dict[str, Any]] | Any, class_map: ClassMap, min_fraction: float = 0.01
                       ) -> ImageTags:
-    """Tags derived from the masks of a labelled dataset (samples ``{"mask": [H, W], "name"}``);
+    """Tags derived from the masks of a labeled dataset (samples ``{"mask": [H, W], "name"}``);
     images are read one at a time (they may differ in size)."""
     names, rows = [], []
     for index in range(len(dataset)):

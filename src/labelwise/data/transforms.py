@@ -13,7 +13,7 @@ trainer that saves ``torch.get_rng_state()`` resumes bit-exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, Mapping
 
 import torch
@@ -21,63 +21,8 @@ import torch.nn.functional as F
 from kornia.enhance import adjust_contrast_with_mean_subtraction, adjust_hue, adjust_saturation_with_gray_subtraction
 from kornia.geometry.transform import warp_affine
 
+from labelwise.config import AugmentConfig
 from labelwise.errors import ConfigError
-
-
-@dataclass
-class AugmentConfig:
-    """Augmentation settings; the defaults apply horizontal flips only.
-
-    Attributes:
-        hflip: probability of a horizontal flip.
-        vflip: probability of a vertical flip.
-        rotate_degrees: rotation angle drawn uniformly in ``[-rotate_degrees, rotate_degrees]``.
-        scale: zoom factor range ``(lo, hi)``, drawn log-uniformly; > 1 enlarges the content.
-        crop_size: output ``(h, w)`` in pixels; ``None`` keeps the input size. The crop centre
-            is drawn uniformly so that the crop stays inside the (scaled) image when it fits.
-        brightness, contrast, saturation: factors drawn in ``[1 - v, 1 + v]``.
-        hue: hue shift drawn in ``[-hue, hue]`` as a fraction of the full circle (<= 0.5).
-    """
-
-    hflip: float = 0.5
-    vflip: float = 0.0
-    rotate_degrees: float = 0.0
-    scale: tuple[float, float] = (1.0, 1.0)
-    crop_size: tuple[int, int] | None = None
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-
-    def __post_init__(self) -> None:
-        for key in ("hflip", "vflip"):
-            value = getattr(self, key)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"augment.{key}: a probability in [0, 1] is required, got {value}")
-        for key in ("rotate_degrees", "brightness", "contrast", "saturation", "hue"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"augment.{key}: must be >= 0, got {getattr(self, key)}")
-        for key in ("brightness", "contrast", "saturation"):
-            if getattr(self, key) > 1.0:
-                raise ConfigError(f"augment.{key}: must be <= 1 (factors in [1 - v, 1 + v]), got {getattr(self, key)}")
-        if self.hue > 0.5:
-            raise ConfigError(f"augment.hue: must be <= 0.5 (fraction of the hue circle), got {self.hue}")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            raise ConfigError(f"augment.scale: need 0 < lo <= hi, got {self.scale}")
-        self.scale = (float(self.scale[0]), float(self.scale[1]))
-        if self.crop_size is not None:
-            if len(self.crop_size) != 2 or min(self.crop_size) <= 0:
-                raise ConfigError(f"augment.crop_size: need two positive ints (h, w), got {self.crop_size}")
-            self.crop_size = (int(self.crop_size[0]), int(self.crop_size[1]))
-
-    @property
-    def warps(self) -> bool:
-        """Whether the geometry needs resampling (rotation, scale or crop), not just flips."""
-        return self.rotate_degrees > 0 or self.scale != (1.0, 1.0) or self.crop_size is not None
-
-    @property
-    def jitters(self) -> bool:
-        return self.brightness > 0 or self.contrast > 0 or self.saturation > 0 or self.hue > 0
 
 
 def as_augment_config(config: Any = None) -> AugmentConfig:
@@ -106,7 +51,7 @@ def _bernoulli(n: int, p: float, generator: torch.Generator | None) -> torch.Ten
 
 
 class PairedAugment(torch.nn.Module):
-    """Random flips / rotation / scale / crop (paired) and colour jitter (images only).
+    """Random flips / rotation / scale / crop (paired) and color jitter (images only).
 
     Args:
         config: the settings; ``None`` for :class:`AugmentConfig` defaults.
@@ -174,7 +119,7 @@ class PairedAugment(torch.nn.Module):
         matrices = self.sample_matrices(batch, height, width, generator)
         return warp_pair(images, masks, matrices, cfg.crop_size or (height, width), self.ignore_index)
 
-    # -- colour ------------------------------------------------------------------------
+    # -- color ------------------------------------------------------------------------
 
     def photometric(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample brightness, contrast, saturation (factors in ``[1-v, 1+v]``) and hue shift,

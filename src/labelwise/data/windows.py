@@ -1,4 +1,4 @@
-"""Large images window by window: every labelled pixel exactly once, in windows of one fixed
+"""Large images window by window: every labeled pixel exactly once, in windows of one fixed
 size (used by the unsupervised heads' feature caches and by weak supervision's pseudo-masks of
 aerial tiles)."""
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from labelwise.engine.feature_key import dataset_identity, dataset_names
+from labelwise.data.identity import dataset_identity, dataset_names
 
 __all__ = ["TileWindows", "window_starts"]
 
@@ -33,7 +33,7 @@ def window_starts(extent: int, window: int) -> list[tuple[int, int, int]]:
 
 
 class TileWindows(Dataset):
-    """Every labelled pixel of large images exactly once, in windows of one fixed size (so their
+    """Every labeled pixel of large images exactly once, in windows of one fixed size (so their
     features fit one cache): windows of ``window`` pixels on a grid with the last row / column
     flush with the image end, pixels owned by an earlier window set to ``ignore_index`` in the
     later one's mask, images smaller than the window padded (padding ignored). Sample names:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from dataclasses import dataclass
 from typing import ContextManager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -75,3 +77,10 @@ def barrier(info: DistInfo) -> None:
 def shutdown_distributed(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

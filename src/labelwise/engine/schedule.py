@@ -52,3 +52,10 @@ def lr_at(stages: Sequence[StageConfig], step: int) -> float:
     """Global-step lr of a multi-stage schedule."""
     position = locate_stage(stages, step)
     return stage_lr(stages[position.index], position.step_in_stage)
+
+
+def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
+    """``end + (start - end) * (1 + cos(pi * step / total_steps)) / 2``: ``start`` at step 0,
+    ``end`` at ``total_steps`` (DINO's schedule for weight decay and teacher momentum)."""
+    t = min(max(step, 0), total_steps) / max(total_steps, 1)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))

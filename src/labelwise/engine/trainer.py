@@ -22,7 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from labelwise.config import OptimConfig, StageConfig
-from labelwise.engine.checkpoint import (
+from labelwise.engine.runtime import DistInfo, autocast, barrier, init_distributed
+from labelwise.engine.sampler import ResumableBatchSampler
+from labelwise.engine.schedule import locate_stage, lr_at
+from labelwise.errors import CheckpointError, ConfigError
+from labelwise.io.checkpoint import (
     TrainingCheckpoint,
     capture_rng_state,
     checkpoint_root,
@@ -32,10 +36,6 @@ from labelwise.engine.checkpoint import (
     restore_rng_state,
     save_training_checkpoint,
 )
-from labelwise.engine.runtime import DistInfo, autocast, barrier, init_distributed
-from labelwise.engine.sampler import ResumableBatchSampler
-from labelwise.engine.schedule import locate_stage, lr_at
-from labelwise.errors import CheckpointError, ConfigError
 
 
 @dataclass

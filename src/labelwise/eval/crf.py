@@ -5,7 +5,7 @@ What it is for
 Unsupervised and weakly supervised predictions are coarse: cluster assignments come from
 patch features (one decision per 8-16 px patch) and class activation maps are blurry. The
 dense CRF of Krähenbühl & Koltun (2011) sharpens such probability maps so that label
-boundaries follow colour edges of the image. It is the optional post-processing step of the
+boundaries follow color edges of the image. It is the optional post-processing step of the
 evaluation protocol (DESIGN.md, "Evaluation protocol") for cluster probabilities of
 unsupervised methods and for CAM-derived pseudo-masks (weak supervision). The mean-field
 inference is done by ``pydensecrf2`` (import name ``pydensecrf``) on the CPU.
@@ -19,7 +19,7 @@ Pairwise (Potts compatibility, symmetric normalisation, diagonal kernels):
   removes isolated pixels;
 - bilateral (appearance) kernel
   ``bilateral_compat * exp(-|Δxy|² / (2 bilateral_sxy²) - |ΔRGB|² / (2 bilateral_srgb²))``:
-  nearby pixels of similar colour take the same label.
+  nearby pixels of similar color take the same label.
 
 ``iterations`` mean-field steps follow (0 returns the renormalised clipped input). The
 defaults of :class:`CRFParams` are those of DESIGN.md (10 iterations; Gaussian sxy 1, compat
@@ -100,7 +100,7 @@ class CRFParams:
         gaussian_sxy: spatial std (pixels) of the smoothness kernel, > 0.
         gaussian_compat: Potts weight of the smoothness kernel, >= 0.
         bilateral_sxy: spatial std (pixels) of the appearance kernel, > 0.
-        bilateral_srgb: colour std (0-255 intensity units) of the appearance kernel, > 0.
+        bilateral_srgb: color std (0-255 intensity units) of the appearance kernel, > 0.
         bilateral_compat: Potts weight of the appearance kernel, >= 0.
     """
 

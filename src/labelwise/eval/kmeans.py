@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from labelwise.engine.feature_cache import FeatureCache
 from labelwise.errors import ConfigError
 from labelwise.eval.matching import hungarian_match, matched_confusion
 from labelwise.eval.metrics import ConfusionMatrix, SegmentationMetrics, metrics_from_confusion
+from labelwise.features.cache import FeatureCache
 
 __all__ = [
     "KMeansProbeResult",

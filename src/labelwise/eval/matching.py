@@ -8,7 +8,7 @@ The one-to-one assignment maximising the number of matched pixels is found with
 - K == C: a permutation.
 - K > C (over-clustering): C clusters are matched one-to-one; each remaining cluster maps to
   the class it overlaps most (its column's argmax; class 0 for a cluster that never occurs on
-  a labelled pixel), so every pixel is assigned a class.
+  a labeled pixel), so every pixel is assigned a class.
 - K < C: K classes receive one cluster each; the other classes are never predicted.
 """
 

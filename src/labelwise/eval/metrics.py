@@ -93,7 +93,7 @@ def confusion_matrix(
 
     Args:
         pred: integer class ids, any shape (e.g. ``[B, H, W]`` or ``[N]``).
-        target: integer class ids of the same shape, ``ignore_index`` for unlabelled pixels.
+        target: integer class ids of the same shape, ``ignore_index`` for unlabeled pixels.
         num_classes: C, the number of target classes.
         num_pred: K, the number of predicted ids (clusters) when it differs from C.
 
@@ -108,7 +108,7 @@ class ConfusionMatrix:
 
     Args:
         num_classes: C, number of target classes.
-        ignore_index: target value of unlabelled pixels (not counted).
+        ignore_index: target value of unlabeled pixels (not counted).
         device: where the matrix lives; by default the device of the first ``update``.
         num_pred: K, number of predicted ids when different from C (unsupervised clusters);
             the matrix is then ``[C, K]`` and must be Hungarian-matched before ``compute``.

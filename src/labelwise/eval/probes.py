@@ -9,7 +9,7 @@ grid to the label resolution and the loss is the cross-entropy there; labels are
 the patch grid. Because bilinear interpolation is linear and the probe is affine, the upsampled
 logit of a pixel equals the probe applied to the bilinearly interpolated feature at that pixel,
 so training uses interpolated features at a fixed seeded sample of ``pixels_per_image``
-labelled pixels per image (all of them when None) — the same objective as full upsampling, on a
+labeled pixels per image (all of them when None) — the same objective as full upsampling, on a
 subsample. Plus ``weight_decay * |W|^2`` (L2 on the weights, not the bias), which makes the
 problem strictly convex.
 
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from labelwise.engine.feature_cache import FeatureCache
 from labelwise.errors import ConfigError
 from labelwise.eval.kmeans import kmeans_probe, upsample_scores
 from labelwise.eval.metrics import ConfusionMatrix, SegmentationMetrics
+from labelwise.features.cache import FeatureCache
 
 __all__ = ["LinearProbeResult", "bilinear_taps", "interpolate_features", "kmeans_probe", "linear_probe",
            "probe_logits"]
@@ -113,7 +113,7 @@ def _num_classes(cache: FeatureCache, given: int | None) -> int:
 
 def _sample_training_pixels(cache: FeatureCache, pixels_per_image: int | None, seed: int
                             ) -> tuple[Tensor, Tensor]:
-    """Interpolated features ``[M, D]`` float32 and labels ``[M]`` of the sampled labelled pixels."""
+    """Interpolated features ``[M, D]`` float32 and labels ``[M]`` of the sampled labeled pixels."""
     rng = np.random.default_rng(seed)
     xs_all, ys_all = [], []
     for index in range(len(cache)):
@@ -128,7 +128,7 @@ def _sample_training_pixels(cache: FeatureCache, pixels_per_image: int | None, s
         xs_all.append(interpolate_features(features, ys, xs, cache.image_size, cache.stride))
         ys_all.append(torch.from_numpy(labels.reshape(-1)[valid].astype(np.int64)))
     if not xs_all:
-        raise ConfigError(f"{cache.path}: the training cache has no labelled pixel")
+        raise ConfigError(f"{cache.path}: the training cache has no labeled pixel")
     return torch.cat(xs_all), torch.cat(ys_all)
 
 
@@ -141,7 +141,7 @@ def linear_probe(train_cache: FeatureCache, val_cache: FeatureCache, *, num_clas
     Args:
         train_cache / val_cache: feature caches with labels, same backbone (same D).
         num_classes: C (default: from the cache's class map).
-        pixels_per_image: labelled pixels sampled per training image (None = all).
+        pixels_per_image: labeled pixels sampled per training image (None = all).
         weight_decay: L2 coefficient on the weights.
         max_iter / tolerance / tolerance_change: L-BFGS limits (see the module docstring).
         batch_size: images per evaluation batch.

@@ -461,7 +461,7 @@ def mix_neighbourhood(code: Tensor, weights: Tensor) -> Tensor:
         code: ``[B, C, h, w]`` head outputs.
         weights: ``[B, 9, h, w]``; channel ``3 * (dy + 1) + (dx + 1)`` weights neighbour
             ``(y + dy, x + dx)`` (0 outside the grid), e.g.
-            :func:`labelwise.engine.feature_attention.local_positive_weights`.
+            :func:`labelwise.features.attention.local_positive_weights`.
 
     Returns:
         ``[B, C, h, w]``; gradient reaches each neighbour in proportion to its weight.

@@ -3,7 +3,7 @@ weighted sum, and deep supervision for models with side outputs (U²-Net).
 
 Conventions: ``logits`` are ``[B, C, H, W]`` (any float dtype; every loss is computed in
 float32, also under bf16 autocast), ``target`` is int64 ``[B, H, W]`` holding class ids in
-``[0, C)`` or ``ignore_index`` for unlabelled pixels. Ignored pixels never contribute to a loss
+``[0, C)`` or ``ignore_index`` for unlabeled pixels. Ignored pixels never contribute to a loss
 or to its gradient. Every loss returns a scalar that stays connected to ``logits`` (a zero when
 every pixel is ignored, never NaN), so ``loss.backward()`` is always safe.
 """
@@ -88,7 +88,7 @@ def cross_entropy(
 
     Args:
         logits: ``[B, C, H, W]`` raw scores.
-        target: int64 ``[B, H, W]`` class ids, ``ignore_index`` for unlabelled pixels.
+        target: int64 ``[B, H, W]`` class ids, ``ignore_index`` for unlabeled pixels.
         class_weights: optional ``[C]``; the mean is then taken over the summed weight of the
             non-ignored pixels (torch's ``reduction="mean"`` semantics).
         label_smoothing: in ``[0, 1)``, as in torch.

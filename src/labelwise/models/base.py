@@ -113,7 +113,7 @@ class SegmentationModel(nn.Module):
         self._options = dict(options)
         if in_channels == 3:
             mean, std = IMAGENET_MEAN, IMAGENET_STD
-        else:  # no colour statistics for other channel counts: use the grey ImageNet values
+        else:  # no color statistics for other channel counts: use the grey ImageNet values
             mean = (sum(IMAGENET_MEAN) / 3,) * in_channels
             std = (sum(IMAGENET_STD) / 3,) * in_channels
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)

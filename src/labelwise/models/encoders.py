@@ -6,7 +6,7 @@
 ``build_encoder`` creates the encoder with the padding rule of the weights' input convention and
 loads the weights strictly (``labelwise.models.pretrained``); the caller normalises its input with
 ``convention.mean`` / ``convention.std``. Inside :func:`skip_pretrained_weights` no file is read:
-``labelwise.methods.common.load_model`` rebuilds exported models that way, since their own weights
+``labelwise.models.export.load_model`` rebuilds exported models that way, since their own weights
 replace the pretrained ones at once (and the pretrained file need not be on the machine).
 """
 

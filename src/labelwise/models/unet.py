@@ -20,12 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labelwise.models.base import (
-    SegmentationModel,
-    check_choice,
-    check_int,
-    check_probability,
-)
+from labelwise.models.base import SegmentationModel, check_choice, check_int, check_probability
 from labelwise.models.blocks import (
     BLOCK_TYPES,
     PADDING_MODES,

@@ -67,15 +67,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from labelwise.engine.atomic import atomic_path
 from labelwise.errors import CheckpointError, ConfigError
+from labelwise.io.atomic import atomic_path
 from labelwise.models.vit import CUSTOM_ARCH, VIT_ARCHS, VisionTransformer, ViTConfig
 
 LAYOUTS = ("dino", "dino_training", "dinov2", "timm", "hf_vit", "hf_dinov2", "labelwise")
 #: Value of the ``format`` metadata key of the project's own backbone files.
 METADATA_FORMAT = "labelwise_vit"
-#: The project's own pretrained backbone (the name ``labelwise_default``).
-DEFAULT_BACKBONE_PATH = Path(__file__).resolve().parents[3] / "weights" / "labelwise_vit.safetensors"
+#: The project's own pretrained backbone (the name ``labelwise_default``), shipped inside the package.
+DEFAULT_BACKBONE_PATH = Path(__file__).resolve().parents[1] / "weights" / "labelwise_vit.safetensors"
 #: Environment variable overriding the download cache folder (default ``~/.cache/labelwise``).
 CACHE_ENV = "LABELWISE_CACHE"
 

@@ -22,13 +22,7 @@ from collections import OrderedDict
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labelwise.models.base import (
-    SegmentationModel,
-    check_choice,
-    check_int,
-    check_probability,
-    register_model,
-)
+from labelwise.models.base import SegmentationModel, check_choice, check_int, check_probability, register_model
 from labelwise.models.blocks import ConvBNReLU
 from labelwise.models.heads import PixelClassifier
 from labelwise.models.vit import VisionTransformer, ViTConfig

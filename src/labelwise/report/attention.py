@@ -5,13 +5,13 @@ to every patch in the chosen block, one map per head, upsampled to the image by 
 patch value over its ``patch x patch`` pixels (nearest, as DINO's figure; the padded border is
 cropped). ``save_attention_pngs`` writes, per image::
 
-    <out>/<stem>/head_00.png ... head_{heads-1}.png    each head, min-max normalised, colour-mapped
+    <out>/<stem>/head_00.png ... head_{heads-1}.png    each head, min-max normalised, color-mapped
     <out>/<stem>/mean.png                              mean over heads, min-max normalised
     <out>/<stem>/overlay.png                           mean.png blended over the image
 
 Min-max normalisation maps a map's minimum to 0 and maximum to 1 (a constant map becomes 0);
-the colour map (:func:`colormap`, viridis-like, 256 entries interpolated linearly between five
-anchor colours) then takes entry ``round(255 * value)``.
+the color map (:func:`colormap`, viridis-like, 256 entries interpolated linearly between five
+anchor colors) then takes entry ``round(255 * value)``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from labelwise.report.png import overlay, write_rgb_png
 
 __all__ = ["attention_maps", "colormap", "minmax_normalise", "save_attention_pngs", "write_attention_figures"]
 
-#: Anchor colours of the viridis-like colour map at 0, 0.25, 0.5, 0.75 and 1.
+#: Anchor colors of the viridis-like color map at 0, 0.25, 0.5, 0.75 and 1.
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 
 
 def colormap_table() -> np.ndarray:
-    """The 256-entry uint8 ``[256, 3]`` colour table."""
+    """The 256-entry uint8 ``[256, 3]`` color table."""
     positions = np.linspace(0.0, 1.0, len(_ANCHORS))
     steps = np.linspace(0.0, 1.0, 256)
     table = np.stack([np.interp(steps, positions, _ANCHORS[:, c]) for c in range(3)], axis=1)
@@ -45,7 +45,7 @@ def colormap_table() -> np.ndarray:
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
-    """Colour ``values`` in [0, 1] (any shape ``S``) -> uint8 ``[*S, 3]``; values are clipped."""
+    """Color ``values`` in [0, 1] (any shape ``S``) -> uint8 ``[*S, 3]``; values are clipped."""
     index = np.rint(np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0) * 255).astype(np.int64)
     return colormap_table()[index]
 
@@ -117,7 +117,7 @@ def save_attention_pngs(maps: Tensor | np.ndarray, image: Tensor | np.ndarray, o
     Args:
         maps: ``[heads, H, W]`` attention (e.g. from :func:`attention_maps`).
         image: the image, uint8 ``[H, W, 3]`` or float ``[3, H, W]`` in [0, 1].
-        alpha: weight of the colour-mapped mean in the overlay.
+        alpha: weight of the color-mapped mean in the overlay.
 
     Returns:
         The written paths: the heads in order, then ``mean.png``, then ``overlay.png``.

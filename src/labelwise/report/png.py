@@ -1,4 +1,4 @@
-"""Predictions to PNG files: class ids, display colours, and an overlay on the image."""
+"""Predictions to PNG files: class ids, display colors, and an overlay on the image."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from labelwise.data.classmap import ClassMap
-from labelwise.engine.atomic import atomic_path
+from labelwise.io.atomic import atomic_path
 
 
 def _save(array: np.ndarray, path: Path) -> None:
@@ -48,7 +48,7 @@ def overlay(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.nda
 def write_prediction_pngs(prediction: np.ndarray, image: np.ndarray, class_map: ClassMap, out_dir: Path,
                           stem: str, alpha: float = 0.5) -> dict[str, Path]:
     """Write ``ids/<stem>.png`` (8-bit class ids; 16-bit when there are more than 255 classes),
-    ``color/<stem>.png`` (class colours) and ``overlay/<stem>.png`` (colours blended over the image).
+    ``color/<stem>.png`` (class colors) and ``overlay/<stem>.png`` (colors blended over the image).
 
     Args:
         prediction: int ``[H, W]`` class ids.

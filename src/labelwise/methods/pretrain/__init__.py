@@ -1,4 +1,4 @@
-"""Self-supervised pretraining of a backbone on unlabelled images (``labelwise pretrain``).
+"""Self-supervised pretraining of a backbone on unlabeled images (``labelwise pretrain``).
 
 Methods (``PretrainConfig.method``): ``dino`` (self-distillation with an EMA teacher and
 multi-crop; ``dino.ibot: true`` adds iBOT's masked-patch term), ``moco`` (MoCo v2 InfoNCE with a
@@ -19,6 +19,8 @@ Modules: ``config`` (the dataclasses), ``backbone`` (ViT / U-Net adapters, expor
 objective), ``run`` (``train``: the run itself).
 """
 
+from labelwise.engine.ema import ema_update
+from labelwise.engine.schedule import cosine_schedule
 from labelwise.methods.pretrain.config import (
     METHODS,
     BackboneConfig,
@@ -28,7 +30,7 @@ from labelwise.methods.pretrain.config import (
     PretrainDataConfig,
     RotationConfig,
 )
-from labelwise.methods.pretrain.objective import Objective, cosine_schedule, ema_update
+from labelwise.methods.pretrain.objective import Objective
 from labelwise.methods.pretrain.run import BACKBONE_FILE, SUMMARY_FILE, PretrainResult, build_objective, train
 
 __all__ = [

@@ -7,7 +7,7 @@ module, so no decoder parameter sits unused in the optimiser or under DDP).
 
 The exported ``backbone.safetensors`` is, for a ViT, a ``save_vit`` file (``load_vit`` reads
 it); for a U-Net, the encoder tensors under their names in the full model (``encoder.*``) with
-the model options as JSON in the metadata; ``labelwise.methods.transfer.initialise_from``
+the model options as JSON in the metadata; ``labelwise.models.init.initialise_from``
 reads both.
 """
 
@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from labelwise.engine.atomic import atomic_path
 from labelwise.errors import ConfigError
+from labelwise.io.atomic import atomic_path
 from labelwise.methods.pretrain.config import BackboneConfig
 from labelwise.models import create, create_vit
 from labelwise.models.base import pad_to_multiple

@@ -19,7 +19,7 @@ METHODS = ("dino", "moco", "dense_moco", "rotation")
 
 @dataclass
 class PretrainDataConfig:
-    """Unlabelled images: every image file under the ``images`` folders (recursive; ``labels``/
+    """Unlabeled images: every image file under the ``images`` folders (recursive; ``labels``/
     ``masks`` sub-folders skipped), shrunk on load to ``max_side`` (longer side, ``None``: as
     stored). ``batch_size`` images per step and process, each giving all its crops."""
 
@@ -115,7 +115,7 @@ class PretrainConfig:
     ``export``: which network becomes ``backbone.safetensors`` (``teacher``: the EMA network, as
     DINO evaluates; rotation has no teacher and always exports the student).
     ``init``: start student and teacher from this backbone (any file or run folder
-    ``labelwise.methods.transfer.initialise_from`` reads: an official DINO checkpoint, this
+    ``labelwise.models.init.initialise_from`` reads: an official DINO checkpoint, this
     project's exports) instead of random weights, to continue pretraining on your own images;
     projection heads always start fresh. The init report goes to ``run_dir/init_report.json``.
     """

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from labelwise.engine.ema import frozen_copy
 from labelwise.losses.dino import DINOHead, DINOLoss, PatchDistillationLoss, block_masks
 from labelwise.methods.pretrain.backbone import Backbone
 from labelwise.methods.pretrain.config import DINOConfig
-from labelwise.methods.pretrain.objective import Objective, frozen_copy
+from labelwise.methods.pretrain.objective import Objective
 
 
 class DINOObjective(Objective):

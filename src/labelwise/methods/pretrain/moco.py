@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from labelwise.engine.ema import frozen_copy
 from labelwise.losses.contrastive import (
     DenseProjection,
     FeatureQueue,
@@ -26,7 +27,7 @@ from labelwise.losses.contrastive import (
 )
 from labelwise.methods.pretrain.backbone import Backbone, Features, UNetBackbone
 from labelwise.methods.pretrain.config import MoCoConfig
-from labelwise.methods.pretrain.objective import Objective, frozen_copy
+from labelwise.methods.pretrain.objective import Objective
 
 
 class MoCoObjective(Objective):

@@ -1,4 +1,5 @@
-"""What every pretraining objective provides, the EMA teacher update and the per-step schedules.
+"""What every pretraining objective provides (the EMA update and the cosine schedule live in
+``labelwise.engine``).
 
 An :class:`Objective` is the single ``nn.Module`` the trainer trains: it holds the student
 backbone and heads (trained), the momentum teacher copies (``requires_grad=False``, updated by
@@ -12,44 +13,13 @@ module itself, through DDP when distributed, so that gradients are synchronised.
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from labelwise.engine.ema import ema_update
 from labelwise.methods.pretrain.backbone import Backbone
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every parameter frozen (the EMA teacher's heads)."""
-    twin = copy.deepcopy(module)
-    for param in twin.parameters():
-        param.requires_grad_(False)
-    return twin
-
-
-def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
-    """``end + (start - end) * (1 + cos(pi * step / total_steps)) / 2``: ``start`` at step 0,
-    ``end`` at ``total_steps`` (DINO's schedule for weight decay and teacher momentum)."""
-    t = min(max(step, 0), total_steps) / max(total_steps, 1)
-    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``teacher = momentum * teacher + (1 - momentum) * student`` for every parameter (same
-    architecture; parameters paired by name). Buffers are left alone (a BatchNorm teacher
-    keeps its own running statistics)."""
-    t_named = list(teacher.named_parameters())
-    s_named = list(student.named_parameters())
-    if [n for n, _ in t_named] != [n for n, _ in s_named]:
-        raise ValueError("ema_update: teacher and student have different parameters")
-    t_params = [p for _, p in t_named]
-    s_params = [p.detach() for _, p in s_named]
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1.0 - momentum))
 
 
 class Objective(nn.Module):

@@ -18,23 +18,17 @@ from torch import nn
 from labelwise.config import StageConfig, save_config
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.multicrop import MultiCropAugment, MultiCropConfig, MultiCropDataset, multicrop_collate
-from labelwise.engine.atomic import atomic_write_json
-from labelwise.engine.runtime import resolve_device
+from labelwise.engine.runtime import resolve_device, seed_everything
+from labelwise.engine.schedule import cosine_schedule
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult, unwrap
-from labelwise.methods.common import seed_everything
-from labelwise.methods.pretrain.backbone import (
-    UNetBackbone,
-    ViTBackbone,
-    build_backbone,
-    export_backbone,
-    make_teacher,
-)
+from labelwise.io.atomic import atomic_write_json
+from labelwise.methods.pretrain.backbone import UNetBackbone, ViTBackbone, build_backbone, export_backbone, make_teacher
 from labelwise.methods.pretrain.config import PretrainConfig
 from labelwise.methods.pretrain.dino import DINOObjective
 from labelwise.methods.pretrain.moco import MoCoObjective
-from labelwise.methods.pretrain.objective import Objective, cosine_schedule
+from labelwise.methods.pretrain.objective import Objective
 from labelwise.methods.pretrain.rotation import RotationObjective
-from labelwise.methods.transfer import initialise_from
+from labelwise.models.init import initialise_from
 
 BACKBONE_FILE = "backbone.safetensors"
 SUMMARY_FILE = "pretrain.json"

@@ -1,7 +1,7 @@
-"""Semi-supervised segmentation: a few labelled images plus many unlabelled ones.
+"""Semi-supervised segmentation: a few labeled images plus many unlabeled ones.
 
 ``train(SemiConfig)`` runs ``supervised_only``, ``fixmatch``, ``unimatch`` or ``self_training``
-(:mod:`.train`); splits of a labelled dataset into labelled / unlabelled parts are in
+(:mod:`.train`); splits of a labeled dataset into labeled / unlabeled parts are in
 :mod:`labelwise.data.splits`.
 """
 

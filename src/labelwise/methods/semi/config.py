@@ -2,8 +2,8 @@
 
 A :class:`SemiConfig` is a :class:`~labelwise.config.TrainConfig` (data, model, loss, optimiser,
 stages, evaluation: any ``labelwise train`` YAML works) plus a ``semi`` section,
-:class:`SemiSettings`. The labelled part is the training split restricted by
-``data.train_list``; the unlabelled part is ``semi.unlabeled`` (folders of images) or
+:class:`SemiSettings`. The labeled part is the training split restricted by
+``data.train_list``; the unlabeled part is ``semi.unlabeled`` (folders of images) or
 ``semi.unlabeled_list`` (names of training-split samples whose masks are then never read) or, for
 aerial data, ``semi.unlabeled_tiles`` (random ``data.tile_crop`` crops of those tiles, masks
 dropped).
@@ -27,15 +27,15 @@ METHODS = ("supervised_only", "fixmatch", "unimatch", "self_training")
 class SemiSettings:
     """The semi-supervised part of a run.
 
-    - ``method``: ``supervised_only`` (the labelled subset alone: every table's baseline),
-      ``fixmatch`` (one strong view of each unlabelled image trained to match the confident
+    - ``method``: ``supervised_only`` (the labeled subset alone: every table's baseline),
+      ``fixmatch`` (one strong view of each unlabeled image trained to match the confident
       weak-view pseudo-labels), ``unimatch`` (two strong views plus a feature-perturbation stream;
       loss ``(L_sup + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2``) or ``self_training`` (``rounds``
-      of: train, pseudo-label the unlabelled images' confident pixels, retrain on both).
+      of: train, pseudo-label the unlabeled images' confident pixels, retrain on both).
     - ``threshold``: confidence a weak-view pixel needs to become a pseudo-label (0.95, online
       methods).
-    - ``self_training_threshold``: confidence a pixel needs to be pseudo-labelled between
-      self-training rounds (0.6). Offline pseudo-labels come from a model trained on the labelled
+    - ``self_training_threshold``: confidence a pixel needs to be pseudo-labeled between
+      self-training rounds (0.6). Offline pseudo-labels come from a model trained on the labeled
       images alone, which is rarely 95% sure: on the synthetic set at 0.9 only 19% of the pixels
       were kept and the next round was worse than its teacher; 0.8 kept 62% (+1.2 mIoU), 0.6 kept
       81% (+4.9).
@@ -44,16 +44,16 @@ class SemiSettings:
     - ``cutmix_probability``: probability that a strong view gets a CutMix box (0.5).
     - ``ema_teacher``: pseudo-labels from an exponential moving average of the model
       (``ema_momentum``) instead of the model itself.
-    - ``transform_consistency``: weight of an extra term making the predictions on unlabelled
+    - ``transform_consistency``: weight of an extra term making the predictions on unlabeled
       images equivariant to flips and 90-degree rotations (0 = off).
     - ``rotation_weight``: weight of the rotation-prediction auxiliary loss (S4L) on the
-      unlabelled images (0 = off).
+      unlabeled images (0 = off).
     - ``rounds``: self-training rounds after the first (teacher) training.
     - ``teacher``: self-training only; a finished labelwise model (a run folder or a folder with
-      ``model.json`` + ``model.safetensors``, e.g. a ``supervised_only`` run on the same labelled
+      ``model.json`` + ``weights.safetensors``, e.g. a ``supervised_only`` run on the same labeled
       subset) used as the round-0 teacher instead of training one. Its classes must match.
 
-    Each step takes as many unlabelled images as labelled ones (``data.batch_size``), as UniMatch
+    Each step takes as many unlabeled images as labeled ones (``data.batch_size``), as UniMatch
     does.
     """
 
@@ -78,7 +78,7 @@ class SemiSettings:
             raise ConfigError(f"semi.method: must be one of {', '.join(METHODS)}, got {self.method!r}")
         sources = sum(bool(x) for x in (self.unlabeled, self.unlabeled_list, self.unlabeled_tiles))
         if self.method != "supervised_only" and not sources:
-            raise ConfigError(f"semi.unlabeled: method {self.method} needs unlabelled images (folders in "
+            raise ConfigError(f"semi.unlabeled: method {self.method} needs unlabeled images (folders in "
                               "semi.unlabeled, a list file in semi.unlabeled_list or aerial semi.unlabeled_tiles)")
         if sources > 1:
             raise ConfigError("semi.unlabeled / semi.unlabeled_list / semi.unlabeled_tiles: give one of them")

@@ -1,17 +1,17 @@
-"""Training samples of semi-supervised runs: labelled samples paired with unlabelled images.
+"""Training samples of semi-supervised runs: labeled samples paired with unlabeled images.
 
-- :func:`unlabeled_images`: the unlabelled part of a :class:`~.config.SemiConfig`: the image
+- :func:`unlabeled_images`: the unlabeled part of a :class:`~.config.SemiConfig`: the image
   folders of ``semi.unlabeled``, the training-split samples named in ``semi.unlabeled_list``, or
   random crops of the aerial tiles ``semi.unlabeled_tiles``, the last two seen through
-  :class:`ImagesOnly` (their masks are dropped on read, so no label of the unlabelled part can
+  :class:`ImagesOnly` (their masks are dropped on read, so no label of the unlabeled part can
   reach training; crops that overhang a small tile carry ``valid``, the tile's pixels, from the
   crop position).
-- :class:`LabeledUnlabeledPairs`: an epoch runs over the unlabelled images once; sample ``i``
-  pairs unlabelled image ``i`` with a labelled sample drawn by a per-epoch permutation of the
-  labelled set (cycled when it is smaller), seeded by ``(seed, epoch)`` so resumed runs see the
+- :class:`LabeledUnlabeledPairs`: an epoch runs over the unlabeled images once; sample ``i``
+  pairs unlabeled image ``i`` with a labeled sample drawn by a per-epoch permutation of the
+  labeled set (cycled when it is smaller), seeded by ``(seed, epoch)`` so resumed runs see the
   same pairs.
-- :func:`pair_collate`: the labelled half through :func:`~labelwise.data.pad_collate` (keys
-  ``image``, ``mask``, ``name``), the unlabelled half padded likewise (``image_u``, ``valid_u``
+- :func:`pair_collate`: the labeled half through :func:`~labelwise.data.pad_collate` (keys
+  ``image``, ``mask``, ``name``), the unlabeled half padded likewise (``image_u``, ``valid_u``
   marks the real pixels: not the collate's padding, nor a crop's padding outside its tile,
   ``name_u``).
 """
@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from labelwise.data import AerialTiles, RandomCropDataset, pad_collate
+from labelwise.data.build import DataSplits, build_eval_dataset, build_full_datasets
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
 from labelwise.errors import DataError
-from labelwise.methods.common import DataSplits, _build_datasets, build_eval_dataset
 from labelwise.methods.semi.config import SemiConfig
 
 __all__ = ["ImagesOnly", "LabeledUnlabeledPairs", "pair_collate", "unlabeled_images"]
@@ -57,7 +57,7 @@ class ImagesOnly(Dataset):
 
 
 def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str]) -> Dataset:
-    """The unlabelled images of ``config`` (module docstring). A name that is also labelled is an
+    """The unlabeled images of ``config`` (module docstring). A name that is also labeled is an
     error naming the list file (the two parts must be disjoint)."""
     if config.semi.unlabeled:
         return ImagesOnly(ImageFolderDataset(config.semi.unlabeled, on_error=config.data.on_error))
@@ -66,28 +66,28 @@ def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str]) -> Datase
             raise DataError(f"semi.unlabeled_tiles: only for aerial data, the dataset is {config.data.dataset!r}")
         overlap = sorted(set(config.semi.unlabeled_tiles) & set(config.data.train_tiles))
         if overlap:
-            raise DataError(f"semi.unlabeled_tiles: tiles {overlap} are also labelled (data.train_tiles)")
+            raise DataError(f"semi.unlabeled_tiles: tiles {overlap} are also labeled (data.train_tiles)")
         tiles = AerialTiles(config.data.root or "", tiles=config.semi.unlabeled_tiles,
                             class_map=build_eval_dataset(config.data)[1])
         return ImagesOnly(RandomCropDataset(tiles, crop_size=config.data.tile_crop,
                                             samples_per_epoch=config.data.samples_per_epoch, seed=config.seed + 1))
     assert config.semi.unlabeled_list is not None
     data = config.data
-    full: DataSplits = _build_datasets(data, config.seed)
+    full: DataSplits = build_full_datasets(data, config.seed)
     names = read_name_list(config.semi.unlabeled_list, dataset_names(full.train_source))
     overlap = sorted(set(names) & set(labeled_names))
     if overlap:
-        raise DataError(f"{config.semi.unlabeled_list}: {len(overlap)} unlabelled name(s) are also in the labelled "
+        raise DataError(f"{config.semi.unlabeled_list}: {len(overlap)} unlabeled name(s) are also in the labeled "
                         f"list {data.train_list}: {overlap[:5]}")
     return ImagesOnly(NamedSubset(full.train_source, names, config.semi.unlabeled_list))
 
 
 class LabeledUnlabeledPairs(Dataset):
-    """Unlabelled image ``i`` with a labelled sample (module docstring)."""
+    """Unlabeled image ``i`` with a labeled sample (module docstring)."""
 
     def __init__(self, labeled: Dataset, unlabeled: Dataset, seed: int = 0) -> None:
         if len(labeled) == 0 or len(unlabeled) == 0:  # type: ignore[arg-type]
-            raise DataError(f"semi-supervised training needs labelled and unlabelled images, got "
+            raise DataError(f"semi-supervised training needs labeled and unlabeled images, got "
                             f"{len(labeled)} and {len(unlabeled)}")  # type: ignore[arg-type]
         self.labeled = labeled
         self.unlabeled = unlabeled

@@ -6,7 +6,7 @@
 - :func:`cutmix_boxes` + :func:`cutmix`: one random box per image (UniMatch's rule: with
   probability 0.5, area 2-40% of the image, aspect ratio in [0.3, 1 / 0.3]); inside the box the
   image *and* its pseudo-labels come from a partner image, so they stay consistent.
-- :func:`strong_photometric`: colour jitter (p 0.8: brightness, contrast, saturation 0.5, hue
+- :func:`strong_photometric`: color jitter (p 0.8: brightness, contrast, saturation 0.5, hue
   0.25), grayscale (p 0.2) and Gaussian blur (p 0.5, sigma 0.1-2.0), UniMatch's strong view; on
   images only (labels are unchanged by photometric changes).
 - :func:`feature_dropout`: channel dropout of encoder feature maps (p 0.5), the feature

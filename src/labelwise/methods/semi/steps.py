@@ -1,11 +1,11 @@
 """One training step of FixMatch- and UniMatch-style consistency training.
 
-Per step, with ``B`` labelled and ``B`` unlabelled images (:mod:`.data`):
+Per step, with ``B`` labeled and ``B`` unlabeled images (:mod:`.data`):
 
-1. both parts are resized to the stage's ``input_scale``; the labelled part gets the stage's
-   augmentation (geometry and colour), the unlabelled part the same geometry only: that is the
+1. both parts are resized to the stage's ``input_scale``; the labeled part gets the stage's
+   augmentation (geometry and color), the unlabeled part the same geometry only: that is the
    weak view (UniMatch: resize, crop, flip);
-2. one forward of the labelled images and the weak views (concatenated when their sizes match)
+2. one forward of the labeled images and the weak views (concatenated when their sizes match)
    gives the supervised loss (the configured loss terms) and the weak-view predictions; with
    ``unimatch`` the weak views' encoder features also go through the decoder with channel
    dropout (the feature-perturbation stream, computed in this forward only);
@@ -13,10 +13,10 @@ Per step, with ``B`` labelled and ``B`` unlabelled images (:mod:`.data`):
    ignored below ``threshold`` and outside the image (:func:`~.perturb.confident_pseudo_labels`);
    logged: ``confident`` (their share of the valid pixels) and ``pseudo_top_share`` (the share of
    the commonest class among them, near 1 when training collapses onto one class);
-4. strong views: the weak views with UniMatch's colour jitter / grayscale / blur, then CutMix
+4. strong views: the weak views with UniMatch's color jitter / grayscale / blur, then CutMix
    with the next image of the batch (``roll`` by one: images, pseudo-labels and validity take
    the partner's values in the same box);
-5. unlabelled losses are cross-entropies against the pseudo-labels, summed over confident pixels
+5. unlabeled losses are cross-entropies against the pseudo-labels, summed over confident pixels
    and divided by the number of valid pixels (UniMatch's normalisation, so that an
    unconfident image contributes little rather than being rescaled up).
 
@@ -103,7 +103,7 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
         n = images.shape[0]
         logs: dict[str, float] = {}
 
-        # 2. labelled + weak views in one forward (the feature stream of unimatch from it too)
+        # 2. labeled + weak views in one forward (the feature stream of unimatch from it too)
         joint = images.shape[-2:] == weak.shape[-2:]
         inputs = torch.cat([images, weak]) if joint else images
         features = student.encode(inputs)

@@ -1,24 +1,24 @@
 """``labelwise semi train``: semi-supervised training by method name.
 
-- ``supervised_only``: the ordinary supervised pipeline on the labelled subset
+- ``supervised_only``: the ordinary supervised pipeline on the labeled subset
   (``data.train_list``), the baseline every table needs.
 - ``fixmatch`` / ``unimatch``: the Trainer runs :func:`~.steps.make_consistency_step` on
   :class:`~.data.LabeledUnlabeledPairs`; the model is a :class:`~.model.SemiModel` (student,
   optional EMA teacher updated after every optimiser step, optional rotation head), checkpointed
   whole, so ``--resume`` is exact. The student is exported like any labelwise model
-  (``model.safetensors`` + ``model.json``) and scored on the validation split (``eval.json``).
-- ``self_training``: round 0 trains the student on the labelled subset; each later round
-  pseudo-labels every unlabelled image with the previous round's model (argmax at full
+  (``weights.safetensors`` + ``model.json``) and scored on the validation split (``eval.json``).
+- ``self_training``: round 0 trains the student on the labeled subset; each later round
+  pseudo-labels every unlabeled image with the previous round's model (argmax at full
   resolution with the evaluation settings; pixels below ``semi.self_training_threshold`` ignored) and trains a
-  fresh model (same initialisation) on the labelled images, repeated to match the number of
-  pseudo-labelled ones (ST++), plus the pseudo-labelled images. Each round is a
+  fresh model (same initialisation) on the labeled images, repeated to match the number of
+  pseudo-labeled ones (ST++), plus the pseudo-labeled images. Each round is a
   complete supervised run in ``run_dir/round<k>``; finished rounds are skipped on resume. The last
   round's model is copied to ``run_dir``; its ``eval.json`` carries the training seconds of all
   rounds. ``semi.teacher`` (``--teacher``) replaces round 0 by a finished model, e.g. the
-  ``supervised_only`` run on the same labelled subset.
+  ``supervised_only`` run on the same labeled subset.
 
 ``model.init`` (``--init``) initialises the student's encoder from a self-supervised checkpoint
-(U-Net encoders and ViTs, :mod:`labelwise.methods.transfer`) before training starts.
+(U-Net encoders and ViTs, :mod:`labelwise.models.init`) before training starts.
 """
 
 from __future__ import annotations
@@ -37,27 +37,34 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from labelwise.config import save_config
+from labelwise.config import save_config, to_dict
+from labelwise.data.build import DataSplits, build_datasets
 from labelwise.data.splits import dataset_names
-from labelwise.engine.atomic import atomic_write_json
-from labelwise.engine.runtime import resolve_device
+from labelwise.engine.runtime import resolve_device, seed_everything
+from labelwise.engine.segmenter import (
+    SupervisedResult,
+    loss_class_weights,
+    make_augmenters,
+    train_segmenter,
+    trainer_options,
+)
 from labelwise.engine.trainer import Trainer, TrainResult
 from labelwise.errors import ConfigError
 from labelwise.eval.evaluate import evaluate_model, make_logits_fn, predict_batch
+from labelwise.io.atomic import atomic_write_json
 from labelwise.losses import build_loss
-from labelwise.methods import supervised
-from labelwise.methods.common import DataSplits, build_datasets, export_model, load_model, seed_everything
 from labelwise.methods.semi.config import SemiConfig
 from labelwise.methods.semi.data import LabeledUnlabeledPairs, pair_collate, unlabeled_images
 from labelwise.methods.semi.model import SemiModel
-from labelwise.methods.transfer import configure_encoder
 from labelwise.methods.semi.perturb import confident_pseudo_labels
 from labelwise.methods.semi.steps import make_consistency_step
 from labelwise.models import create
+from labelwise.models.artifact import INFO_FILE, LEGACY_WEIGHTS, WEIGHTS_FILE
+from labelwise.models.export import export_model, load_model
+from labelwise.models.init import configure_encoder
 
 __all__ = ["PseudoLabeled", "SemiResult", "pseudo_label", "train"]
 
-MODEL_FILES = ("model.safetensors", "model.json", "eval.json")
 
 
 @dataclass
@@ -75,7 +82,7 @@ def train(config: SemiConfig, resume: bool = False, overwrite: bool = False, sto
     config.validate()
     method = config.semi.method
     if method == "supervised_only":
-        result = supervised.train(config, resume=resume, overwrite=overwrite, stop_at=stop_at)
+        result = train_segmenter(config, resume=resume, overwrite=overwrite, stop_at=stop_at)
         return SemiResult(result.run_dir, result.train, result.metrics)
     if method == "self_training":
         return _self_training(config, resume=resume, overwrite=overwrite)
@@ -103,15 +110,15 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
     student = create(config.model.name, num_classes=class_map.num_classes, **config.model.options)
     configure_encoder(student, config.model)
     if config.model.init and not resume:
-        from labelwise.methods.transfer import initialise_from
+        from labelwise.models.init import initialise_from
 
         initialise_from(student, config.model.init, run_dir=run_dir, verbose=True)
     rotation = _rotation_channels(student) if config.semi.rotation_weight > 0 else None
     model = SemiModel(student, ema_teacher=config.semi.ema_teacher, rotation_features=rotation)
     loss_fn = build_loss([{"name": t.name, "weight": t.weight} for t in config.loss.terms],
                          num_classes=class_map.num_classes, ignore_index=class_map.ignore_index,
-                         class_weights=supervised.loss_class_weights(config, splits)).to(device)
-    augmenters = supervised.make_augmenters(config.stages, class_map.ignore_index)
+                         class_weights=loss_class_weights(config, splits)).to(device)
+    augmenters = make_augmenters(config.stages, class_map.ignore_index)
     step_fn = make_consistency_step(config.semi, loss_fn, augmenters, class_map.ignore_index, config.seed,
                                     config.channels_last)
 
@@ -121,7 +128,7 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
         return {"miou": metrics.miou, "pixel_acc": metrics.pixel_acc}
 
     momentum = config.semi.ema_momentum
-    options = supervised.trainer_options(config, run_dir, device, model)
+    options = trainer_options(config, run_dir, device, model)
     trainer = Trainer(model, pairs, step_fn, options,
                       collate_fn=partial(pair_collate, ignore_index=class_map.ignore_index),
                       eval_fn=eval_fn if config.eval.every else None,
@@ -137,8 +144,8 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
     metrics: dict[str, Any] = {}
     if result.steps >= config.total_steps:
         bare: SemiModel = trainer.bare_model  # type: ignore[assignment]
-        export_model(run_dir, bare.student, class_map, config.eval, extra={"train_config": "config.yaml",
-                                                                            "semi_method": config.semi.method})
+        export_model(run_dir, bare.student, class_map, config.eval, data=to_dict(config.data), init=config.model.init,
+                     extra={"train_config": "config.yaml", "semi_method": config.semi.method})
         evaluation = evaluate_model(bare.student, splits.val, class_map.num_classes, config.eval, device,
                                     config.precision, class_map.ignore_index)
         metrics = evaluation.to_dict(list(class_map.names))
@@ -149,7 +156,7 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
 
 
 class PseudoLabeled(Dataset):
-    """Unlabelled images with pseudo-label masks: ``{"image", "mask", "name"}`` samples."""
+    """Unlabeled images with pseudo-label masks: ``{"image", "mask", "name"}`` samples."""
 
     def __init__(self, images: Dataset, masks: list[np.ndarray]) -> None:
         if len(images) != len(masks):  # type: ignore[arg-type]
@@ -193,8 +200,17 @@ def pseudo_label(model: nn.Module, images: Dataset, config: SemiConfig, ignore_i
     return masks, confident / max(1, total)
 
 
+def _model_files(folder: Path) -> list[Path]:
+    """The files of a finished round in the order they are copied (weights, then ``model.json``,
+    then ``eval.json``); an older round folder's ``model.safetensors`` stands for the weights."""
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file() and (folder / LEGACY_WEIGHTS).is_file():
+        weights = folder / LEGACY_WEIGHTS
+    return [weights, folder / INFO_FILE, folder / "eval.json"]
+
+
 def _round_done(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in MODEL_FILES)
+    return all(path.is_file() for path in _model_files(folder))
 
 
 def _teacher_round(config: SemiConfig, class_map: Any) -> dict[str, Any]:
@@ -220,7 +236,7 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
     splits = build_datasets(config.data, seed=config.seed)
     unlabeled = unlabeled_images(config, dataset_names(splits.train_source))
     rounds: list[dict[str, Any]] = []
-    result: supervised.SupervisedResult | None = None
+    result: SupervisedResult | None = None
     if config.semi.teacher is not None:
         rounds.append(_teacher_round(config, splits.class_map))
     record = run_dir / "self_training.json"
@@ -232,14 +248,14 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
         round_splits = splits
         info: dict[str, Any] = {"round": k, "labeled_images": len(splits.train)}  # type: ignore[arg-type]
         if _round_done(folder) and not overwrite and k in previous:
-            rounds.append(previous[k])  # finished before a resume: not pseudo-labelled again
+            rounds.append(previous[k])  # finished before a resume: not pseudo-labeled again
             continue
         if k > 0:
             source = Path(config.semi.teacher) if k == 1 and config.semi.teacher else run_dir / f"round{k - 1}"
             teacher = load_model(source).model.to(device)
             masks, fraction = pseudo_label(teacher, unlabeled, config, splits.class_map.ignore_index, device)
             pseudo = PseudoLabeled(unlabeled, masks)
-            # the labelled images repeated to match the pseudo-labelled ones (as ST++ does), so
+            # the labeled images repeated to match the pseudo-labeled ones (as ST++ does), so
             # that the real labels keep half the weight however few they are
             repeats = max(1, math.ceil(len(pseudo) / len(splits.train)))  # type: ignore[arg-type]
             combined = ConcatDataset([splits.train] * repeats + [pseudo])
@@ -250,14 +266,14 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
             info.update({"miou": metrics["miou"], "train_seconds": metrics.get("train_seconds", 0.0)})
             rounds.append(info)
             continue
-        result = supervised.train(round_config, resume=resume and (folder / "checkpoints").is_dir(),
+        result = train_segmenter(round_config, resume=resume and (folder / "checkpoints").is_dir(),
                                   overwrite=overwrite, splits=round_splits)
         info.update({"miou": result.metrics.get("miou"), "train_seconds": result.train.train_seconds})
         rounds.append(info)
         atomic_write_json(run_dir / "self_training.json", {"rounds": rounds})
     last = run_dir / f"round{config.semi.rounds}"
-    for name in MODEL_FILES:
-        shutil.copyfile(last / name, run_dir / name)
+    for path in _model_files(last):
+        shutil.copyfile(path, run_dir / path.name)
     atomic_write_json(run_dir / "self_training.json", {"rounds": rounds})
     metrics = json.loads((run_dir / "eval.json").read_text())
     # the row's cost is every round's training, the given teacher's included

@@ -12,10 +12,12 @@ task-specific global hidden positives, local hidden positives, photometric consi
     config = load_config(unsupervised.UnsupervisedConfig, None, ["data.dataset=synthetic"])
     result = unsupervised.train(config)                  # run_dir: head + centroids (no labels used)
     scores = unsupervised.evaluate(result.run_dir)       # cluster probe (Hungarian), linear probe, CRF
-    unsupervised.predict(result.run_dir, ["photos/"], "out/")   # cluster-id / colour / overlay PNGs
+    labelwise.load(result.run_dir).predict(images)       # cluster ids (labelwise.inference; `labelwise predict`)
 
 Modules: ``config``, ``data`` (five-crop / whole-image views, photometric copies), ``model``
-(the head and its export), ``train``, ``evaluate``, ``predict``.
+(the head and its export as a ``clusters`` model folder), ``train``, ``evaluate``. Prediction,
+cluster-to-class matching with a few labeled images and CRF refinement are those of every model
+folder: :mod:`labelwise.inference` (``labelwise predict RUN images/ --match-with labeled/``).
 """
 
 from labelwise.methods.unsupervised.config import (
@@ -29,7 +31,6 @@ from labelwise.methods.unsupervised.config import (
 )
 from labelwise.methods.unsupervised.evaluate import evaluate, evaluate_clusters
 from labelwise.methods.unsupervised.model import ExportedHead, UnsupervisedHead, load_head, save_head
-from labelwise.methods.unsupervised.predict import match_clusters, predict
 from labelwise.methods.unsupervised.train import SELECTION_RULE, UnsupervisedResult, train
 
 __all__ = [
@@ -47,8 +48,6 @@ __all__ = [
     "evaluate",
     "evaluate_clusters",
     "load_head",
-    "match_clusters",
-    "predict",
     "save_head",
     "train",
 ]

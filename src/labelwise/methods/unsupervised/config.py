@@ -26,7 +26,7 @@ class FeatureConfig:
     ``crop_ratio`` of the image's, each resized to ``crop_size``) or ``whole`` (the image resized
     to ``crop_size``). Evaluation and prediction images are resized to ``eval_size`` ((H, W);
     None: as loaded; their size must then be the same for the whole split). ``window``: cut large
-    images (aerial tiles) into windows of this many pixels, each labelled pixel scored once
+    images (aerial tiles) into windows of this many pixels, each labeled pixel scored once
     (:class:`~labelwise.methods.unsupervised.data.TileWindows`); training then takes its views
     from the windows of the whole training tiles. ``attention_block``:
     the block whose attention gives HP's local positives (-1: the last). ``storage``: cache arrays
@@ -123,7 +123,7 @@ class UnsupervisedEvalConfig:
 class UnsupervisedConfig:
     """Everything an unsupervised run needs.
 
-    ``images``: folders of unlabelled training images (``--images DIR``); when empty, the
+    ``images``: folders of unlabeled training images (``--images DIR``); when empty, the
     training images are those of ``data`` (its labels are never read for training). ``steps``
     optimiser steps of ``batch_size`` cached views; AdamW ``lr`` / ``weight_decay``, gradient
     clipping at ``grad_clip``. The reported model is the final one (``selection:

@@ -4,7 +4,7 @@ HP's consistency term.
 
 Every wrapper yields ``{"image": float [3, S, S'] in [0, 1], "name": str}`` (+ ``"mask"`` long
 ``[S, S']`` when the source has masks, resized nearest at pixel centres) and exposes ``names``
-and plain attributes, so :func:`labelwise.engine.feature_cache.extract_features` keys and names
+and plain attributes, so :func:`labelwise.features.cache.extract_features` keys and names
 them without reading pixels. ``TileWindows`` / ``window_starts`` (large images window by window)
 live in :mod:`labelwise.data.windows` and are re-exported here.
 """
@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from labelwise.data.identity import dataset_identity, dataset_names
 from labelwise.data.transforms import AugmentConfig, PairedAugment
-from labelwise.engine.feature_key import dataset_identity, dataset_names
-from labelwise.engine.feature_preprocess import preprocess
 from labelwise.data.windows import TileWindows, window_starts  # noqa: F401 - re-exported
 from labelwise.errors import ConfigError
+from labelwise.features.preprocess import preprocess
 
 __all__ = ["FIVE_CROPS", "FiveCropDataset", "PhotometricCopy", "ResizedDataset", "TileWindows", "five_crop_boxes",
            "window_starts"]
@@ -111,7 +111,7 @@ class FiveCropDataset(Dataset):
 
 
 class PhotometricCopy(Dataset):
-    """``dataset`` with a colour jitter drawn from ``(seed, index)`` (the same every epoch, so its
+    """``dataset`` with a color jitter drawn from ``(seed, index)`` (the same every epoch, so its
     features can be cached): brightness, contrast, saturation factors in ``[1-v, 1+v]`` and a hue
     shift, the photometric part of :class:`labelwise.data.transforms.PairedAugment`. Geometry is
     untouched, so patch ``(y, x)`` of the copy shows the same place as in the original."""

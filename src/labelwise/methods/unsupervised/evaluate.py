@@ -22,20 +22,19 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from labelwise.config import load_config
-from labelwise.engine.feature_cache import FeatureCache, extract_features, write_feature_cache
+from labelwise.data.build import build_datasets, build_eval_dataset
 from labelwise.engine.runtime import resolve_device
 from labelwise.eval.crf import CRFParams, crf_refine_batch
 from labelwise.eval.kmeans import upsample_scores
 from labelwise.eval.matching import hungarian_match, matched_confusion
 from labelwise.eval.metrics import ConfusionMatrix, metrics_from_confusion
 from labelwise.eval.probes import linear_probe
-from labelwise.methods.common import build_datasets, build_eval_dataset
+from labelwise.features.cache import FeatureCache, extract_features, write_feature_cache
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
 from labelwise.methods.unsupervised.data import ResizedDataset, TileWindows
 from labelwise.methods.unsupervised.model import ExportedHead, load_head
-from labelwise.methods.unsupervised.train import load_backbone
 
-__all__ = ["CRF_ALPHA", "cluster_scores", "evaluate", "evaluate_clusters", "labelled_cache"]
+__all__ = ["CRF_ALPHA", "cluster_scores", "evaluate", "evaluate_clusters", "labeled_cache"]
 
 CRF_ALPHA = 2.0
 
@@ -47,7 +46,7 @@ def cluster_scores(exported: ExportedHead, features: Tensor) -> Tensor:
 
 
 def eval_view(dataset: Dataset, config: UnsupervisedConfig) -> Dataset:
-    """A labelled split as it is scored: cut into ``features.window`` windows, or resized to
+    """A labeled split as it is scored: cut into ``features.window`` windows, or resized to
     ``features.eval_size``, or as loaded."""
     if config.features.window is not None:
         class_map = getattr(dataset, "class_map", None)
@@ -57,9 +56,9 @@ def eval_view(dataset: Dataset, config: UnsupervisedConfig) -> Dataset:
     return dataset
 
 
-def labelled_cache(backbone: torch.nn.Module, view: Dataset, config: UnsupervisedConfig, device: torch.device
+def labeled_cache(backbone: torch.nn.Module, view: Dataset, config: UnsupervisedConfig, device: torch.device
                    ) -> FeatureCache:
-    """Backbone features + labels of a labelled split already viewed by :func:`eval_view`."""
+    """Backbone features + labels of a labeled split already viewed by :func:`eval_view`."""
     return extract_features(backbone, view, batch_size=config.features.batch_size, precision=config.precision,
                             device=device, cache_dir=config.features.cache_dir, labels=True, progress=config.progress,
                             storage=config.features.storage)
@@ -77,7 +76,7 @@ def _images_for_crf(view: Dataset, indices: range) -> list[np.ndarray]:
 def evaluate_clusters(exported: ExportedHead, cache: FeatureCache, num_classes: int, *, dataset: Dataset | None = None,
                       config: UnsupervisedConfig | None = None, crf: bool = False, batch_size: int = 8,
                       device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Cluster-probe metrics of a labelled cache (+ CRF metrics when ``crf``; then ``dataset`` is
+    """Cluster-probe metrics of a labeled cache (+ CRF metrics when ``crf``; then ``dataset`` is
     the viewed split the cache was extracted from (its images at label resolution) and ``config``
     gives the CRF workers and timeout).
 
@@ -127,7 +126,7 @@ def _code_cache(exported: ExportedHead, cache: FeatureCache, folder: Path, batch
 
 def evaluate(model_dir: str | Path, config: UnsupervisedConfig | None = None, *, split: str | None = None,
              crf: bool | None = None, linear: bool | None = None) -> dict[str, Any]:
-    """Score the model exported in ``model_dir`` on a labelled split of ``config.data`` (default:
+    """Score the model exported in ``model_dir`` on a labeled split of ``config.data`` (default:
     the run's own config and its ``data.val_split``).
 
     Returns a dict with ``miou``, ``pixel_acc``, ``mean_acc``, ``per_class_iou``, ``mapping``
@@ -141,10 +140,10 @@ def evaluate(model_dir: str | Path, config: UnsupervisedConfig | None = None, *,
     crf = config.eval.crf if crf is None else crf
     linear = config.eval.linear_probe if linear is None else linear
     device = resolve_device(config.device)
-    backbone = load_backbone(exported.summary["backbone"])
+    backbone = exported.backbone
     dataset, class_map = build_eval_dataset(config.data, split)
     view = eval_view(dataset, config)
-    cache = labelled_cache(backbone, view, config, device)
+    cache = labeled_cache(backbone, view, config, device)
     result = evaluate_clusters(exported, cache, class_map.num_classes, dataset=view, config=config, crf=crf,
                                device=device)
     names = list(class_map.names)
@@ -155,7 +154,7 @@ def evaluate(model_dir: str | Path, config: UnsupervisedConfig | None = None, *,
     if linear:
         splits = build_datasets(config.data, seed=config.seed)
         train = splits.train_source if config.features.window is not None else splits.train
-        train_cache = labelled_cache(backbone, eval_view(train, config), config, device)
+        train_cache = labeled_cache(backbone, eval_view(train, config), config, device)
         with tempfile.TemporaryDirectory(prefix="labelwise-codes-") as tmp:
             probe = linear_probe(_code_cache(exported, train_cache, Path(tmp) / "train"),
                                  _code_cache(exported, cache, Path(tmp) / "val"), num_classes=class_map.num_classes,

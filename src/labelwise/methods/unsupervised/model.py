@@ -4,32 +4,33 @@
 momentum head, projection and reference pools (buffers, so checkpoints resume exactly); PiCIE's
 prototypes. ``k-means`` has no head: codes are the backbone features themselves.
 
-An exported model is a folder with ``unsupervised.json`` (method, backbone, dims, views, the
-label-free selection rule, cluster count) and ``head.safetensors`` (the head's weights and the
-``centroids [K, C]`` of the cluster probe, fitted without labels on the training codes).
+An exported model is a ``clusters`` artifact (:mod:`labelwise.models.artifact`): ``model.json``
+(whose ``unsupervised`` record holds method, backbone, dims, views, the label-free selection
+rule and cluster count) + ``weights.safetensors`` (backbone, code head and the ``centroids
+[K, C]`` of the cluster probe, fitted without labels on the training codes).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from labelwise.engine.atomic import atomic_path, atomic_write_json
+from labelwise.config import EvalConfig, to_dict
 from labelwise.errors import CheckpointError
+from labelwise.models.artifact import cluster_class_map, load_artifact, provenance, save_artifact
+from labelwise.models.clusters import ClusterSegmenter
 from labelwise.models.heads import ContrastProjection, ProjectionHead
+from labelwise.models.vit import VisionTransformer
 
-__all__ = ["MODEL_FILE", "SUMMARY_FILE", "ExportedHead", "UnsupervisedHead", "load_head", "save_head"]
+__all__ = ["PREDICT_WINDOW", "ExportedHead", "UnsupervisedHead", "load_head", "save_head"]
 
-MODEL_FILE = "head.safetensors"
-SUMMARY_FILE = "unsupervised.json"
+#: Sliding-window size (pixels) an exported model predicts large images with.
+PREDICT_WINDOW = 1024
 
 
 class UnsupervisedHead(nn.Module):
@@ -70,57 +71,51 @@ class UnsupervisedHead(nn.Module):
 
 @dataclass
 class ExportedHead:
-    """A loaded export: the head in eval mode, the cluster centroids ``[K, dim]`` (unit rows) and
-    the summary dict of ``unsupervised.json``."""
+    """A loaded unsupervised model: its :class:`~labelwise.models.clusters.ClusterSegmenter` (frozen
+    backbone, code head, unit centroids ``[K, dim]``) and the run summary (``model.json``'s
+    ``unsupervised`` record: method, backbone name, dims, views, selection rule, cluster count)."""
 
-    head: UnsupervisedHead
-    centroids: Tensor
+    segmenter: ClusterSegmenter
     summary: dict[str, Any]
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.segmenter.backbone
+
+    @property
+    def centroids(self) -> Tensor:
+        return self.segmenter.centroids
 
     @torch.no_grad()
     def codes(self, features: Tensor) -> Tensor:
         """Unit-norm codes ``[B, dim, h, w]`` of backbone features ``[B, D, h, w]``."""
-        return F.normalize(self.head(features.float()), dim=1)
+        return self.segmenter.codes(features)
 
 
-def save_head(folder: str | Path, head: UnsupervisedHead, centroids: Tensor, summary: dict[str, Any]) -> Path:
-    """Write ``head.safetensors`` (code head only: what prediction needs) and ``unsupervised.json``
-    atomically; returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {} if head.method == "kmeans" else {f"head.{k}": v.detach().contiguous().cpu()
-                                                   for k, v in head.head.state_dict().items()}
-    tensors["centroids"] = centroids.detach().float().contiguous().cpu()
-    with atomic_path(folder / MODEL_FILE) as tmp:
-        save_file(tensors, str(tmp))
-    atomic_write_json(folder / SUMMARY_FILE, {**summary, "method": head.method, "in_dim": head.in_dim,
-                                              "dim": head.dim, "clusters": int(centroids.shape[0])})
-    return folder
+def save_head(folder: str | Path, backbone: VisionTransformer, head: UnsupervisedHead, centroids: Tensor,
+              summary: dict[str, Any], data: dict[str, Any] | None = None) -> Path:
+    """Export the run as a ``clusters`` artifact (``model.json`` + ``weights.safetensors``): the
+    backbone, the code head (what prediction needs; k-means has none) and the centroids, so the
+    folder predicts on its own. Returns the folder."""
+    module = ClusterSegmenter(backbone, centroids.cpu(), None if head.method == "kmeans" else head.head)
+    record = {**summary, "method": head.method, "in_dim": head.in_dim, "dim": head.dim,
+              "clusters": int(centroids.shape[0])}
+    preprocessing = {"input": "RGB float [B, 3, H, W] in [0, 1]; the backbone normalises and pads itself",
+                     "mean": [round(float(v), 6) for v in backbone.pixel_mean.flatten()],
+                     "std": [round(float(v), 6) for v in backbone.pixel_std.flatten()],
+                     "pad_to_multiple_of": int(backbone.patch_size)}
+    return save_artifact(folder, "clusters", module, module.config(), cluster_class_map(module.num_clusters),
+                         preprocessing=preprocessing, source={"backbone": str(summary.get("backbone"))},
+                         # images above 1,024 px go through the ViT in overlapping windows
+                         eval_config=to_dict(EvalConfig(window=PREDICT_WINDOW)),
+                         training=provenance(data), extra={"unsupervised": record})
 
 
 def load_head(folder: str | Path) -> ExportedHead:
-    """Read an export written by :func:`save_head`; ``CheckpointError`` naming the file otherwise."""
-    folder = Path(folder)
-    summary_path, weights_path = folder / SUMMARY_FILE, folder / MODEL_FILE
-    try:
-        summary = json.loads(summary_path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{summary_path}: missing (not an unsupervised labelwise model folder)") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{summary_path}: corrupt JSON: {exc}") from exc
-    try:
-        tensors = load_file(str(weights_path))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{weights_path}: missing") from exc
-    except Exception as exc:  # safetensors raises its own error types for truncated files
-        raise CheckpointError(f"{weights_path}: unreadable ({exc})") from exc
-    if "centroids" not in tensors:
-        raise CheckpointError(f"{weights_path}: no 'centroids' tensor")
-    head = UnsupervisedHead(summary["method"], int(summary["in_dim"]), int(summary["dim"]), training_parts=False)
-    if head.method != "kmeans":
-        state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-        missing, unexpected = head.head.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{weights_path}: missing keys {missing}, unexpected keys {unexpected}")
-    head.eval()
-    return ExportedHead(head, F.normalize(tensors["centroids"].float(), dim=1), summary)
+    """Read an unsupervised model folder (or an older ``unsupervised.json`` export); a
+    ``CheckpointError`` naming the file otherwise."""
+    artifact = load_artifact(folder)
+    if artifact.kind != "clusters":
+        raise CheckpointError(f"{artifact.folder}: a {artifact.kind!r} model, not an unsupervised one")
+    segmenter: ClusterSegmenter = artifact.module  # type: ignore[assignment]
+    return ExportedHead(segmenter, dict(artifact.info.get("unsupervised") or {}))

@@ -21,16 +21,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
-from labelwise.config import OptimConfig, StageConfig, save_config
+from labelwise.config import OptimConfig, StageConfig, save_config, to_dict
+from labelwise.data.build import build_datasets, build_eval_dataset
 from labelwise.data.images import ImageFolderDataset
-from labelwise.engine.atomic import atomic_write_json
-from labelwise.engine.feature_cache import FeatureCache, extract_features
-from labelwise.engine.runtime import resolve_device
+from labelwise.engine.ema import ema_update
+from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult, unwrap
 from labelwise.errors import ConfigError
 from labelwise.eval.kmeans import kmeans
+from labelwise.features.cache import FeatureCache, extract_features
+from labelwise.io.atomic import atomic_write_json
 from labelwise.losses.clustering import clustering_loss, fit_prototypes
-from labelwise.losses.hidden_positives import HiddenPositiveLoss, HiddenPositiveLossConfig, lambda_schedule, mix_neighbourhood
+from labelwise.losses.hidden_positives import (
+    HiddenPositiveLoss,
+    HiddenPositiveLossConfig,
+    lambda_schedule,
+    mix_neighbourhood,
+)
 from labelwise.losses.stego import (
     StegoConfig,
     calibrated_shifts,
@@ -38,8 +45,6 @@ from labelwise.losses.stego import (
     sample_knn_partner,
     stego_correspondence_loss,
 )
-from labelwise.methods.common import build_datasets, build_eval_dataset, seed_everything
-from labelwise.methods.pretrain.objective import ema_update
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
 from labelwise.methods.unsupervised.data import FiveCropDataset, PhotometricCopy, ResizedDataset, TileWindows
 from labelwise.methods.unsupervised.model import UnsupervisedHead, save_head
@@ -368,7 +373,7 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
     shifts_file = run_dir / "stego_shifts.json"
     if config.method == "stego" and shifts_file.exists():
         summary["stego_shifts"] = json.loads(shifts_file.read_text())
-    save_head(run_dir, head.cpu(), centroids, summary)
+    save_head(run_dir, backbone.cpu(), head.cpu(), centroids, summary, data=to_dict(config.data))
     atomic_write_json(run_dir / "train_summary.json", summary)
     return UnsupervisedResult(run_dir, result, summary)
 

@@ -11,11 +11,11 @@ pseudo-masks (``pipeline``), exist; the benchmarks follow.
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps, refine_with_affinity
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
-from labelwise.methods.weak.pipeline import run
+from labelwise.methods.weak.pipeline import run, tagged_items, write_stage
 from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig, pseudo_masks
 from labelwise.methods.weak.stages import make_pseudo_masks
 from labelwise.methods.weak.train import load_classifier, save_classifier, train_classifier
 
 __all__ = ["CAMConfig", "PseudoMaskConfig", "TaggedImages", "WeakConfig", "class_activation_maps", "load_classifier",
            "make_pseudo_masks", "pseudo_masks", "refine_with_affinity", "run", "save_classifier",
-           "train_classifier"]
+           "tagged_items", "train_classifier", "write_stage"]

@@ -21,7 +21,7 @@ class WeakConfig:
     Training images: the ``images`` folders with the ``tags`` file (class names from
     ``data.class_map``, a ``classes.json``), or, when ``images`` is empty, the training split of
     ``data`` with tags derived from its masks (a class is present when it covers at least
-    ``tag_min_fraction`` of an image's labelled pixels; benchmarks). The classifier is a
+    ``tag_min_fraction`` of an image's labeled pixels; benchmarks). The classifier is a
     multi-class-token ViT (``variant`` v1 / v2) on ``backbone`` (a name or a ViT file; ``hybrid``:
     a convolutional stem, trained from scratch, replaces the patch embedding; ``readout``: how the
     class logits are read from the class tokens, the paper's ``mean`` or a per-class ``linear``

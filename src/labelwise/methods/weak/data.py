@@ -3,7 +3,7 @@ tags.
 
 :class:`TaggedImages` wraps any dataset yielding ``{"image" [3, H, W], "name"}``: the tags come
 from an :class:`~labelwise.data.tags.ImageTags` (a user's tag file, looked up by sample name) or,
-for labelled datasets used as benchmarks, from the sample's own ``mask`` with
+for labeled datasets used as benchmarks, from the sample's own ``mask`` with
 :func:`~labelwise.data.tags.tags_from_masks` (computed on the sample as drawn, so random crops of
 large tiles get the tags of the crop).
 """
@@ -32,7 +32,7 @@ class TaggedImages(Dataset):
         size: ``(H, W)`` every image is resized to (bilinear, antialiased), so batches stack;
             None keeps each image's own size (CAMs and pseudo-masks at full resolution).
         tags: tags by sample name; None derives them from ``mask`` (``min_fraction`` of the
-            labelled pixels, ``ignore_index`` excluded).
+            labeled pixels, ``ignore_index`` excluded).
     """
 
     def __init__(self, source: Dataset, num_classes: int, size: Sequence[int] | None, tags: ImageTags | None = None,

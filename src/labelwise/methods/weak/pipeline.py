@@ -5,8 +5,8 @@
 2-3. CAMs and pseudo-masks of every training image (:func:`~.stages.make_pseudo_masks`) into
    ``run_dir/pseudo_masks`` (scored against the masks when the training images have them);
 4. the segmenter trained on the pseudo-masks with ``labelwise train``'s pipeline
-   (:func:`labelwise.methods.supervised.train`) in ``run_dir/segmenter``;
-5. when the training images come from a labelled ``data`` config, the segmenter evaluated on
+   (:func:`labelwise.engine.segmenter.train_segmenter`) in ``run_dir/segmenter``;
+5. when the training images come from a labeled ``data`` config, the segmenter evaluated on
    its validation split (the labels of that split are used for this score only).
 
 The stage reports go to ``run_dir/weak_run.json``.
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from labelwise.config import TrainConfig, load_config
-from labelwise.engine.atomic import atomic_write_json
 from labelwise.engine.runtime import resolve_device
-from labelwise.methods import supervised
+from labelwise.engine.segmenter import train_segmenter
+from labelwise.eval.evaluate import evaluate_exported
+from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
 from labelwise.methods.weak.stages import make_pseudo_masks
@@ -46,30 +47,51 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return checkpoints.is_dir() and any(checkpoints.iterdir())
 
 
-def run(config: WeakConfig, resume: bool = False) -> dict[str, Any]:
-    """All stages (module docstring); returns the report also written to ``weak_run.json``.
-    ``resume``: continue the stages that have checkpoints (a stage without one starts fresh)."""
-    config.validate()
-    run_dir = Path(config.run_dir)
-    report: dict[str, Any] = {}
-    if not (run_dir / SUMMARY_FILE).exists():
-        stage1 = train_classifier(config, resume=resume and _has_checkpoint(run_dir))
-        if stage1.train.steps < config.steps:
-            return {"stopped_at": stage1.train.steps}
+def tagged_items(config: WeakConfig) -> tuple[TaggedImages, Any]:
+    """Every training image of ``config`` whole, with its tags (and mask when the data has
+    them), for the CAM and pseudo-mask stages; and the class map."""
     dataset, class_map = tagged_training_images(config, whole=True)
     items = TaggedImages(dataset.source, dataset.num_classes, None, tags=dataset.tags,
                          min_fraction=dataset.min_fraction, ignore_index=dataset.ignore_index)
+    return items, class_map
+
+
+def write_stage(classifier_dir: str | Path, config: WeakConfig, out_dir: str | Path | None = None,
+                pseudo: bool = True, batch_size: int = 8) -> dict[str, Any]:
+    """Stages 2 (CAM PNGs) and, with ``pseudo``, 3 (pseudo-masks as a folder dataset) of a trained
+    classifier over the training images of ``config``, into ``out_dir`` (default:
+    ``<classifier_dir>/pseudo_masks`` or ``/cams``). Returns the stage report plus ``out``."""
+    config.validate()
+    items, _ = tagged_items(config)
+    out = Path(out_dir) if out_dir is not None else Path(classifier_dir) / ("pseudo_masks" if pseudo else "cams")
+    report = make_pseudo_masks(classifier_dir, items, out, config.cams, config.pseudo_masks, batch_size=batch_size,
+                               write_cams=True, write_pseudo=pseudo, device=resolve_device(config.device))
+    return {**report, "out": str(out)}
+
+
+def run(config: WeakConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """All stages (module docstring); returns the report also written to ``weak_run.json``.
+    ``resume``: continue the stages that have checkpoints (a stage without one starts fresh);
+    ``overwrite``: train every stage again, discarding what the run folder holds."""
+    config.validate()
+    run_dir = Path(config.run_dir)
+    report: dict[str, Any] = {}
+    if overwrite or not (run_dir / SUMMARY_FILE).exists():
+        stage1 = train_classifier(config, resume=resume and not overwrite and _has_checkpoint(run_dir),
+                                  overwrite=overwrite)
+        if stage1.train.steps < config.steps:
+            return {"stopped_at": stage1.train.steps}
+    items, class_map = tagged_items(config)
     report["pseudo_masks"] = make_pseudo_masks(run_dir, items, run_dir / "pseudo_masks", config.cams,
                                                config.pseudo_masks, write_cams=False,
                                                device=resolve_device(config.device))
     seg_config = segmenter_config(config, run_dir / "pseudo_masks" / "pseudo", run_dir / "segmenter")
-    seg = supervised.train(seg_config, resume=resume and _has_checkpoint(run_dir / "segmenter"))
+    seg = train_segmenter(seg_config, resume=resume and not overwrite and _has_checkpoint(run_dir / "segmenter"),
+                          overwrite=overwrite)
     report["segmenter"] = {"run_dir": str(seg.run_dir), "steps": seg.train.steps,
                            "train_seconds": round(seg.train.train_seconds, 2)}
     if not config.images:
-        data_config = load_config(TrainConfig, None, [])
-        data_config.data = config.data
-        metrics = supervised.evaluate(seg.run_dir, data_config, device=config.device)
+        metrics = evaluate_exported(seg.run_dir, config.data, device=config.device)
         report["final"] = {"split": config.data.val_split, **metrics.to_dict(list(class_map.names))}
     atomic_write_json(run_dir / "weak_run.json", report)
     return report

@@ -13,9 +13,9 @@ CAMs (:func:`~labelwise.methods.weak.cams.class_activation_maps`), then pseudo-m
   data.dataset=folder --set data.root=out_dir/pseudo``;
 
 and returns the scores when the items carry masks: ``cams`` (argmax of the CAMs over the tagged
-classes, plus the background rule when there is a background class, on every labelled pixel)
-and ``pseudo_masks`` (the pseudo-labels on the labelled pixels they keep; ``kept_fraction`` is
-the share of labelled pixels not ignored).
+classes, plus the background rule when there is a background class, on every labeled pixel)
+and ``pseudo_masks`` (the pseudo-labels on the labeled pixels they keep; ``kept_fraction`` is
+the share of labeled pixels not ignored).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from labelwise.data.classmap import ClassMap
-from labelwise.engine.atomic import atomic_write_json
 from labelwise.eval.metrics import ConfusionMatrix
+from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps
 from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig, pseudo_masks
 from labelwise.methods.weak.train import load_classifier
@@ -77,7 +77,7 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
     k = len(class_names)
     cam_matrix = ConfusionMatrix(k, mask_config.ignore_index)
     pseudo_matrix = ConfusionMatrix(k, mask_config.ignore_index)
-    labelled = kept = images_done = 0
+    labeled = kept = images_done = 0
     for batch in same_size_batches(items, batch_size):
         images = torch.stack([item["image"] for item in batch]).to(device)
         tags = torch.stack([torch.as_tensor(item["tags"]) for item in batch]).bool().to(device)
@@ -91,7 +91,7 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
             cam_matrix.update(cam_labels.masked_fill(cam_labels == ignore, 0), target)
             valid = target != ignore
             unsure = labels == ignore
-            labelled += int(valid.sum())
+            labeled += int(valid.sum())
             kept += int((valid & ~unsure).sum())
             pseudo_matrix.update(labels.masked_fill(unsure, 0), target.masked_fill(unsure, ignore))
         for index, item in enumerate(batch):
@@ -108,10 +108,10 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
         images_done += len(batch)
     report: dict[str, Any] = {"images": images_done, "classes": class_names,
                               "pseudo_root": str(pseudo_root) if write_pseudo else None}
-    if labelled:
+    if labeled:
         report["cams"] = cam_matrix.compute().to_dict(class_map.names)
         report["pseudo_masks"] = pseudo_matrix.compute().to_dict(class_map.names)
-        report["pseudo_masks"]["kept_fraction"] = kept / labelled
+        report["pseudo_masks"]["kept_fraction"] = kept / labeled
     atomic_write_json(out / "pseudo_masks.json", {k_: (None if isinstance(v, float) and math.isnan(v) else v)
                                                   for k_, v in report.items()})
     return report

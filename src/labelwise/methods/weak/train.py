@@ -11,7 +11,6 @@ flipped horizontally per image with probability ``hflip``. The final model is ex
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,19 +22,20 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from labelwise.config import OptimConfig, StageConfig, save_config
+from labelwise.data.build import build_datasets
 from labelwise.data.classmap import ClassMap
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.tags import read_tag_file
 from labelwise.data.windows import TileWindows
-from labelwise.engine.atomic import atomic_path, atomic_write_json
-from labelwise.engine.runtime import resolve_device
+from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
 from labelwise.errors import CheckpointError, ConfigError
-from labelwise.methods.common import build_datasets, seed_everything
+from labelwise.io.atomic import atomic_path, atomic_write_json
+from labelwise.io.jsonfile import read_json
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
 from labelwise.models.mctformer import MultiClassTokenViT, mct_loss
-from labelwise.models.vit import ViTConfig, VisionTransformer
+from labelwise.models.vit import VisionTransformer, ViTConfig
 from labelwise.models.vit_loading import load_vit
 
 __all__ = ["WeakClassifierResult", "load_classifier", "save_classifier", "tagged_training_images",
@@ -94,12 +94,13 @@ def load_classifier(folder: str | Path) -> tuple[MultiClassTokenViT, dict[str, A
     """The classifier exported by :func:`save_classifier` (eval mode) and its summary;
     ``CheckpointError`` naming the file otherwise."""
     folder = Path(folder)
+    summary = read_json(folder / SUMMARY_FILE, "classifier summary",
+                        missing="missing (not a weak-supervision classifier folder)")
     try:
-        summary = json.loads((folder / SUMMARY_FILE).read_text())
         state = load_file(str(folder / MODEL_FILE))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{exc.filename}: missing (not a weak-supervision classifier folder)") from exc
-    except (json.JSONDecodeError, OSError) as exc:
+    except OSError as exc:
         raise CheckpointError(f"{folder}: unreadable classifier export: {exc}") from exc
     backbone = VisionTransformer(ViTConfig.from_dict(summary["vit"]))
     model = MultiClassTokenViT(backbone, summary["num_classes"], summary["variant"], bool(summary.get("hybrid")),

@@ -1,30 +1,21 @@
-"""Pieces every regime shares: datasets from a DataConfig, seeding, model export and loading."""
+"""Datasets from a :class:`~labelwise.config.DataConfig`: training and evaluation splits and their class map."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from labelwise import __version__
-from labelwise.config import DataConfig, EvalConfig, to_dict
-from labelwise.data import AerialTiles, CamVid, ClassMap, FolderDataset, RandomCropDataset, SyntheticShapes
+from labelwise.config import DataConfig
+from labelwise.data.aerial import AerialTiles, RandomCropDataset
+from labelwise.data.camvid import CamVid
+from labelwise.data.classmap import ClassMap
+from labelwise.data.folder import FolderDataset
 from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
-from labelwise.engine.checkpoint import load_state_strict, read_model_files, save_model
-from labelwise.errors import CheckpointError, ConfigError
-from labelwise.models import SegmentationModel, create, skip_pretrained_weights
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU and CUDA) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from labelwise.data.synthetic import SyntheticShapes
+from labelwise.errors import ConfigError
 
 
 @dataclass
@@ -87,9 +78,9 @@ def build_datasets(config: DataConfig, seed: int = 0) -> DataSplits:
     """Training and validation datasets described by ``config`` (the training split restricted
     to ``config.train_list`` when it is set)."""
     if config.train_list and config.dataset == "aerial":
-        raise ConfigError("data.train_list: aerial tiles are trained on random crops; choose the labelled tiles "
+        raise ConfigError("data.train_list: aerial tiles are trained on random crops; choose the labeled tiles "
                           "with data.train_tiles")
-    splits = _build_datasets(config, seed)
+    splits = build_full_datasets(config, seed)
     if not config.train_list:
         return splits
     names = read_name_list(config.train_list, dataset_names(splits.train_source))
@@ -97,7 +88,8 @@ def build_datasets(config: DataConfig, seed: int = 0) -> DataSplits:
     return DataSplits(subset, splits.val, splits.class_map, subset)  # type: ignore[arg-type]
 
 
-def _build_datasets(config: DataConfig, seed: int) -> DataSplits:
+def build_full_datasets(config: DataConfig, seed: int = 0) -> DataSplits:
+    """Like :func:`build_datasets`, ignoring ``config.train_list`` (the whole training split)."""
     val, class_map = build_eval_dataset(config)
     if config.dataset == "synthetic":
         train = SyntheticShapes(
@@ -117,52 +109,3 @@ def _build_datasets(config: DataConfig, seed: int) -> DataSplits:
     tiles = AerialTiles(root, tiles=config.train_tiles, class_map=class_map)
     crops = RandomCropDataset(tiles, crop_size=config.tile_crop, samples_per_epoch=config.samples_per_epoch, seed=seed)
     return DataSplits(crops, val, class_map, tiles)
-
-
-# ---------------------------------------------------------------------------------------------
-# Exported models
-
-
-def export_model(folder: Path, model: SegmentationModel, class_map: ClassMap, eval_config: EvalConfig,
-                 extra: dict[str, Any] | None = None) -> None:
-    """Save weights + description so ``load_model(folder)`` rebuilds the model for inference."""
-    info = {
-        "format": "labelwise-model/1",
-        "labelwise_version": __version__,
-        "model": model.config(),
-        "class_map": class_map.to_dict(),
-        "eval": to_dict(eval_config),
-        **(extra or {}),
-    }
-    save_model(folder, model, info)
-
-
-@dataclass
-class LoadedModel:
-    """A model rebuilt from an export, with what is needed to use it."""
-
-    model: SegmentationModel
-    class_map: ClassMap
-    eval_config: EvalConfig
-    info: dict[str, Any]
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild an exported model (a run folder or a folder holding model.json + model.safetensors)."""
-    from labelwise.config import from_dict
-
-    path = Path(path)
-    info, weights = read_model_files(path)
-    try:
-        model_config = dict(info["model"])
-        name = model_config.pop("name")
-        num_classes = model_config.pop("num_classes")
-        class_map = ClassMap.from_dict(info["class_map"], where=str(path / "model.json"))
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: model.json lacks {exc}") from exc
-    with skip_pretrained_weights():  # the export's own weights replace them at once
-        model = create(name, num_classes=num_classes, **model_config)
-    load_state_strict(model, weights, str(path))
-    model.to(map_location).eval()
-    eval_config = from_dict(EvalConfig, info.get("eval", {}), prefix="model.json eval.")
-    return LoadedModel(model, class_map, eval_config, info)

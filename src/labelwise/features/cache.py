@@ -50,7 +50,7 @@ class token + registers; patches row-major):
   first if a method needs it);
 - ``"local_positive"``: the neighbour weights of HP's local hidden positives, ``[N, 9, h, w]``
   in the ``"neighbourhood"`` layout, from rows processed as
-  :func:`~labelwise.engine.feature_attention.local_positive_weights` describes.
+  :func:`~labelwise.features.attention.local_positive_weights` describes.
 
 Modules: ``feature_preprocess`` (resize / crop), ``feature_key`` (the cache key),
 ``feature_attention`` (attention reductions), ``feature_store`` (:class:`FeatureCache`, the
@@ -72,10 +72,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from labelwise import __version__
-from labelwise.engine.atomic import atomic_write_json
-from labelwise.engine.feature_attention import ATTENTION_KINDS, neighbourhood_attention, patch_tokens, reduce_attention
-from labelwise.engine.feature_key import FORMAT, attention_block_indices, cache_key, dataset_names, weights_digest
-from labelwise.engine.feature_preprocess import (
+from labelwise.engine.runtime import autocast, resolve_device
+from labelwise.errors import ConfigError, DataError
+from labelwise.features.attention import ATTENTION_KINDS, neighbourhood_attention, patch_tokens, reduce_attention
+from labelwise.features.key import FORMAT, attention_block_indices, cache_key, dataset_names, weights_digest
+from labelwise.features.preprocess import (
     PREPROCESSING_KEYS,
     Prepared,
     collate_prepared,
@@ -83,7 +84,7 @@ from labelwise.engine.feature_preprocess import (
     preprocess,
     size_message,
 )
-from labelwise.engine.feature_store import (
+from labelwise.features.store import (
     MANIFEST,
     CacheWriter,
     FeatureCache,
@@ -92,8 +93,7 @@ from labelwise.engine.feature_store import (
     label_dtype,
     write_feature_cache,
 )
-from labelwise.engine.runtime import autocast, resolve_device
-from labelwise.errors import ConfigError, DataError
+from labelwise.io.atomic import atomic_write_json
 
 __all__ = [
     "ATTENTION_KINDS",

@@ -6,67 +6,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from labelwise.engine.feature_preprocess import normalise_preprocessing
+from labelwise.data.identity import dataset_identity, dataset_names
 from labelwise.errors import ConfigError
+from labelwise.features.preprocess import normalise_preprocessing
 
-__all__ = ["FORMAT", "attention_block_indices", "cache_key", "dataset_names", "weights_digest"]
+__all__ = ["FORMAT", "attention_block_indices", "cache_key", "dataset_identity", "dataset_names", "weights_digest"]
 
 FORMAT = "labelwise-features/1"
-
-
-def _plain(value: Any, depth: int = 0) -> Any:
-    """A JSON-able copy of small plain values (None when ``value`` is not plain)."""
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)) and len(value) <= 16 and depth < 2:
-        items = [_plain(v, depth + 1) for v in value]
-        return items if all(i is not None or v is None for i, v in zip(items, value)) else None
-    return None
-
-
-def _dataset_identity(dataset: Dataset) -> dict[str, Any]:
-    custom = getattr(dataset, "cache_identity", None)
-    if callable(custom):
-        return {"custom": custom()}
-    if isinstance(dataset, Subset):
-        return {"subset_of": _dataset_identity(dataset.dataset)}
-    identity: dict[str, Any] = {"class": f"{type(dataset).__module__}.{type(dataset).__qualname__}",
-                                "length": len(dataset)}  # type: ignore[arg-type]
-    for key, value in sorted(vars(dataset).items()):
-        if key.startswith("_") or key == "names":
-            continue
-        plain = _plain(value)
-        if plain is not None:
-            identity[key] = plain
-    return identity
-
-
-def dataset_identity(dataset: Dataset) -> dict[str, Any]:
-    """What the cache key records of a dataset: its ``cache_identity()`` when it has one, else its
-    class, length and plain public attributes (wrappers call this on the dataset they wrap)."""
-    return _dataset_identity(dataset)
-
-
-def dataset_names(dataset: Dataset) -> list[str]:
-    """Sample names: ``dataset.names`` when it has them (a Subset maps its indices), otherwise
-    read from every sample (one pass over the data, without the backbone)."""
-    if isinstance(dataset, Subset):
-        return [dataset_names(dataset.dataset)[i] for i in dataset.indices]
-    names = getattr(dataset, "names", None)
-    if isinstance(names, (list, tuple)) and len(names) == len(dataset):  # type: ignore[arg-type]
-        return [str(n) for n in names]
-    return [str(dataset[i].get("name", i)) for i in range(len(dataset))]  # type: ignore[arg-type]
 
 
 def _backbone_description(backbone: nn.Module) -> dict[str, Any]:
@@ -109,7 +61,7 @@ def cache_key(backbone: nn.Module, dataset: Dataset, preprocessing: Mapping[str,
         "attention": {"blocks": attention_block_indices(backbone, attention_blocks),
                       "kinds": sorted(attention_kinds) if attention_blocks else []},
         "labels": bool(labels),
-        "dataset": _dataset_identity(dataset),
+        "dataset": dataset_identity(dataset),
         "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
     }
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]

@@ -1,5 +1,5 @@
 """Reductions of ViT attention maps ``[B, heads, N, N]`` to what a feature cache stores
-(``cls``, ``patch``, ``neighbourhood``; shapes in :mod:`labelwise.engine.feature_cache`), and the
+(``cls``, ``patch``, ``neighbourhood``; shapes in :mod:`labelwise.features.cache`), and the
 patch tokens of a backbone's output."""
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """An opened feature cache (:class:`FeatureCache`), its torch view (:class:`FeatureDataset`),
 the memmap writer, and :func:`write_feature_cache` for arrays computed elsewhere. The folder
-layout is described in :mod:`labelwise.engine.feature_cache`."""
+layout is described in :mod:`labelwise.features.cache`."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -20,9 +19,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from labelwise import __version__
-from labelwise.engine.atomic import atomic_write_json
-from labelwise.engine.feature_key import FORMAT
 from labelwise.errors import DataError
+from labelwise.features.key import FORMAT
+from labelwise.io.atomic import atomic_write_json
+from labelwise.io.jsonfile import read_json
 
 __all__ = ["MANIFEST", "CacheWriter", "FeatureCache", "FeatureDataset", "grid_size", "label_dtype",
            "write_feature_cache"]
@@ -145,12 +145,8 @@ class FeatureCache:
         """Open a complete cache folder; DataError naming the file when it is not one."""
         path = Path(path)
         manifest_path = path / MANIFEST
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError as exc:
-            raise DataError(f"{manifest_path}: not a feature cache (manifest missing)") from exc
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{manifest_path}: corrupt feature-cache manifest: {exc}") from exc
+        manifest = read_json(manifest_path, "feature-cache manifest", DataError,
+                             missing="not a feature cache (manifest missing)")
         if manifest.get("format") != FORMAT or not manifest.get("complete"):
             raise DataError(f"{manifest_path}: not a complete {FORMAT} cache")
 

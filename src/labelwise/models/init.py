@@ -3,7 +3,8 @@
 ``initialise_from(model, path)`` accepts
 
 1. a labelwise exported model (a run folder or a folder with ``model.json`` +
-   ``model.safetensors``; see ``methods/common.py``): the tensors under ``encoder.`` are used;
+   ``weights.safetensors``, or an older ``model.safetensors``; see ``models/artifact.py``): the
+   tensors under ``encoder.`` are used;
 2. a pretraining run's ``backbone.safetensors`` (or the run folder holding it), or any other
    weights file (``.safetensors``; ``.pth`` / ``.pt`` / ``.bin`` read with
    ``torch.load(weights_only=True)``);
@@ -41,9 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labelwise.config import ModelConfig
-from labelwise.engine.atomic import atomic_write_json
-from labelwise.engine.checkpoint import read_model_files
 from labelwise.errors import CheckpointError
+from labelwise.io.atomic import atomic_write_json
+from labelwise.models.artifact import read_artifact_files
 
 __all__ = ["InitReport", "configure_encoder", "encoder_lr_scale", "initialise_from", "read_pretrained"]
 
@@ -146,15 +147,15 @@ def read_pretrained(path: str | Path, model: nn.Module) -> tuple[str, str, dict[
     vit = _is_vit(encoder)
     if path.is_dir():
         if (path / "model.json").exists():
-            _, weights = read_model_files(path)
+            _, weights = read_artifact_files(path)
             return "labelwise-model", str(path), weights, _encoder_prefix(model)
         if (path / "backbone.safetensors").exists():
             path = path / "backbone.safetensors"
         else:
             raise CheckpointError(f"{path}: holds neither model.json (a labelwise model) nor backbone.safetensors "
                                   "(a pretraining run)")
-    elif path.name == "model.safetensors" and (path.parent / "model.json").exists():
-        _, weights = read_model_files(path)
+    elif path.name in ("weights.safetensors", "model.safetensors") and (path.parent / "model.json").exists():
+        _, weights = read_artifact_files(path)
         return "labelwise-model", str(path), weights, _encoder_prefix(model)
     elif not path.exists():
         from labelwise.models.pretrained import is_weights_name

@@ -1,4 +1,4 @@
-"""Training checkpoints (weights + optimiser + RNG + state JSON) and exported models.
+"""Training checkpoints: weights + optimiser + RNG + state JSON, resumable bit for bit.
 
 Layout of a run folder::
 
@@ -6,7 +6,7 @@ Layout of a run folder::
                                    /optimizer.safetensors  optimiser tensors and RNG states
                                    /state.json             step, epoch, optimiser scalars, RNG
     run_dir/checkpoints/latest.json                        {"step": 500, "dir": "step_000500"}
-    run_dir/model.safetensors + run_dir/model.json         the exported final model
+    run_dir/weights.safetensors + run_dir/model.json       the exported final model (models/artifact.py)
 
 A checkpoint folder is written under a temporary name and renamed when complete, and
 ``latest.json`` is replaced atomically afterwards, so a crash at any moment leaves the previous
@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from labelwise.engine.atomic import atomic_path, atomic_write_json
 from labelwise.errors import CheckpointError
-
+from labelwise.io.atomic import atomic_write_json
+from labelwise.io.jsonfile import read_json
 
 # ---------------------------------------------------------------------------------------------
 # RNG state
@@ -151,10 +151,10 @@ def latest_checkpoint_dir(run_dir: Path) -> Path | None:
     pointer = checkpoint_root(run_dir) / "latest.json"
     if not pointer.exists():
         return None
+    info = read_json(pointer, "checkpoint pointer")
     try:
-        info = json.loads(pointer.read_text())
         folder = checkpoint_root(run_dir) / info["dir"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{pointer}: unreadable checkpoint pointer: {exc}") from exc
     if not folder.is_dir():
         raise CheckpointError(f"{pointer}: names {folder}, which does not exist")
@@ -174,12 +174,7 @@ def load_training_checkpoint(folder: Path) -> TrainingCheckpoint:
     """Read a checkpoint folder written by :func:`save_training_checkpoint`."""
     folder = Path(folder)
     state_path = folder / "state.json"
-    try:
-        state = json.loads(state_path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{state_path}: checkpoint state file is missing") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{state_path}: corrupt checkpoint state: {exc}") from exc
+    state = read_json(state_path, "checkpoint state", missing="checkpoint state file is missing")
     model_state = _load_safetensors(folder / "model.safetensors")
     tensors = _load_safetensors(folder / "optimizer.safetensors")
     rng = []
@@ -192,16 +187,6 @@ def load_training_checkpoint(folder: Path) -> TrainingCheckpoint:
 
 # ---------------------------------------------------------------------------------------------
 # Exported models (for evaluate / predict)
-
-
-def save_model(folder: Path, model: torch.nn.Module, info: dict[str, Any]) -> None:
-    """Write ``folder/model.safetensors`` (weights) and ``folder/model.json`` (``info``: the
-    model's ``config()``, its class map and anything needed to rebuild and use it)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    atomic_write_json(folder / "model.json", info)
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -220,20 +205,3 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
                 f"{source}: key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
             )
     model.load_state_dict(state)
-
-
-def read_model_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Resolve ``path`` (a run folder, a folder with model.json, or a ``.safetensors`` file
-    beside its ``model.json``) and return (info, weights)."""
-    path = Path(path)
-    if path.is_dir():
-        weights_path, info_path = path / "model.safetensors", path / "model.json"
-    else:
-        weights_path, info_path = path, path.with_name("model.json")
-    if not info_path.exists():
-        raise CheckpointError(f"{info_path}: model description is missing (expected beside {weights_path.name})")
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{info_path}: corrupt model description: {exc}") from exc
-    return info, _load_safetensors(weights_path)

@@ -1,0 +1,255 @@
+"""The one model artifact every regime exports: a folder with ``model.json`` + ``weights.safetensors``.
+
+``model.json`` (format ``labelwise-artifact/1``)::
+
+    kind            "segmenter" (class logits) or "clusters" (scores to unsupervised cluster centroids)
+    architecture    what rebuilds the network without its weights (``models.create`` options, or
+                    the ViT config + head + cluster count of a ``ClusterSegmenter``)
+    class_map       names, display colors and ignore index of the output channels
+    preprocessing   what the network expects and does itself: RGB in [0, 1], its mean/std, padding
+    source          the encoder / backbone and the pretrained weights it started from
+    eval            the evaluation settings it was exported with (window, overlap, flip, input_scale)
+    training        command, commit, labelwise version, date and data config of the run
+    labelwise_version, format
+
+``weights.safetensors`` holds the network's ``state_dict`` (for ``clusters`` the backbone, the
+code head and the centroids), so a folder is self-contained: copy it anywhere and
+:func:`load_artifact` (or ``labelwise.load``) rebuilds the network in eval mode.
+
+Writes are crash-safe: the weights are written first and ``model.json`` last, each through a
+temporary file and one rename, so a folder whose ``model.json`` exists holds complete weights.
+
+Older folders (labelwise 0.1: ``model.json`` of format ``labelwise-model/1`` + ``model.safetensors``;
+unsupervised ``unsupervised.json`` + ``head.safetensors``) still load; folders that hold no
+segmenter (a weak-supervision classifier, a pretrained backbone) fail with a message saying what
+they are for.
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from labelwise import __version__
+from labelwise.data.classmap import ClassMap, default_palette
+from labelwise.errors import CheckpointError
+from labelwise.io.atomic import atomic_path, atomic_write_json
+from labelwise.io.jsonfile import read_json
+
+__all__ = ["FORMAT", "INFO_FILE", "KINDS", "WEIGHTS_FILE", "Artifact", "cluster_class_map", "is_artifact",
+           "load_artifact", "provenance", "read_artifact_files", "save_artifact"]
+
+FORMAT = "labelwise-artifact/1"
+INFO_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+LEGACY_FORMAT = "labelwise-model/1"
+LEGACY_WEIGHTS = "model.safetensors"
+
+
+def _build_segmenter(architecture: Mapping[str, Any]) -> nn.Module:
+    from labelwise.models import create, skip_pretrained_weights
+
+    options = dict(architecture)
+    name, num_classes = options.pop("name"), options.pop("num_classes")
+    with skip_pretrained_weights():  # the artifact's own weights replace them at once
+        return create(name, num_classes=num_classes, **options)
+
+
+def _build_clusters(architecture: Mapping[str, Any]) -> nn.Module:
+    from labelwise.models.clusters import ClusterSegmenter
+
+    return ClusterSegmenter.from_config(dict(architecture))
+
+
+#: ``kind -> builder(architecture) -> module``; each module maps images ``[B, 3, H, W]`` in [0, 1]
+#: to scores ``[B, K, H, W]`` over the ``K`` entries of the artifact's class map.
+KINDS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
+    "segmenter": _build_segmenter,
+    "clusters": _build_clusters,
+}
+
+
+def cluster_class_map(clusters: int) -> ClassMap:
+    """Display names ``cluster_0 ...`` and palette colors for ``clusters`` unmatched cluster ids."""
+    return ClassMap(names=tuple(f"cluster_{i}" for i in range(clusters)), colors=tuple(default_palette(clusters)))
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and len(commit) == 40 else None
+
+
+def provenance(data: Mapping[str, Any] | None = None, command: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ``training`` record of an artifact: command line, git commit of the labelwise source
+    (None outside a checkout), labelwise version, UTC date and the data configuration."""
+    argv = list(command) if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return {"command": " ".join(argv), "commit": _git_commit(), "labelwise_version": __version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "data": dict(data) if data is not None else None}
+
+
+def save_artifact(folder: str | Path, kind: str, module: nn.Module, architecture: Mapping[str, Any],
+                  class_map: ClassMap, *, preprocessing: Mapping[str, Any] | None = None,
+                  source: Mapping[str, Any] | None = None, eval_config: Mapping[str, Any] | None = None,
+                  training: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``folder/weights.safetensors`` (``module.state_dict()``) and then ``folder/model.json``.
+
+    Returns the folder. ``architecture`` must rebuild ``module`` through ``KINDS[kind]``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"artifact kind {kind!r}: expected one of {sorted(KINDS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    info = {"format": FORMAT, "kind": kind, "labelwise_version": __version__, "architecture": dict(architecture),
+            "class_map": class_map.to_dict(), "preprocessing": dict(preprocessing or {}), "source": dict(source or {}),
+            "eval": dict(eval_config or {}), "training": dict(training or provenance()), **dict(extra or {})}
+    atomic_write_json(folder / INFO_FILE, info)
+    return folder
+
+
+def _load_weights(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: weights file is truncated or corrupt ({exc})") from exc
+
+
+def is_artifact(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a model labelwise can load (any format, current or older)."""
+    folder = Path(folder)
+    return (folder / INFO_FILE).is_file() or (folder / "unsupervised.json").is_file()
+
+
+def _not_a_segmenter(folder: Path) -> CheckpointError | None:
+    if (folder / "mct.json").is_file():
+        return CheckpointError(
+            f"{folder}: a weak-supervision classifier (stage 1 of `labelwise weak`), not a segmenter: use it with "
+            f"`labelwise weak cams` / `weak pseudo-masks`, or load the segmenter `labelwise weak run` trains in "
+            f"{folder / 'segmenter'}")
+    if (folder / "pretrain.json").is_file() or (folder / "backbone.safetensors").is_file():
+        return CheckpointError(
+            f"{folder}: a pretrained backbone, which predicts no classes: start a segmenter from it with "
+            f"`labelwise train --init {folder}` or use it as the `features.backbone` of `labelwise unsupervised train`")
+    return None
+
+
+def read_artifact_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(model.json contents, weights)`` of a segmenter folder, current or older format; a
+    ``.safetensors`` path is read with the ``model.json`` beside it."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    info_path = folder / INFO_FILE
+    if not info_path.is_file():
+        raise _not_a_segmenter(folder) or CheckpointError(
+            f"{info_path}: model description is missing: {folder} is not a labelwise model folder (expected "
+            f"{INFO_FILE} + {WEIGHTS_FILE}, as `labelwise train` and the other training commands write)")
+    info = read_json(info_path, "model description")
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{info_path}: model description must be a JSON object")
+    if info.get("format") == LEGACY_FORMAT:  # labelwise 0.1 segmenters
+        info = {**info, "kind": "segmenter", "architecture": info.get("model")}
+        weights_path = path if path.is_file() else folder / LEGACY_WEIGHTS
+    elif info.get("format") == FORMAT:
+        weights_path = path if path.is_file() else folder / WEIGHTS_FILE
+    else:
+        raise CheckpointError(
+            f"{info_path}: unknown model format {info.get('format')!r} (this labelwise {__version__} reads "
+            f"{FORMAT} and {LEGACY_FORMAT}); export it again with the labelwise version that trained it, or retrain")
+    return info, _load_weights(weights_path)
+
+
+@dataclass
+class Artifact:
+    """A loaded model folder: the network (eval mode), its output classes and ``model.json``."""
+
+    folder: Path
+    kind: str
+    module: nn.Module
+    class_map: ClassMap
+    info: dict[str, Any]
+
+
+def _strict_load(module: nn.Module, weights: Mapping[str, Tensor], source: str) -> None:
+    from labelwise.io.checkpoint import load_state_strict
+
+    load_state_strict(module, dict(weights), source)
+
+
+def _legacy_clusters(folder: Path, map_location: str | torch.device) -> Artifact:
+    """An unsupervised export of labelwise 0.1 (``unsupervised.json`` + ``head.safetensors``, the
+    backbone named by reference) as a ``clusters`` artifact."""
+    from labelwise.models.clusters import ClusterSegmenter
+    from labelwise.models.heads import ProjectionHead
+    from labelwise.models.vit_loading import load_vit
+
+    summary = read_json(folder / "unsupervised.json", "model summary")
+    tensors = _load_weights(folder / "head.safetensors")
+    try:
+        method, in_dim, dim, backbone_name = summary["method"], int(summary["in_dim"]), int(summary["dim"]), \
+            summary["backbone"]
+        centroids = tensors["centroids"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: unsupervised export lacks {exc}") from exc
+    head = None if method == "kmeans" else ProjectionHead(in_dim, dim)
+    if head is not None:
+        _strict_load(head, {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")},
+                     str(folder / "head.safetensors"))
+    try:
+        backbone = load_vit(backbone_name)
+    except Exception as exc:
+        raise CheckpointError(f"{folder}: this older unsupervised export names its backbone {backbone_name!r}, "
+                              f"which cannot be loaded here ({exc}); retrain it with `labelwise unsupervised train` "
+                              f"to get a self-contained folder") from exc
+    module = ClusterSegmenter(backbone, centroids, head).to(map_location).eval()
+    info = {"format": "unsupervised.json", "kind": "clusters", "architecture": module.config(),
+            "class_map": cluster_class_map(module.num_clusters).to_dict(), "unsupervised": summary, "eval": {}}
+    return Artifact(folder, "clusters", module, cluster_class_map(module.num_clusters), info)
+
+
+def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") -> Artifact:
+    """Rebuild the network of a model folder (any regime, current or older format) in eval mode.
+
+    Raises:
+        CheckpointError: naming the file at fault: missing or corrupt files, weights that do not
+            match the architecture, an unknown format or kind, or a folder that holds no
+            segmenter (with what to do instead).
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such model folder (expected a folder with {INFO_FILE} + {WEIGHTS_FILE})")
+    if not (folder / INFO_FILE).is_file() and (folder / "unsupervised.json").is_file():
+        return _legacy_clusters(folder, map_location)
+    info, weights = read_artifact_files(path)
+    kind = info.get("kind")
+    if kind not in KINDS:
+        raise CheckpointError(f"{folder / INFO_FILE}: unknown kind {kind!r} (expected one of {sorted(KINDS)})")
+    where = str(folder / INFO_FILE)
+    try:
+        class_map = ClassMap.from_dict(info["class_map"], where=where)
+        module = KINDS[kind](info["architecture"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{where}: model description lacks {exc}") from exc
+    _strict_load(module, weights, str(folder))
+    module.to(map_location).eval()
+    return Artifact(folder, kind, module, class_map, info)
