@@ -100,6 +100,7 @@ def test_default_weights_ship_inside_the_package():
     package folder and pyproject's package-data globs name them (.ci/wheel_check.sh installs the
     wheel and loads them)."""
     import fnmatch
+
     import tomllib
 
     from labelwise.models.vit_loading import DEFAULT_BACKBONE_PATH

@@ -209,31 +209,42 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything a supervised training run needs."""
+class RunConfig:
+    """Where and how a training run executes: the keys every training config shares (top level
+    of its YAML). ``checkpoint_every`` / ``log_every`` are in steps; ``keep_checkpoints`` is how
+    many complete checkpoints stay on disk."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    precision: Literal["bf16", "fp32"] = "bf16"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    channels_last: bool = True
     seed: int = 0
-    run_dir: str = "runs/train"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp32"] = "bf16"
+    run_dir: str = "runs/run"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
     progress: bool = True
 
+    def validate_run(self) -> None:
+        if self.checkpoint_every <= 0:
+            raise ConfigError(f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
+        if self.log_every <= 0:
+            raise ConfigError(f"log_every: must be > 0, got {self.log_every}")
+
+
+@dataclass
+class ScheduleConfig:
+    """The optimiser and the training stages (each with its length, learning-rate schedule,
+    resolution and augmentation)."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
     @property
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.stages)
 
-    def validate(self) -> None:
-        """Range checks the type system cannot express."""
+    def validate_schedule(self) -> None:
         if not self.stages:
             raise ConfigError("stages: at least one stage is required")
         for i, stage in enumerate(self.stages):
@@ -247,12 +258,28 @@ class TrainConfig:
                 raise ConfigError(f"stages.{i}.input_scale: must be in (0, 4], got {stage.input_scale}")
             if stage.batch_size is not None and stage.batch_size <= 0:
                 raise ConfigError(f"stages.{i}.batch_size: must be > 0")
+
+
+@dataclass
+class TrainConfig(RunConfig, ScheduleConfig):
+    """Everything a supervised training run needs: the run keys (:class:`RunConfig`), the
+    schedule (:class:`ScheduleConfig`) and its own sections."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    channels_last: bool = True
+    run_dir: str = "runs/train"
+
+    def validate(self) -> None:
+        """Range checks the type system cannot express."""
+        self.validate_schedule()
+        self.validate_run()
         if self.data.batch_size <= 0:
             raise ConfigError(f"data.batch_size: must be > 0, got {self.data.batch_size}")
         if not self.model.encoder_lr_scale > 0:
             raise ConfigError(f"model.encoder_lr_scale: must be > 0, got {self.model.encoder_lr_scale}")
-        if self.checkpoint_every <= 0:
-            raise ConfigError(f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
         if self.data.dataset != "synthetic" and not self.data.root:
             raise ConfigError(f"data.root: required for dataset {self.data.dataset!r}")
         if not 0 <= self.eval.overlap < 1:
@@ -517,6 +544,8 @@ __all__ = [
     "OptimConfig",
     "EvalConfig",
     "TrainConfig",
+    "RunConfig",
+    "ScheduleConfig",
     "DataSection",
     "load_data_config",
     "config_from_mapping",

@@ -18,6 +18,7 @@ from labelwise.data.build import DataSplits, build_datasets
 from labelwise.data.transforms import scale_batch
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
+from labelwise.engine.trainer import trainer_options as engine_trainer_options
 from labelwise.errors import ConfigError
 from labelwise.eval.evaluate import evaluate_model
 from labelwise.io.atomic import atomic_write_json
@@ -57,14 +58,10 @@ def trainer_options(config: TrainConfig, run_dir: Path, device: torch.device, mo
                     ) -> TrainerOptions:
     """The Trainer's loop settings from a ``TrainConfig``; ``model`` (the module the trainer
     optimises) is needed for ``model.encoder_lr_scale``."""
-    return TrainerOptions(
+    return engine_trainer_options(
+        config, config, device, batch_size=config.data.batch_size, run_dir=run_dir,
         lr_scale=encoder_lr_scale(model, config.model.encoder_lr_scale) if model is not None else None,
-        stages=config.stages, optim=config.optim, run_dir=run_dir, device=device, precision=config.precision,
-        channels_last=config.channels_last, seed=config.seed, batch_size=config.data.batch_size,
-        num_workers=config.data.num_workers, checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints, log_every=config.log_every, eval_every=config.eval.every,
-        progress=config.progress,
-    )
+        channels_last=config.channels_last, num_workers=config.data.num_workers, eval_every=config.eval.every)
 
 
 def make_augmenters(stages: Sequence[Any], ignore_index: int) -> list[PairedAugment]:

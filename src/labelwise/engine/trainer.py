@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from labelwise.config import OptimConfig, StageConfig
+from labelwise.config import OptimConfig, RunConfig, ScheduleConfig, StageConfig
 from labelwise.engine.runtime import DistInfo, autocast, barrier, init_distributed
 from labelwise.engine.sampler import ResumableBatchSampler
 from labelwise.engine.schedule import locate_stage, lr_at
@@ -85,6 +85,19 @@ class TrainerOptions:
     lr_scale: Callable[[str], float] | None = None
     """Optional learning-rate multiplier by parameter name (e.g. new heads faster than a
     pretrained backbone); every parameter's lr is the stage lr times its multiplier."""
+
+
+def trainer_options(run: RunConfig, schedule: ScheduleConfig, device: torch.device, *, batch_size: int,
+                    run_dir: str | Path | None = None, **loop: Any) -> TrainerOptions:
+    """The :class:`Trainer` settings of any regime: the run keys of its config (``run``), its
+    schedule, the device, the per-step batch size and the regime's own loop settings ``loop``
+    (``num_workers``, ``channels_last``, ``eval_every``, ``lr_scale``); ``run_dir`` replaces
+    ``run.run_dir`` (e.g. one round of self-training)."""
+    return TrainerOptions(stages=schedule.stages, optim=schedule.optim,
+                          run_dir=Path(run_dir if run_dir is not None else run.run_dir), device=device,
+                          precision=run.precision, seed=run.seed, batch_size=batch_size,
+                          checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
+                          log_every=run.log_every, progress=run.progress, **loop)
 
 
 @dataclass

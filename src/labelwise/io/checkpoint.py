@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from labelwise.errors import CheckpointError
 from labelwise.io.atomic import atomic_write_json
 from labelwise.io.jsonfile import read_json
+from labelwise.io.tensors import read_safetensors
 
 # ---------------------------------------------------------------------------------------------
 # RNG state
@@ -162,12 +162,7 @@ def latest_checkpoint_dir(run_dir: Path) -> Path | None:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint file is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {exc}") from exc
+    return read_safetensors(path, "checkpoint file")
 
 
 def load_training_checkpoint(folder: Path) -> TrainingCheckpoint:

@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from labelwise import __version__
@@ -44,6 +43,7 @@ from labelwise.data.classmap import ClassMap, default_palette
 from labelwise.errors import CheckpointError
 from labelwise.io.atomic import atomic_path, atomic_write_json
 from labelwise.io.jsonfile import read_json
+from labelwise.io.tensors import read_safetensors
 
 __all__ = ["FORMAT", "INFO_FILE", "KINDS", "WEIGHTS_FILE", "Artifact", "cluster_class_map", "is_artifact",
            "load_artifact", "provenance", "read_artifact_files", "save_artifact"]
@@ -126,12 +126,7 @@ def save_artifact(folder: str | Path, kind: str, module: nn.Module, architecture
 
 
 def _load_weights(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: weights file is truncated or corrupt ({exc})") from exc
+    return read_safetensors(path, "weights file")
 
 
 def is_artifact(folder: str | Path) -> bool:

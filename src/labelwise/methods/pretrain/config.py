@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from labelwise.config import OptimConfig
+from labelwise.config import OptimConfig, RunConfig
 from labelwise.data.multicrop import MultiCropConfig
 from labelwise.errors import ConfigError
 
@@ -105,7 +105,7 @@ class RotationConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     """Everything a pretraining run needs.
 
     Length: ``steps``, or ``epochs`` over the images (then ``steps`` must be null). The lr warms
@@ -138,17 +138,11 @@ class PretrainConfig:
     teacher_momentum_end: float = 1.0
     export: Literal["teacher", "student"] = "teacher"
     init: str | None = None
-    precision: Literal["bf16", "fp32"] = "bf16"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
     run_dir: str = "runs/pretrain"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    progress: bool = True
 
     def validate(self) -> None:
         """Range checks the type system cannot express (errors name the dotted key)."""
+        self.validate_run()
         if not self.data.images:
             raise ConfigError("data.images: at least one image folder is required (or --images DIR)")
         if self.data.max_side is not None and self.data.max_side < 16:

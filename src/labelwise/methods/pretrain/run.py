@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labelwise.config import StageConfig, save_config
+from labelwise.config import ScheduleConfig, StageConfig, save_config
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.multicrop import MultiCropAugment, MultiCropConfig, MultiCropDataset, multicrop_collate
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.schedule import cosine_schedule
-from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult, unwrap
+from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainResult, trainer_options, unwrap
 from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.pretrain.backbone import UNetBackbone, ViTBackbone, build_backbone, export_backbone, make_teacher
 from labelwise.methods.pretrain.config import PretrainConfig
@@ -136,12 +136,9 @@ def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False,
 
     stage = StageConfig(steps=steps, lr=config.lr, schedule="cosine", warmup_steps=min(config.warmup_steps, steps - 1),
                         min_lr=config.min_lr)
-    options = TrainerOptions(
-        stages=[stage], optim=config.optim, run_dir=run_dir, device=device, precision=config.precision,
-        channels_last=channels_last, seed=config.seed, batch_size=config.data.batch_size,
-        num_workers=config.data.num_workers, checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints, log_every=config.log_every, progress=config.progress,
-    )
+    options = trainer_options(config, ScheduleConfig(optim=config.optim, stages=[stage]), device,
+                              batch_size=config.data.batch_size, run_dir=run_dir, num_workers=config.data.num_workers,
+                              channels_last=channels_last)
 
     def weight_decay(step: int) -> float:
         return cosine_schedule(step, steps, config.optim.weight_decay, config.weight_decay_end)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from labelwise.config import DataConfig
+from labelwise.config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, StageConfig
 from labelwise.errors import ConfigError
 from labelwise.losses.stego import StegoConfig
 
@@ -120,7 +120,7 @@ class UnsupervisedEvalConfig:
 
 
 @dataclass
-class UnsupervisedConfig:
+class UnsupervisedConfig(RunConfig):
     """Everything an unsupervised run needs.
 
     ``images``: folders of unlabeled training images (``--images DIR``); when empty, the
@@ -143,16 +143,18 @@ class UnsupervisedConfig:
     lr: float = 5e-4
     weight_decay: float = 0.1
     grad_clip: float = 10.0
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["bf16", "fp32"] = "bf16"
     run_dir: str = "runs/unsupervised"
     checkpoint_every: int = 250
-    log_every: int = 10
-    progress: bool = True
+
+    def schedule(self) -> ScheduleConfig:
+        """The head's schedule in the common form: ``steps`` at the constant ``lr``, AdamW with
+        ``weight_decay`` and ``grad_clip``."""
+        return ScheduleConfig(optim=OptimConfig(name="adamw", weight_decay=self.weight_decay, grad_clip=self.grad_clip),
+                              stages=[StageConfig(steps=self.steps, lr=self.lr, schedule="constant")])
 
     def validate(self) -> None:
         """Range checks (errors name the dotted key)."""
+        self.validate_run()
         positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                     "features.crop_size": self.features.crop_size, "features.batch_size": self.features.batch_size,
                     "hp.dim": self.hp.dim, "hp.pool_size": self.hp.pool_size, "hp.renew_every": self.hp.renew_every,

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
-from labelwise.config import OptimConfig, StageConfig, save_config, to_dict
+from labelwise.config import save_config, to_dict
 from labelwise.data.build import build_datasets, build_eval_dataset
 from labelwise.data.images import ImageFolderDataset
 from labelwise.engine.ema import ema_update
 from labelwise.engine.runtime import resolve_device, seed_everything
-from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult, unwrap
+from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainResult, trainer_options, unwrap
 from labelwise.errors import ConfigError
 from labelwise.eval.kmeans import kmeans
 from labelwise.features.cache import FeatureCache, extract_features
@@ -340,13 +340,7 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
         if config.method == "hp" and config.hp.local:
             local_key = next(k for k in cache.attention if k.startswith(LOCAL_KIND + "@"))
         dataset = CachedViews(cache, aug, local_key)
-        options = TrainerOptions(
-            stages=[StageConfig(steps=config.steps, lr=config.lr, schedule="constant")],
-            optim=OptimConfig(name="adamw", weight_decay=config.weight_decay, grad_clip=config.grad_clip),
-            run_dir=run_dir, device=device, precision=config.precision, seed=config.seed,
-            batch_size=config.batch_size, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-            progress=config.progress,
-        )
+        options = trainer_options(config, config.schedule(), device, batch_size=config.batch_size)
         def momentum_update(model: nn.Module, step: int) -> None:  # noqa: ARG001
             bare: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
             ema_update(bare.momentum_head, bare.head, config.hp.momentum)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from labelwise.config import DataConfig
+from labelwise.config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, StageConfig
 from labelwise.errors import ConfigError
 from labelwise.methods.weak.cams import CAMConfig
 from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig
@@ -15,7 +15,7 @@ __all__ = ["WeakConfig"]
 
 
 @dataclass
-class WeakConfig:
+class WeakConfig(RunConfig):
     """Everything the weak-supervision stages need.
 
     Training images: the ``images`` folders with the ``tags`` file (class names from
@@ -56,20 +56,23 @@ class WeakConfig:
     weight_decay: float = 0.05
     grad_clip: float = 5.0
     hflip: float = 0.5
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["bf16", "fp32"] = "bf16"
     run_dir: str = "runs/weak"
     checkpoint_every: int = 250
-    log_every: int = 10
-    progress: bool = True
     cams: CAMConfig = field(default_factory=CAMConfig)
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     segmenter: str | None = None
     segmenter_overrides: list[str] = field(default_factory=list)
 
+    def schedule(self) -> ScheduleConfig:
+        """The classifier's schedule in the common form: ``steps`` with a cosine from ``lr`` after
+        a linear warm-up of min(100, steps / 10) steps, AdamW with ``weight_decay`` and ``grad_clip``."""
+        return ScheduleConfig(optim=OptimConfig(name="adamw", weight_decay=self.weight_decay, grad_clip=self.grad_clip),
+                              stages=[StageConfig(steps=self.steps, lr=self.lr, schedule="cosine",
+                                                  warmup_steps=min(100, self.steps // 10))])
+
     def validate(self) -> None:
         """Range checks (errors name the dotted key)."""
+        self.validate_run()
         for key, value in (("steps", self.steps), ("batch_size", self.batch_size), ("lr", self.lr),
                            ("checkpoint_every", self.checkpoint_every), ("log_every", self.log_every)):
             if value <= 0:

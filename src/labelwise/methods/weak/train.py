@@ -21,14 +21,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from labelwise.config import OptimConfig, StageConfig, save_config
+from labelwise.config import save_config
 from labelwise.data.build import build_datasets
 from labelwise.data.classmap import ClassMap
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.tags import read_tag_file
 from labelwise.data.windows import TileWindows
 from labelwise.engine.runtime import resolve_device, seed_everything
-from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
+from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainResult, trainer_options
 from labelwise.errors import CheckpointError, ConfigError
 from labelwise.io.atomic import atomic_path, atomic_write_json
 from labelwise.io.jsonfile import read_json
@@ -150,13 +150,8 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
     torch.manual_seed(config.seed)
     model = MultiClassTokenViT(backbone, class_map.num_classes, config.variant, hybrid=config.hybrid,
                                readout=config.readout)
-    options = TrainerOptions(
-        stages=[StageConfig(steps=config.steps, lr=config.lr, schedule="cosine", warmup_steps=min(100, config.steps // 10))],
-        optim=OptimConfig(name="adamw", weight_decay=config.weight_decay, grad_clip=config.grad_clip),
-        run_dir=run_dir, device=device, precision=config.precision, seed=config.seed, batch_size=config.batch_size,
-        checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=config.progress,
-        lr_scale=lambda name: config.new_lr_scale if model.is_new_parameter(name) else 1.0,
-    )
+    options = trainer_options(config, config.schedule(), device, batch_size=config.batch_size, run_dir=run_dir,
+                              lr_scale=lambda name: config.new_lr_scale if model.is_new_parameter(name) else 1.0)
     trainer = Trainer(model, dataset, _step_fn(config), options, collate_fn=_collate)
     result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
     if result.steps >= config.steps:
