@@ -11,18 +11,34 @@ import torch
 from safetensors.torch import load_file
 
 
-def test_two_process_torchrun_ranks_agree(tmp_path):
+def _torchrun(worker: str, out: Path) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        command + ["--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    result = subprocess.run(command + ["--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name(worker)),
+                                       str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
-    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    return result
+
+
+def _assert_ranks_agree(out: Path) -> None:
+    rank0 = load_file(str(out / "rank0.safetensors"))
+    rank1 = load_file(str(out / "rank1.safetensors"))
+    assert set(rank0) == set(rank1)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_two_process_torchrun_ranks_agree(tmp_path):
+    result = _torchrun("ddp_worker.py", tmp_path)
+    _assert_ranks_agree(tmp_path)
     assert (tmp_path / "run" / "checkpoints" / "latest.json").exists()
     assert "6 steps" in result.stdout
+
+
+def test_semi_supervised_consistency_under_torchrun_ranks_agree(tmp_path):
+    """UniMatch with an EMA teacher: every student pass goes through DDP's one forward, so the
+    ranks (started from different weights) hold identical student and teacher weights."""
+    result = _torchrun("ddp_semi_worker.py", tmp_path)
+    _assert_ranks_agree(tmp_path)
+    assert "4 steps" in result.stdout

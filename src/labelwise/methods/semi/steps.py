@@ -39,17 +39,10 @@ from torch import Tensor, nn
 from labelwise.data.transforms import PairedAugment, scale_batch
 from labelwise.engine.trainer import StepContext, StepOutput
 from labelwise.losses import WeightedSumLoss
-from labelwise.losses.rotation import random_rotations, rotation_loss
+from labelwise.losses.rotation import random_rotations
 from labelwise.methods.semi.config import SemiSettings
-from labelwise.methods.semi.model import SemiModel, main_logits
-from labelwise.methods.semi.perturb import (
-    confident_pseudo_labels,
-    cutmix,
-    cutmix_boxes,
-    feature_dropout,
-    strong_photometric,
-)
-from labelwise.models.base import DeepSupervisionOutput, ModelOutput
+from labelwise.methods.semi.model import SemiModel, StudentOutputs, main_logits
+from labelwise.methods.semi.perturb import confident_pseudo_labels, cutmix_boxes, feature_dropout, strong_photometric
 
 __all__ = ["make_consistency_step", "transform_views", "unlabeled_loss"]
 
@@ -71,13 +64,6 @@ def transform_views(x: Tensor, kind: int) -> Tensor:
     return torch.rot90(x, kind - 1, dims=(-2, -1))
 
 
-def _split(output: ModelOutput, n: int) -> tuple[ModelOutput, ModelOutput]:
-    if isinstance(output, DeepSupervisionOutput):
-        return (DeepSupervisionOutput(output.logits[:n], [s[:n] for s in output.side_logits]),
-                DeepSupervisionOutput(output.logits[n:], [s[n:] for s in output.side_logits]))
-    return output[:n], output[n:]
-
-
 def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augmenters: list[PairedAugment],
                           ignore_index: int, seed: int, channels_last: bool = False) -> Callable[..., StepOutput]:
     """The step function of ``fixmatch`` / ``unimatch`` (module docstring) for the Trainer."""
@@ -85,7 +71,6 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
 
     def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
         semi: SemiModel = getattr(model, "module", model)
-        student = semi.student
         state = np.random.SeedSequence([seed, context.step, 11]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(state))
         images, masks = batch["image"], batch["mask"]
@@ -103,19 +88,29 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
         n = images.shape[0]
         logs: dict[str, float] = {}
 
-        # 2. labeled + weak views in one forward (the feature stream of unimatch from it too)
-        joint = images.shape[-2:] == weak.shape[-2:]
-        inputs = torch.cat([images, weak]) if joint else images
-        features = student.encode(inputs)
-        output = student.decode(features, size=inputs.shape[-2:])
-        if joint:
-            output_l, output_w = _split(output, n)
-        else:
-            output_l = output
-            features = student.encode(weak)
-            output_w = student.decode(features, size=weak.shape[-2:])
-        weak_logits = main_logits(output_w)
-        sup, parts = loss_fn(output_l, masks)
+        # strong views (images only: their labels are the pseudo-labels, known after the forward)
+        boxes_per_view, strong_images = [], []
+        for _ in range(2 if unimatch else 1):
+            with torch.autocast(device_type=context.device.type, enabled=False):
+                view = strong_photometric(weak.float(), generator)
+                boxes = cutmix_boxes(n, weak.shape[-2], weak.shape[-1], generator,
+                                     settings.cutmix_probability).to(weak.device)
+                strong_images.append(torch.where(boxes[:, None], view.roll(1, 0), view))
+            boxes_per_view.append(boxes)
+        perturb = (lambda features: feature_dropout(features, settings.feature_dropout, generator)) if unimatch else None
+        kind = int(torch.randint(0, 5, (1,), generator=generator)) if settings.transform_consistency > 0 else None
+        rotated = ids = None
+        if settings.rotation_weight > 0 and semi.rotation_head is not None:
+            side = min(weak.shape[-2:])
+            top, left = (weak.shape[-2] - side) // 2, (weak.shape[-1] - side) // 2
+            rotated, ids = random_rotations(weak[..., top:top + side, left:left + side], generator)
+
+        # 2. every student pass in one forward (through DistributedDataParallel when distributed)
+        outputs: StudentOutputs = model(images, weak, torch.cat(strong_images), feature_dropout=perturb,
+                                        transformed=transform_views(weak, kind) if kind is not None else None,
+                                        rotated=rotated)
+        weak_logits = outputs.weak
+        sup, parts = loss_fn(outputs.labeled, masks)
         logs.update({f"sup_{k}": float(v.detach()) for k, v in parts.items()})
 
         # 3. pseudo-labels
@@ -132,25 +127,14 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
         counts = torch.bincount(pseudo[pseudo != ignore_index], minlength=1)
         logs["pseudo_top_share"] = float(counts.max() / counts.sum().clamp_min(1))
 
-        # 4. strong views with CutMix
-        def strong_view() -> tuple[Tensor, Tensor, Tensor]:
-            with torch.autocast(device_type=context.device.type, enabled=False):
-                view = strong_photometric(weak.float(), generator)
-                boxes = cutmix_boxes(n, weak.shape[-2], weak.shape[-1], generator,
-                                     settings.cutmix_probability).to(weak.device)
-                view, labels = cutmix(view, pseudo, boxes, view.roll(1, 0), pseudo.roll(1, 0))
-                view_valid = torch.where(boxes, valid.roll(1, 0), valid)
-            return view, labels, view_valid
-
-        views = [strong_view() for _ in range(2 if unimatch else 1)]
-        strong_logits = main_logits(student(torch.cat([v[0] for v in views])))
-        strong_losses = [unlabeled_loss(part, labels, view_valid, ignore_index)
-                         for part, (_, labels, view_valid) in zip(strong_logits.split(n), views)]
+        # 4. strong-view losses against the pseudo-labels CutMixed with the same boxes
+        strong_losses = []
+        for part, boxes in zip(outputs.strong.split(n), boxes_per_view):
+            labels = torch.where(boxes, pseudo.roll(1, 0), pseudo)
+            view_valid = torch.where(boxes, valid.roll(1, 0), valid)
+            strong_losses.append(unlabeled_loss(part, labels, view_valid, ignore_index))
         if unimatch:
-            weak_features = [f[n:] for f in features] if joint else features
-            dropped = feature_dropout(weak_features, settings.feature_dropout, generator)
-            fp_logits = main_logits(student.decode(dropped, size=weak.shape[-2:]))
-            fp = unlabeled_loss(fp_logits, pseudo, valid, ignore_index)
+            fp = unlabeled_loss(outputs.feature_perturbed, pseudo, valid, ignore_index)
             total = (sup + 0.25 * strong_losses[0] + 0.25 * strong_losses[1] + 0.5 * fp) / 2
             logs.update({"s1": float(strong_losses[0].detach()), "s2": float(strong_losses[1].detach()),
                          "fp": float(fp.detach())})
@@ -159,22 +143,16 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
             logs["s"] = float(strong_losses[0].detach())
 
         # optional terms
-        if settings.transform_consistency > 0:
-            kind = int(torch.randint(0, 5, (1,), generator=generator))
-            transformed = main_logits(student(transform_views(weak, kind)))
+        if kind is not None:
             target = transform_views(torch.softmax(weak_logits.detach().float(), 1), kind)
             mask = transform_views(valid, kind)
-            soft_ce = -(target * F.log_softmax(transformed.float(), 1)).sum(1)
+            soft_ce = -(target * F.log_softmax(outputs.transformed.float(), 1)).sum(1)
             consistency = (soft_ce * mask).sum() / mask.sum().clamp_min(1)
             total = total + settings.transform_consistency * consistency
             logs["transform"] = float(consistency.detach())
-        if settings.rotation_weight > 0 and semi.rotation_head is not None:
-            side = min(weak.shape[-2:])
-            top, left = (weak.shape[-2] - side) // 2, (weak.shape[-1] - side) // 2
-            square = weak[..., top:top + side, left:left + side]
-            rotated, ids = random_rotations(square, generator)
-            pooled = student.encode(rotated)[-1].float().mean((2, 3))
-            rotation, accuracy = rotation_loss(semi.rotation_head, pooled, ids)
+        if outputs.rotation is not None:
+            rotation = F.cross_entropy(outputs.rotation, ids)
+            accuracy = (outputs.rotation.detach().argmax(1) == ids).float().mean()
             total = total + settings.rotation_weight * rotation
             logs.update({"rotation": float(rotation.detach()), "rotation_acc": float(accuracy)})
         return StepOutput(total, logs, n)

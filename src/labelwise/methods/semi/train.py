@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -112,7 +113,8 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
     if config.model.init and not resume:
         from labelwise.models.init import initialise_from
 
-        initialise_from(student, config.model.init, run_dir=run_dir, verbose=True)
+        main = int(os.environ.get("RANK", "0")) == 0  # one init report per run, not per torchrun rank
+        initialise_from(student, config.model.init, run_dir=run_dir if main else None, verbose=main)
     rotation = _rotation_channels(student) if config.semi.rotation_weight > 0 else None
     model = SemiModel(student, ema_teacher=config.semi.ema_teacher, rotation_features=rotation)
     loss_fn = build_loss([{"name": t.name, "weight": t.weight} for t in config.loss.terms],
@@ -134,15 +136,12 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
                       eval_fn=eval_fn if config.eval.every else None,
                       after_optimizer_step=(lambda bare, step: bare.update_teacher(momentum))
                       if config.semi.ema_teacher else None)
-    if trainer.dist.world_size > 1:
-        # the step calls the student's encode / decode directly, past DDP's gradient hooks
-        raise ConfigError(f"semi.method {config.semi.method}: runs in one process, not under torchrun "
-                          f"(world size {trainer.dist.world_size})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if trainer.dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
     metrics: dict[str, Any] = {}
-    if result.steps >= config.total_steps:
+    if trainer.dist.is_main and result.steps >= config.total_steps:
         bare: SemiModel = trainer.bare_model  # type: ignore[assignment]
         export_model(run_dir, bare.student, class_map, config.eval, data=to_dict(config.data), init=config.model.init,
                      extra={"train_config": "config.yaml", "semi_method": config.semi.method})
