@@ -42,3 +42,9 @@ def test_semi_supervised_consistency_under_torchrun_ranks_agree(tmp_path):
     result = _torchrun("ddp_semi_worker.py", tmp_path)
     _assert_ranks_agree(tmp_path)
     assert "4 steps" in result.stdout
+
+
+def test_weak_classifier_under_torchrun_ranks_agree(tmp_path):
+    result = _torchrun("ddp_weak_worker.py", tmp_path)
+    _assert_ranks_agree(tmp_path)
+    assert "4 steps" in result.stdout and (tmp_path / "run" / "mct.json").is_file()

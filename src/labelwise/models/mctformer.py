@@ -86,7 +86,8 @@ class MCTOutput(NamedTuple):
 
 class MultiClassTokenViT(nn.Module):
     """``K`` class tokens on a ViT backbone (module docstring). The backbone's own ``cls_token``
-    is kept but unused; its other parameters are shared (trained together)."""
+    is kept (frozen: unused, it would get no gradient, which DistributedDataParallel refuses); its
+    other parameters are shared (trained together)."""
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, variant: Literal["v1", "v2"] = "v2",
                  hybrid: bool = False, readout: Literal["mean", "linear"] = "linear") -> None:
@@ -98,6 +99,7 @@ class MultiClassTokenViT(nn.Module):
         if readout not in ("mean", "linear"):
             raise ValueError(f"readout must be 'mean' or 'linear', got {readout!r}")
         self.backbone = backbone
+        backbone.cls_token.requires_grad_(False)
         self.num_classes = num_classes
         self.variant = variant
         with torch.no_grad():

@@ -139,8 +139,6 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
     seed_everything(config.seed)
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
     dataset, class_map = tagged_training_images(config)
     backbone = load_vit(config.backbone)
     config.cams.validate(backbone.depth)  # fail now, not after training, when cams.blocks exceeds the depth
@@ -153,8 +151,11 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
     options = trainer_options(config, config.schedule(), device, batch_size=config.batch_size, run_dir=run_dir,
                               lr_scale=lambda name: config.new_lr_scale if model.is_new_parameter(name) else 1.0)
     trainer = Trainer(model, dataset, _step_fn(config), options, collate_fn=_collate)
+    if trainer.dist.is_main:  # under torchrun, rank 0 writes the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
-    if result.steps >= config.steps:
+    if trainer.dist.is_main and result.steps >= config.steps:
         save_classifier(run_dir, trainer.bare_model, list(class_map.names),  # type: ignore[arg-type]
                         {"backbone": config.backbone, "steps": result.steps,
                          "train_seconds": round(result.train_seconds, 2)})
