@@ -48,3 +48,9 @@ def test_weak_classifier_under_torchrun_ranks_agree(tmp_path):
     result = _torchrun("ddp_weak_worker.py", tmp_path)
     _assert_ranks_agree(tmp_path)
     assert "4 steps" in result.stdout and (tmp_path / "run" / "mct.json").is_file()
+
+
+def test_unsupervised_head_under_torchrun_ranks_agree(tmp_path):
+    result = _torchrun("ddp_unsupervised_worker.py", tmp_path)
+    _assert_ranks_agree(tmp_path)
+    assert "4 steps" in result.stdout and (tmp_path / "run" / "model.json").is_file()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,12 @@ class UnsupervisedHead(nn.Module):
         if method == "picie":
             self.register_buffer("prototypes", torch.zeros(prototypes, dim))
 
-    def forward(self, features: Tensor) -> Tensor:
+    def forward(self, features: Tensor, compute: Callable[[UnsupervisedHead], Any] | None = None) -> Any:
+        """Codes ``[B, dim, h, w]`` of ``features``; or, with ``compute``, ``compute(self)``: a training
+        step's loss computed inside this forward, so that under DistributedDataParallel every use
+        of the parameters is seen by DDP's one forward and their gradients are synchronised."""
+        if compute is not None:
+            return compute(self)
         if self.method == "kmeans":
             return features
         return self.head(features)

@@ -205,19 +205,24 @@ def _hp_step_fn(config: UnsupervisedConfig, cache: FeatureCache, total_steps: in
                 head.momentum_head.train()
                 head.pool_sp.copy_(F.normalize(pool.float(), dim=1))
         features = batch["features"]
-        code = head.head(features)
-        z = head.projection(code)
-        with torch.no_grad():
-            momentum = head.momentum_head(features)
         lam = lambda_schedule(context.step, total_steps, settings.lambda_warmup_steps) if settings.task_specific else 0.0
-        z_mix = head.projection(mix_neighbourhood(code, batch["local_weights"])) if settings.local else None
-        loss = loss_fn(z, features, momentum, head.pool_ag, head.pool_sp, lam, z_mix=z_mix, generator=generator)
-        logs = {"hp": float(loss.detach()), "lambda": lam, **loss_fn.last_stats}
-        if settings.consistency_weight > 0:
-            z_aug = head.projection(head.head(batch["aug_features"]))
-            consistency = (z.float() - z_aug.float()).norm(dim=1).mean()
-            loss = loss + settings.consistency_weight * consistency
-            logs["consistency"] = float(consistency.detach())
+
+        def compute(head: UnsupervisedHead) -> tuple[Tensor, dict[str, float]]:
+            code = head.head(features)
+            z = head.projection(code)
+            with torch.no_grad():
+                momentum = head.momentum_head(features)
+            z_mix = head.projection(mix_neighbourhood(code, batch["local_weights"])) if settings.local else None
+            loss = loss_fn(z, features, momentum, head.pool_ag, head.pool_sp, lam, z_mix=z_mix, generator=generator)
+            logs = {"hp": float(loss.detach()), "lambda": lam, **loss_fn.last_stats}
+            if settings.consistency_weight > 0:
+                z_aug = head.projection(head.head(batch["aug_features"]))
+                consistency = (z.float() - z_aug.float()).norm(dim=1).mean()
+                loss = loss + settings.consistency_weight * consistency
+                logs["consistency"] = float(consistency.detach())
+            return loss, logs
+
+        loss, logs = model(features, compute=compute)
         return StepOutput(loss, logs, features.shape[0])
 
     return step
@@ -257,13 +262,12 @@ def _stego_step_fn(config: UnsupervisedConfig, cache: FeatureCache) -> Callable[
     atomic_write_json(Path(config.run_dir) / "stego_shifts.json", {"rule": settings.shifts, **shifts})
 
     def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
-        head: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
         generator = _step_generator(config.seed, context.step)
         partners = sample_knn_partner(knn, batch["index"].cpu(), generator)
         features_knn = cached_rows(cache, partners.numpy()).to(context.device)
         features = batch["features"]
-        loss, logs = stego_correspondence_loss(features, features_knn, head(features), head(features_knn),
-                                               loss_config, generator)
+        loss, logs = model(features, compute=lambda head: stego_correspondence_loss(
+            features, features_knn, head(features), head(features_knn), loss_config, generator))
         return StepOutput(loss, logs, features.shape[0])
 
     return step
@@ -285,7 +289,8 @@ def _picie_step_fn(config: UnsupervisedConfig, cache: FeatureCache, clusters: in
                 head.train()
             head.prototypes.copy_(fit_prototypes(codes, clusters, seed=config.seed + context.step, iters=30))
         features = batch["features"]
-        loss = clustering_loss(head(features), head(batch["aug_features"]), head.prototypes, settings.temperature)
+        loss = model(features, compute=lambda head: clustering_loss(head(features), head(batch["aug_features"]),
+                                                                    head.prototypes, settings.temperature))
         return StepOutput(loss, {"clustering": float(loss.detach())}, features.shape[0])
 
     return step
@@ -305,14 +310,15 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
     """Train the head of ``config.method`` on cached features of the training views and export
     it (with centroids) into ``run_dir``; see the module docstring."""
     config.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("unsupervised training runs in one process (the head is small and HP needs every patch "
-                          "of the batch in one place); launch it without torchrun")
+    # Under torchrun every rank builds (or opens) the caches and trains on its share of each
+    # batch; the losses (HP's positives included) are computed per rank, the gradients averaged.
+    main = int(os.environ.get("RANK", "0")) == 0
     seed_everything(config.seed)
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if main:
+        save_config(config, run_dir / "config.yaml")
     clusters = _num_clusters(config)
     start = time.perf_counter()
     backbone = load_backbone(config.features.backbone)
@@ -351,6 +357,8 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
         head = trainer.bare_model  # type: ignore[assignment]
         if result.steps < config.steps:
             return UnsupervisedResult(run_dir, result, {})
+    if not main:  # rank 0 alone fits the centroids and exports
+        return UnsupervisedResult(run_dir, result, {})
     centroids = _fit_centroids(head, cache, clusters, device, config.seed)
     summary = {
         "backbone": config.features.backbone,
