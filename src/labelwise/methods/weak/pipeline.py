@@ -14,10 +14,11 @@ The stage reports go to ``run_dir/weak_run.json``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from labelwise.config import TrainConfig, load_config
+from labelwise.config import TrainConfig, config_from_mapping, read_yaml_mapping
 from labelwise.engine.runtime import resolve_device
 from labelwise.engine.segmenter import train_segmenter
 from labelwise.eval.evaluate import evaluate_exported
@@ -31,15 +32,19 @@ __all__ = ["run", "segmenter_config"]
 
 
 def segmenter_config(config: WeakConfig, pseudo_root: Path, run_dir: Path) -> TrainConfig:
-    """The second stage's ``TrainConfig``: ``segmenter`` + overrides, trained on the pseudo-mask
-    folder (which is also its validation split: it has no other)."""
-    overrides = list(config.segmenter_overrides)
-    if not any(o.split("=", 1)[0].strip() == "loss.class_weights" for o in overrides):
-        overrides.insert(0, "loss.class_weights=balanced")
-    overrides += ["data.dataset=folder", f"data.root={pseudo_root}", "data.train_split=train",
-                  "data.val_split=train", "data.class_map=null", f"run_dir={run_dir}",
-                  f"device={config.device}", f"progress={str(config.progress).lower()}"]
-    return load_config(TrainConfig, config.segmenter, overrides)
+    """The second stage's ``TrainConfig``: the user's ``segmenter`` YAML + ``segmenter_overrides``,
+    trained on the pseudo-mask folder (which is also its validation split: it has no other), on
+    this run's device; class-balanced loss weights unless ``segmenter_overrides`` set them."""
+    pseudo = {"dataset": "folder", "root": str(pseudo_root), "train_split": "train", "val_split": "train",
+              "class_map": None, "train_list": None}
+    mapping = read_yaml_mapping(config.segmenter) if config.segmenter else {}
+    mapping["data"] = {**(mapping.get("data") or {}), **pseudo}
+    mapping["loss"] = {**(mapping.get("loss") or {}), "class_weights": "balanced"}  # unless the overrides set them
+    seg = config_from_mapping(TrainConfig, mapping, config.segmenter_overrides)
+    seg.data = replace(seg.data, **pseudo)  # the overrides cannot move the data off the pseudo-masks
+    seg.run_dir, seg.device, seg.progress = str(run_dir), config.device, config.progress
+    seg.validate()
+    return seg
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
