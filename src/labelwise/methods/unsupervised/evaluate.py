@@ -30,13 +30,16 @@ from labelwise.eval.matching import hungarian_match, matched_confusion
 from labelwise.eval.metrics import ConfusionMatrix, metrics_from_confusion
 from labelwise.eval.probes import linear_probe
 from labelwise.features.cache import FeatureCache, extract_features, write_feature_cache
+from labelwise.inference import CLUSTER_SOFTMAX_SCALE
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
 from labelwise.methods.unsupervised.data import ResizedDataset, TileWindows
 from labelwise.methods.unsupervised.model import ExportedHead, load_head
 
 __all__ = ["CRF_ALPHA", "cluster_scores", "evaluate", "evaluate_clusters", "labeled_cache"]
 
-CRF_ALPHA = 2.0
+#: Cluster scores are scaled by this before the softmax that feeds the CRF (the one value
+#: every cluster model's CRF uses).
+CRF_ALPHA = CLUSTER_SOFTMAX_SCALE
 
 
 def cluster_scores(exported: ExportedHead, features: Tensor) -> Tensor:
