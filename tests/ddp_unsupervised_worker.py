@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from ddp_common import save_weights_after_fit
 
 from labelwise.config import load_config
-from labelwise.engine import trainer as trainer_module
 from labelwise.methods import unsupervised
 from labelwise.models import create_vit
 from labelwise.models.vit_loading import save_vit
@@ -18,17 +17,7 @@ out = Path(sys.argv[1])
 rank = int(os.environ.get("RANK", 0))
 torch.manual_seed(0)
 vit = save_vit(create_vit("custom", 8, embed_dim=48, depth=2, num_heads=3), out / f"vit{rank}.safetensors")
-fit = trainer_module.Trainer.fit
-
-
-def fit_and_save(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-    result = fit(self, *args, **kwargs)
-    state = {k: v.contiguous() for k, v in self.bare_model.state_dict().items()}
-    save_file(state, str(out / f"rank{self.dist.rank}.safetensors"))
-    return result
-
-
-trainer_module.Trainer.fit = fit_and_save
+save_weights_after_fit(out)
 config = load_config(unsupervised.UnsupervisedConfig, None, [
     "data.dataset=synthetic", "data.synthetic_train_images=8", "data.synthetic_val_images=4",
     "data.synthetic_size=[48, 64]", f"features.backbone={vit}", "features.crop_size=32", "features.eval_size=[48, 64]",
