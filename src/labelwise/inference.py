@@ -36,14 +36,14 @@ from labelwise.data.io import read_image
 from labelwise.engine.runtime import resolve_device
 from labelwise.errors import ConfigError
 from labelwise.eval.crf import CRFParams, crf_refine_batch
-from labelwise.eval.evaluate import make_logits_fn, predict_batch
+from labelwise.eval.evaluate import evaluate_model, make_logits_fn, predict_batch
 from labelwise.eval.matching import hungarian_match, matched_confusion
 from labelwise.eval.metrics import ConfusionMatrix, SegmentationMetrics, metrics_from_confusion
 from labelwise.io.atomic import atomic_write_json
 from labelwise.models.artifact import Artifact, load_artifact
 from labelwise.report.png import write_id_png, write_prediction_pngs
 
-__all__ = ["CLUSTER_SOFTMAX_SCALE", "MAPPING_FILE", "Predictor", "evaluate", "load", "predict_files"]
+__all__ = ["CLUSTER_SOFTMAX_SCALE", "MAPPING_FILE", "Predictor", "evaluate", "load", "predict_files", "segmenter_metrics"]
 
 MAPPING_FILE = "cluster_mapping.json"
 
@@ -174,6 +174,21 @@ def _confusion(predictor: Predictor, dataset: Dataset, class_map: ClassMap, opti
     return confusion.matrix
 
 
+def segmenter_metrics(predictor: Predictor, dataset: Dataset, options: EvalConfig | None = None,
+                      crf: bool = False) -> SegmentationMetrics:
+    """Metrics of a segmenter (or of a cluster model with a mapping) on ``dataset``, whose classes
+    must be the model's. Without CRF or mapping this is :func:`~labelwise.eval.evaluate.evaluate_model`,
+    the evaluation training ends with (batched); otherwise image by image."""
+    class_map = _class_map_of(dataset)
+    if predictor.class_map.names != class_map.names:
+        raise ConfigError(f"the model at {predictor.folder} predicts classes {list(predictor.class_map.names)}, "
+                          f"the dataset has {list(class_map.names)}")
+    if not crf and predictor.mapping is None:
+        return evaluate_model(predictor.module, dataset, class_map.num_classes, options or predictor.eval_config,
+                              predictor.device, predictor.precision, class_map.ignore_index)
+    return metrics_from_confusion(_confusion(predictor, dataset, class_map, options, crf, mapped=True))
+
+
 def evaluate(predictor: Predictor, dataset: Dataset, options: EvalConfig | None = None, crf: bool = False
              ) -> dict[str, Any]:
     """Score ``predictor`` on every labeled pixel of ``dataset`` (whole images, one at a time).
@@ -191,11 +206,7 @@ def evaluate(predictor: Predictor, dataset: Dataset, options: EvalConfig | None 
         mapping = hungarian_match(counts)
         metrics: SegmentationMetrics = metrics_from_confusion(matched_confusion(counts, mapping))
         return {**metrics.to_dict(names), "mapping": mapping.tolist(), "matched_on": "evaluated split"}
-    if predictor.class_map.names != class_map.names:
-        raise ConfigError(f"the model at {predictor.folder} predicts classes {list(predictor.class_map.names)}, "
-                          f"the dataset has {names}")
-    metrics = metrics_from_confusion(_confusion(predictor, dataset, class_map, options, crf, mapped=True))
-    out = metrics.to_dict(names)
+    out = segmenter_metrics(predictor, dataset, options, crf).to_dict(names)
     if predictor.mapping is not None:
         out["mapping"] = predictor.mapping.tolist()
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -10,14 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from labelwise.config import DataConfig, EvalConfig
+from labelwise.config import EvalConfig
 from labelwise.data import pad_collate
-from labelwise.data.build import build_eval_dataset
-from labelwise.engine.runtime import autocast, resolve_device
-from labelwise.errors import ConfigError
+from labelwise.engine.runtime import autocast
 from labelwise.eval.metrics import ConfusionMatrix, SegmentationMetrics
 from labelwise.eval.sliding_window import predict_logits
-from labelwise.models.export import load_model
 
 
 def make_logits_fn(model: nn.Module, device: torch.device, precision: str, input_scale: float = 1.0,
@@ -95,23 +91,3 @@ def evaluate_model(
     model.train(was_training)
     return confusion.compute()
 
-
-def evaluate_exported(model_path: str | Path, data: DataConfig, split: str | None = None, device: str = "auto",
-                      precision: str = "bf16", eval_config: EvalConfig | None = None) -> SegmentationMetrics:
-    """Evaluate an exported model folder on a split of ``data`` (default: its ``val_split``),
-    with the export's evaluation settings unless ``eval_config`` is given.
-
-    Raises:
-        ConfigError: the model predicts other classes than the dataset has.
-    """
-    loaded = load_model(model_path)
-    torch_device = resolve_device(device)
-    dataset, class_map = build_eval_dataset(data, split)
-    if class_map.names != loaded.class_map.names:
-        raise ConfigError(
-            f"the model at {model_path} predicts classes {list(loaded.class_map.names)}, "
-            f"the dataset has {list(class_map.names)}"
-        )
-    model = loaded.model.to(torch_device)
-    return evaluate_model(model, dataset, class_map.num_classes, eval_config or loaded.eval_config, torch_device,
-                          precision, class_map.ignore_index)

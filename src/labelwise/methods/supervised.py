@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from labelwise.config import (
     AugmentConfig,
@@ -19,15 +18,11 @@ from labelwise.config import (
     StageConfig,
     TrainConfig,
 )
-from labelwise.data import read_image
 from labelwise.data.build import DataSplits, build_eval_dataset
-from labelwise.data.images import list_images
-from labelwise.engine.runtime import resolve_device
 from labelwise.engine.segmenter import SupervisedResult, train_segmenter
-from labelwise.eval.evaluate import evaluate_exported, make_logits_fn, predict_batch
 from labelwise.eval.metrics import SegmentationMetrics
-from labelwise.models.export import load_model
-from labelwise.report import write_prediction_pngs, write_rgb_png
+from labelwise.inference import load, predict_files, segmenter_metrics
+from labelwise.report import write_rgb_png
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None,
@@ -40,28 +35,15 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, st
 def evaluate(model_path: str | Path, config: TrainConfig, split: str | None = None, device: str = "auto",
              precision: str = "bf16", eval_config: EvalConfig | None = None) -> SegmentationMetrics:
     """Evaluate an exported model on a split of ``config.data`` (default: its ``val_split``)."""
-    return evaluate_exported(model_path, config.data, split, device, precision, eval_config)
+    dataset, _ = build_eval_dataset(config.data, split)
+    return segmenter_metrics(load(model_path, device, precision), dataset, eval_config)
 
 
-@torch.no_grad()
 def predict(model_path: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
             precision: str = "bf16", eval_config: EvalConfig | None = None, alpha: float = 0.5) -> list[Path]:
     """Segment every image in ``inputs``; write ``ids/``, ``color/`` and ``overlay/`` PNGs per image
     under ``out_dir``. Returns the written class-id PNG paths."""
-    loaded = load_model(model_path)
-    torch_device = resolve_device(device)
-    model = loaded.model.to(torch_device)
-    config = eval_config or loaded.eval_config
-    logits_fn = make_logits_fn(model, torch_device, precision, config.input_scale, config.flip)
-    written = []
-    for path in list_images(inputs):
-        image = read_image(path)
-        tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(torch_device)
-        prediction = predict_batch(logits_fn, tensor, loaded.class_map.num_classes, config).argmax(1)[0]
-        paths = write_prediction_pngs(prediction.cpu().numpy(), image, loaded.class_map, Path(out_dir), path.stem,
-                                      alpha)
-        written.append(paths["ids"])
-    return written
+    return predict_files(load(model_path, device, precision), inputs, out_dir, eval_config, alpha=alpha)
 
 
 def demo_config(run_dir: str = "runs/demo", steps: int = 300, device: str = "auto", precision: str = "bf16"

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from labelwise.config import TrainConfig, config_from_mapping, read_yaml_mapping
+from labelwise.data.build import build_eval_dataset
 from labelwise.engine.runtime import resolve_device
 from labelwise.engine.segmenter import train_segmenter
-from labelwise.eval.evaluate import evaluate_exported
+from labelwise.inference import load, segmenter_metrics
 from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
@@ -96,7 +97,7 @@ def run(config: WeakConfig, resume: bool = False, overwrite: bool = False) -> di
     report["segmenter"] = {"run_dir": str(seg.run_dir), "steps": seg.train.steps,
                            "train_seconds": round(seg.train.train_seconds, 2)}
     if not config.images:
-        metrics = evaluate_exported(seg.run_dir, config.data, device=config.device)
+        metrics = segmenter_metrics(load(seg.run_dir, config.device), build_eval_dataset(config.data)[0])
         report["final"] = {"split": config.data.val_split, **metrics.to_dict(list(class_map.names))}
     atomic_write_json(run_dir / "weak_run.json", report)
     return report
