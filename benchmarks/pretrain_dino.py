@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "pretrain_vit_tiny.yaml",
                         help="pretraining config (default: configs/pretrain_vit_tiny.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, repeatable (e.g. --set steps=300)")
+                        help="config override, repeatable (e.g. --set stages.0.steps=300)")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "benchmarks" / "runs" / "pretrain_dino",
                         help="run folder (default: benchmarks/runs/pretrain_dino)")
     parser.add_argument("--export", type=Path, default=DEFAULT_BACKBONE_PATH,
@@ -73,7 +73,7 @@ def main() -> None:
         raise SystemExit(f"{args.run_dir}: the run did not finish; run the same command again to resume it")
 
     export = None
-    if not args.no_export:  # backbone.safetensors is already a save_vit file: copy it atomically
+    if not args.no_export:  # the run's weights.safetensors is already a save_vit file: copy it atomically
         export = Path(args.export)
         export.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(export) as tmp:

@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--random-floor", action=argparse.BooleanOptionalAction, default=True,
                         help="add hp_full on a random-init ViT")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config override for every row (e.g. --set steps=100)")
+                        help="extra config override for every row (e.g. --set stages.0.steps=100)")
     parser.add_argument("--no-rebuild", action="store_true", help="do not rebuild a missing default backbone")
     parser.add_argument("--suffix", default="", help="results file suffix, e.g. _quick")
     args = parser.parse_args()
@@ -98,7 +98,7 @@ def main() -> None:
             resume = checkpoints.is_dir() and any(checkpoints.iterdir())
             unsupervised.train(config, resume=resume)
         summary = unsupervised.load_head(run_dir).summary
-        report = unsupervised.evaluate(run_dir, config)
+        report = unsupervised.probe(run_dir, config)
         rows.extend(result_rows(name, kind, report, summary, args.dataset))
         print(f"{name} ({kind}): miou {report['miou']:.4f}, crf {report.get('crf', {}).get('miou')}, "
               f"linear {report.get('linear_miou')}, {time.perf_counter() - start:.0f} s", flush=True)

@@ -21,7 +21,7 @@ save_weights_after_fit(out)
 config = load_config(unsupervised.UnsupervisedConfig, None, [
     "data.dataset=synthetic", "data.synthetic_train_images=8", "data.synthetic_val_images=4",
     "data.synthetic_size=[48, 64]", f"features.backbone={vit}", "features.crop_size=32", "features.eval_size=[48, 64]",
-    f"features.cache_dir={out / 'cache'}", "method=hp", "steps=4", "batch_size=4", "hp.pool_size=64",
+    f"features.cache_dir={out / 'cache'}", "method=hp", "stages.0.steps=4", "batch_size=4", "hp.pool_size=64",
     "hp.renew_every=2", "device=cpu", "precision=fp32", "progress=false", "eval.clusters=4",
     f"run_dir={out / 'run'}", "checkpoint_every=2"])
 torch.manual_seed(rank)  # the head is initialised from config.seed inside train: ranks must still agree

@@ -21,7 +21,7 @@ save_weights_after_fit(out)
 torch.manual_seed(rank)  # ranks draw different new parameters: DDP must sync them
 config = load_config(WeakConfig, None, [
     "data.dataset=synthetic", "data.synthetic_train_images=16", "data.synthetic_size=[32, 48]",
-    f"backbone={backbone}", "image_size=[32, 48]", "steps=4", "batch_size=4", "lr=0.002", "seed=0",
+    f"backbone={backbone}", "image_size=[32, 48]", "stages.0.steps=4", "batch_size=4", "stages.0.lr=0.002", "seed=0",
     f"run_dir={out / 'run'}", "device=cpu", "progress=false", "checkpoint_every=2", "precision=fp32", "cams.blocks=2"])
 result = train_classifier(config)
 print(f"rank {rank} done: {result.train.steps} steps")

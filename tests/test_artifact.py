@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from labelwise.config import EvalConfig
 from labelwise.data import ClassMap
@@ -101,10 +102,28 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 
 @pytest.mark.parametrize("marker, message", [("mct.json", "weak-supervision classifier"),
                                              ("pretrain.json", "pretrained backbone")])
-def test_folders_of_other_stages_say_what_they_are(tmp_path, marker, message):
+def test_older_folders_of_other_stages_say_what_they_are(tmp_path, marker, message):
     (tmp_path / marker).write_text("{}")
     with pytest.raises(CheckpointError, match=message):
         load_artifact(tmp_path)
+
+
+@pytest.mark.parametrize("kind, message", [("classifier", "weak-supervision classifier"),
+                                           ("backbone", "pretrained backbone")])
+def test_artifacts_that_hold_no_segmenter_say_what_they_are(tmp_path, kind, message):
+    save_artifact(tmp_path / "run", kind, nn.Linear(2, 2), {"any": 1}, None)
+    with pytest.raises(CheckpointError, match=message):
+        load_artifact(tmp_path / "run")
+
+
+def test_a_weak_run_folder_loads_as_the_segmenter_trained_on_its_pseudo_masks(tmp_path):
+    model = _unet()
+    save_artifact(tmp_path / "run", "classifier", nn.Linear(2, 2), {"any": 1}, CLASSES)
+    export_model(tmp_path / "run" / "segmenter", model, CLASSES, EvalConfig())
+    loaded = load_artifact(tmp_path / "run")
+    assert loaded.kind == "segmenter" and loaded.folder == tmp_path / "run" / "segmenter"
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
 
 
 def test_a_crash_while_writing_weights_leaves_no_model_json(tmp_path, monkeypatch):

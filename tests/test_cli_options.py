@@ -36,7 +36,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 
 def test_every_command_is_found():
     assert set(TRAINING) | set(INFERENCE) | {"demo", "attention", "semi split", "weak cams", "weak pseudo-masks",
-                                            "unsupervised evaluate"} == set(LEAVES)
+                                            "unsupervised probe"} == set(LEAVES)
 
 
 @pytest.mark.parametrize("command", TRAINING)
@@ -106,14 +106,15 @@ CASES = {
                    {"run_dir": "r", "precision": "fp32", "semi.method": "fixmatch", "model.init": "w.safetensors"}),
     "weak train": (["--run-dir", "r", "--precision", "fp32", "--backbone", "b.safetensors", "--steps", "7",
                     "--images", "imgs", "--tags", "tags.csv"], "labelwise.methods.weak:WeakConfig",
-                   {"run_dir": "r", "precision": "fp32", "backbone": "b.safetensors", "steps": 7, "images": ["imgs"]}),
+                   {"run_dir": "r", "precision": "fp32", "backbone": "b.safetensors", "stages.0.steps": 7,
+                    "images": ["imgs"]}),
     "unsupervised train": (["--run-dir", "r", "--precision", "fp32", "--backbone", "b", "--steps", "5", "--method",
                             "stego", "--clusters", "4"], "labelwise.methods.unsupervised:UnsupervisedConfig",
-                           {"run_dir": "r", "precision": "fp32", "features.backbone": "b", "steps": 5,
+                           {"run_dir": "r", "precision": "fp32", "features.backbone": "b", "stages.0.steps": 5,
                             "method": "stego", "eval.clusters": 4}),
     "pretrain": (["--run-dir", "r", "--precision", "fp32", "--method", "moco", "--steps", "9", "--images", "a", "b",
                   "--init", "i"], "labelwise.methods.pretrain:PretrainConfig",
-                 {"run_dir": "r", "precision": "fp32", "method": "moco", "steps": 9, "data.images": ["a", "b"],
+                 {"run_dir": "r", "precision": "fp32", "method": "moco", "stages.0.steps": 9, "data.images": ["a", "b"],
                   "init": "i"}),
 }
 
@@ -139,5 +140,5 @@ def test_options_set_existing_config_keys(command):
     for key, value in expected.items():
         node = config
         for part in key.split("."):
-            node = getattr(node, part)
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
         assert node == value, (key, node, value)

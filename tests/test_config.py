@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import yaml
 
@@ -80,3 +82,78 @@ def test_exponent_notation_without_a_dot_is_a_number(tmp_path):
         load_config(TrainConfig, path, ["stages.0.lr=e-3"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(TrainConfig, path, ["stages.0.steps=1e3"])
+
+
+# --------------------------------------------------------------------- the earlier flat schedule layout
+
+FLAT_LAYOUTS = {
+    # class path: (flat YAML of the earlier layout, the same settings in stages + optim, extra overrides)
+    "labelwise.methods.unsupervised:UnsupervisedConfig": (
+        "steps: 600\nlr: 0.001\nweight_decay: 0.2\ngrad_clip: 5.0\n",
+        "stages: [{steps: 600, lr: 0.001}]\noptim: {weight_decay: 0.2, grad_clip: 5.0}\n", []),
+    "labelwise.methods.weak:WeakConfig": (
+        "steps: 300\nlr: 0.0001\nweight_decay: 0.01\n",
+        "stages: [{steps: 300, lr: 0.0001}]\noptim: {weight_decay: 0.01}\n", []),
+    "labelwise.methods.pretrain:PretrainConfig": (
+        "steps: 700\nlr: 0.001\nmin_lr: 0.00001\nwarmup_steps: 60\n",
+        "stages: [{steps: 700, lr: 0.001, min_lr: 0.00001, warmup_steps: 60}]\n", ["data.images=[x]"]),
+}
+
+
+def _config_class(path: str) -> type:
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("path", sorted(FLAT_LAYOUTS))
+def test_flat_schedule_keys_load_at_their_new_place_with_a_warning(tmp_path, path):
+    cls = _config_class(path)
+    flat, nested, extra = FLAT_LAYOUTS[path]
+    (tmp_path / "flat.yaml").write_text(flat)
+    (tmp_path / "nested.yaml").write_text(nested)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = load_config(cls, tmp_path / "flat.yaml", extra)
+    moved = {key: f"{key} moved to" for key in yaml.safe_load(flat)}
+    messages = [str(w.message) for w in caught if w.category is FutureWarning]
+    assert len(messages) == len(moved)
+    for key in moved:  # each flat key is named with its new place
+        where = f"stages.0.{key}" if key in ("steps", "lr", "min_lr", "warmup_steps") else f"optim.{key}"
+        assert f"config key '{key}' moved to '{where}'" in " ".join(messages)
+    new = load_config(cls, tmp_path / "nested.yaml", extra)
+    assert old == new
+    expected = yaml.safe_load(nested)
+    assert old.stages[0].steps == expected["stages"][0]["steps"]
+    assert old.stages[0].lr == expected["stages"][0]["lr"]
+    # the keys the YAML does not set keep the regime's own defaults (e.g. its schedule shape)
+    assert old.stages[0].schedule == cls().stages[0].schedule
+    with pytest.warns(FutureWarning, match=r"'lr' moved to 'stages.0.lr'"):
+        overridden = load_config(cls, tmp_path / "nested.yaml", [*extra, "lr=0.003"])
+    assert overridden.stages[0].lr == 0.003
+
+
+def test_a_flat_key_given_at_both_places_is_an_error_naming_both(tmp_path):
+    cls = _config_class("labelwise.methods.unsupervised:UnsupervisedConfig")
+    (tmp_path / "both.yaml").write_text("steps: 10\nstages: [{steps: 20}]\n")
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match=r"steps: moved to stages.0.steps, which is"):
+        load_config(cls, tmp_path / "both.yaml")
+
+
+def test_pretrain_steps_null_beside_epochs_still_loads(tmp_path):
+    cls = _config_class("labelwise.methods.pretrain:PretrainConfig")
+    (tmp_path / "epochs.yaml").write_text("steps: null\nepochs: 2\ndata: {images: [x]}\n")
+    with pytest.warns(FutureWarning):
+        config = load_config(cls, tmp_path / "epochs.yaml")
+    assert config.epochs == 2 and config.stages[0].steps == cls().stages[0].steps
+
+
+@pytest.mark.parametrize("path", sorted(FLAT_LAYOUTS))
+def test_single_stage_regimes_refuse_stage_keys_they_do_not_read(path):
+    cls = _config_class(path)
+    extra = FLAT_LAYOUTS[path][2]
+    with pytest.raises(ConfigError, match=r"stages.0.augment: not read by"):
+        load_config(cls, None, [*extra, "stages.0.augment.hflip=0.1"])
+    with pytest.raises(ConfigError, match=r"stages: .* one stage, got 2"):
+        load_config(cls, None, [*extra, "stages.1.steps=5"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def test_semi_supervised_consistency_under_torchrun_ranks_agree(tmp_path):
 def test_weak_classifier_under_torchrun_ranks_agree(tmp_path):
     result = _torchrun("ddp_weak_worker.py", tmp_path)
     _assert_ranks_agree(tmp_path)
-    assert "4 steps" in result.stdout and (tmp_path / "run" / "mct.json").is_file()
+    info = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert "4 steps" in result.stdout and info["kind"] == "classifier"
 
 
 def test_unsupervised_head_under_torchrun_ranks_agree(tmp_path):

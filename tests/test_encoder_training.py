@@ -160,7 +160,7 @@ def test_dense_moco_pretraining_on_the_encoder(tmp_path):
     for index in range(6):
         Image.fromarray(rng.integers(0, 256, (48, 56, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{index}.png")
     config = load_config(PretrainConfig, None, [
-        f"data.images=[{tmp_path / 'images'}]", f"run_dir={tmp_path / 'run'}", "method=moco", "steps=2",
+        f"data.images=[{tmp_path / 'images'}]", f"run_dir={tmp_path / 'run'}", "method=moco", "stages.0.steps=2",
         "backbone.kind=unet", "backbone.options={encoder: mobilenet_v2, encoder_weights: null}",
         "multicrop.global_size=64", "multicrop.local_size=32", "multicrop.local_crops=0", "moco.hidden_dim=32",
         "moco.dim=16", "moco.queue_size=16", "data.batch_size=2", "device=cpu", "progress=false"])

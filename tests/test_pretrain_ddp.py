@@ -40,6 +40,6 @@ def test_two_process_pretraining(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "pretrain.json").read_text())
+    summary = json.loads((tmp_path / "run" / "model.json").read_text())["pretrain"]
     assert summary["steps"] == 3 and summary["images_seen"] == 3 * 2 * 2 and summary["batch_size"] == 4
-    assert (tmp_path / "run" / "backbone.safetensors").exists()
+    assert (tmp_path / "run" / "weights.safetensors").exists()

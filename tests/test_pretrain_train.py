@@ -150,13 +150,13 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
 ])
 def test_resume_gives_identical_student_and_teacher(image_folder: Path, tmp_path: Path, method: str,
                                                     extra: list[str]) -> None:
-    settings = [f"method={method}", "steps=6", "checkpoint_every=4", *extra]  # 3 batches per epoch
+    settings = [f"method={method}", "stages.0.steps=6", "checkpoint_every=4", *extra]  # 3 batches per epoch
     straight = pretrain.train(_config(image_folder, tmp_path / "straight", *settings))
     assert straight.train.steps == 6 and straight.backbone_path is not None
 
     interrupted = _config(image_folder, tmp_path / "interrupted", *settings)
     partial = pretrain.train(interrupted, stop_at=3)
-    assert partial.backbone_path is None and not (tmp_path / "interrupted" / "backbone.safetensors").exists()
+    assert partial.backbone_path is None and not (tmp_path / "interrupted" / "weights.safetensors").exists()
     with pytest.raises(CheckpointError, match="--resume"):
         pretrain.train(interrupted)
     resumed = pretrain.train(interrupted, resume=True)
@@ -177,18 +177,18 @@ def test_resume_gives_identical_student_and_teacher(image_folder: Path, tmp_path
     assert log[-1]["weight_decay"] == pytest.approx(cosine_schedule(5, 6, 0.04, 0.4))
 
     # resuming a finished run trains nothing and keeps the record of the trained steps
-    summary = json.loads((tmp_path / "interrupted" / "pretrain.json").read_text())
+    summary = json.loads((tmp_path / "interrupted" / "model.json").read_text())["pretrain"]
     assert summary["last_logs"]["loss"] == pytest.approx(log[-1]["loss"])
     again = pretrain.train(interrupted, resume=True)
     assert again.train.steps == 6 and again.summary["last_logs"] == summary["last_logs"]
-    assert json.loads((tmp_path / "interrupted" / "pretrain.json").read_text())["last_logs"] == summary["last_logs"]
+    assert json.loads((tmp_path / "interrupted" / "model.json").read_text())["pretrain"]["last_logs"] == summary["last_logs"]
 
 
 @pytest.mark.parametrize("frozen_steps", [0, 2])
 def test_freeze_last_layer(image_folder: Path, tmp_path: Path, frozen_steps: int) -> None:
     from labelwise.engine.runtime import seed_everything
 
-    config = _config(image_folder, tmp_path / "run", "steps=2", f"dino.freeze_last_layer_steps={frozen_steps}")
+    config = _config(image_folder, tmp_path / "run", "stages.0.steps=2", f"dino.freeze_last_layer_steps={frozen_steps}")
     seed_everything(config.seed)
     initial = build_objective(config).student_head.weight_v.detach().clone()  # what train() builds first
     pretrain.train(config)
@@ -199,8 +199,8 @@ def test_freeze_last_layer(image_folder: Path, tmp_path: Path, frozen_steps: int
 
 
 def test_dino_run_exports_a_loadable_teacher_vit(image_folder: Path, tmp_path: Path) -> None:
-    result = pretrain.train(_config(image_folder, tmp_path / "run", "steps=2"))
-    summary = json.loads((tmp_path / "run" / "pretrain.json").read_text())
+    result = pretrain.train(_config(image_folder, tmp_path / "run", "stages.0.steps=2"))
+    summary = json.loads((tmp_path / "run" / "model.json").read_text())["pretrain"]
     assert summary["images_seen"] == 8 and summary["epochs"] == pytest.approx(8 / 12)
     assert summary["images_per_second"] > 0 and summary["train_seconds"] > 0
     assert summary["exported"] == "teacher" and summary["steps"] == 2
@@ -214,9 +214,10 @@ def test_dino_run_exports_a_loadable_teacher_vit(image_folder: Path, tmp_path: P
 
 
 def test_init_continues_from_an_exported_backbone(image_folder: Path, tmp_path: Path) -> None:
-    first = pretrain.train(_config(image_folder, tmp_path / "first", "method=dense_moco", "steps=2"))
+    first = pretrain.train(_config(image_folder, tmp_path / "first", "method=dense_moco", "stages.0.steps=2"))
     source = load_vit(first.backbone_path).state_dict()
-    config = _config(image_folder, tmp_path / "second", "method=dense_moco", "steps=1", f"init={first.backbone_path}")
+    config = _config(image_folder, tmp_path / "second", "method=dense_moco", "stages.0.steps=1",
+                     f"init={first.backbone_path}")
     objective = build_objective(config, tmp_path / "second")
     for name, network in (("student", objective.student), ("teacher", objective.teacher)):
         state = network.vit.state_dict()
@@ -225,21 +226,22 @@ def test_init_continues_from_an_exported_backbone(image_folder: Path, tmp_path: 
     report = json.loads((tmp_path / "second" / "init_report.json").read_text())
     assert "pos_embed" in report["loaded"] and not report["ignored"]
     # a fresh objective without init differs from the source, so the check above is not vacuous
-    fresh = build_objective(_config(image_folder, tmp_path / "third", "method=dense_moco", "steps=1"))
+    fresh = build_objective(_config(image_folder, tmp_path / "third", "method=dense_moco", "stages.0.steps=1"))
     assert not torch.equal(fresh.student.vit.state_dict()["pos_embed"], source["pos_embed"])
     result = pretrain.train(config)
     assert result.backbone_path is not None and (tmp_path / "second" / "init_report.json").exists()
 
 
 def test_init_from_a_missing_file_names_it(image_folder: Path, tmp_path: Path) -> None:
-    config = _config(image_folder, tmp_path / "run", "method=dense_moco", "steps=1", f"init={tmp_path / 'nope.safetensors'}")
+    config = _config(image_folder, tmp_path / "run", "method=dense_moco", "stages.0.steps=1",
+                     f"init={tmp_path / 'nope.safetensors'}")
     with pytest.raises(CheckpointError, match="nope.safetensors"):
         pretrain.train(config)
 
 
 @pytest.mark.parametrize("method", ["moco", "rotation"])
 def test_unet_encoder_export(image_folder: Path, tmp_path: Path, method: str) -> None:
-    result = pretrain.train(_config(image_folder, tmp_path / "run", f"method={method}", "steps=2",
+    result = pretrain.train(_config(image_folder, tmp_path / "run", f"method={method}", "stages.0.steps=2",
                                     "backbone.kind=unet", "backbone.options={width: 8, depth: 2}"))
     with safe_open(str(result.backbone_path), "pt") as handle:
         options = json.loads(handle.metadata()["model_config"])
@@ -263,8 +265,10 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(PretrainConfig, None, [])
     with pytest.raises(ConfigError, match="dino.ibot"):
         load_config(PretrainConfig, None, [*base, "dino.ibot=true", "backbone.kind=unet"])
-    with pytest.raises(ConfigError, match="steps"):
-        load_config(PretrainConfig, None, [*base, "epochs=2"])
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config(PretrainConfig, None, [*base, "epochs=0"])
+    with pytest.raises(ConfigError, match="stages: pretraining trains in one stage"):
+        load_config(PretrainConfig, None, [*base, "stages.1.steps=5"])
     with pytest.raises(ConfigError, match="moco.temperature"):
         load_config(PretrainConfig, None, [*base, "method=moco", "moco.temperature=0"])
     with pytest.raises(ConfigError, match="multicrop.local_crops"):
@@ -315,8 +319,18 @@ def test_cli_end_to_end(image_folder: Path, tmp_path: Path, capsys: pytest.Captu
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["steps"] == 2 and printed["images_seen"] == 8
-    assert (run_dir / "backbone.safetensors").exists() and (run_dir / "config.yaml").exists()
-    assert load_vit(run_dir / "backbone.safetensors").embed_dim == 48
+    assert (run_dir / "weights.safetensors").exists() and (run_dir / "config.yaml").exists()
+    assert load_vit(run_dir / "weights.safetensors").embed_dim == 48
+    # the run folder is the project's model artifact, of kind backbone: the folder names the ViT too
+    info = json.loads((run_dir / "model.json").read_text())
+    assert info["format"] == "labelwise-artifact/1" and info["kind"] == "backbone"
+    assert info["architecture"]["backbone"]["kind"] == "vit" and info["pretrain"]["steps"] == 2
+    assert info["training"]["command"] and info["source"]["method"] == "dino"
+    assert torch.equal(load_vit(run_dir).cls_token, load_vit(run_dir / "weights.safetensors").cls_token)
+    from labelwise.models.artifact import load_artifact
+
+    with pytest.raises(CheckpointError, match="pretrained backbone, which predicts no classes"):
+        load_artifact(run_dir)
     # again without --resume / --overwrite: refused, exit status 2 with the reason
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err

@@ -100,6 +100,23 @@ def test_unet_from_pretraining_backbone_file(tmp_path):
     assert report.loaded == sorted(f"encoder.{k}" for k in source.encoder.state_dict()) and report.ignored == []
 
 
+def test_unet_from_a_pretraining_run_folder_of_the_artifact_layout(tmp_path):
+    from labelwise.models.artifact import write_artifact_info
+
+    source = unet(3, seed=1)
+    run = tmp_path / "pretrain"
+    run.mkdir()
+    save_file({f"encoder.{k}": v for k, v in source.encoder.state_dict().items()}, str(run / "weights.safetensors"))
+    write_artifact_info(run, "backbone", {"backbone": {"kind": "unet"}}, None)
+    for where in (run, run / "weights.safetensors"):  # the run folder or its weights file
+        target = unet(6, seed=2)
+        report = initialise_from(target, where, verbose=False)
+        assert report.kind == "backbone" and report.ignored == []
+        assert report.loaded == sorted(f"encoder.{k}" for k in source.encoder.state_dict())
+        for key, value in source.encoder.state_dict().items():
+            assert torch.equal(target.encoder.state_dict()[key], value)
+
+
 def test_vit_linear_from_saved_vit(tmp_path):
     torch.manual_seed(0)
     # one block more, patch 8 instead of 16, a 7x7 position grid instead of 14x14

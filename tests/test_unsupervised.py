@@ -53,7 +53,7 @@ def _tiny_config(tmp_path: Path, backbone: Path | str, *extra: str) -> unsupervi
     return load_config(unsupervised.UnsupervisedConfig, None, [
         "data.dataset=synthetic", "data.synthetic_train_images=12", "data.synthetic_val_images=6",
         "data.synthetic_size=[48, 64]", f"features.backbone={backbone}", "features.crop_size=32",
-        f"features.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", "steps=6", "batch_size=8",
+        f"features.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", "stages.0.steps=6", "batch_size=8",
         "hp.pool_size=32", "hp.renew_every=2", "hp.lambda_warmup_steps=1", "hp.dim=16", "hp.rho=0.5",
         "stego.dim=16", "stego.knn=3", "stego.feature_samples=3", "stego.neg_samples=2", "clustering.dim=16",
         "clustering.fit_points=500", "device=cpu", "progress=false", "log_every=1", "checkpoint_every=3",
@@ -229,7 +229,7 @@ def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["variant"] == "hp_full" and summary["selection"] == "final_checkpoint"
 
-    assert main(["unsupervised", "evaluate", str(run), "--crf", "--metrics", str(tmp_path / "eval.json")]) == 0
+    assert main(["unsupervised", "probe", str(run), "--crf", "--metrics", str(tmp_path / "eval.json")]) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     # chance: clusters drawn uniformly at random, independent of the image: IoU_c = (p_c / K) /
     # (p_c + 1 / K - p_c / K) for class frequency p_c (about 0.11 here)

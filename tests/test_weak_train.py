@@ -31,7 +31,7 @@ def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _config(tmp_path: Path, backbone: Path, *extra: str) -> WeakConfig:
     return load_config(WeakConfig, None, [
         "data.dataset=synthetic", "data.synthetic_train_images=16", "data.synthetic_size=[32, 48]",
-        f"backbone={backbone}", "image_size=[32, 48]", "steps=40", "batch_size=8", "lr=0.002",
+        f"backbone={backbone}", "image_size=[32, 48]", "stages.0.steps=40", "batch_size=8", "stages.0.lr=0.002",
         f"run_dir={tmp_path / 'run'}", "device=cpu", "progress=false", "log_every=5", "checkpoint_every=20",
         "precision=fp32", "cams.blocks=2", *extra])
 
@@ -59,7 +59,10 @@ def test_training_learns_the_tags_and_the_export_reloads(tiny_vit: Path, tmp_pat
     with torch.no_grad():
         scores = model(images).scores
     assert scores.shape == (4, 5) and torch.isfinite(scores).all()
-    with pytest.raises(CheckpointError, match="mct.json"):
+    info = json.loads((result.run_dir / "model.json").read_text())  # the one artifact layout of every regime
+    assert info["kind"] == "classifier" and info["format"] == "labelwise-artifact/1"
+    assert (result.run_dir / "weights.safetensors").is_file()
+    with pytest.raises(CheckpointError, match="model.json: missing"):
         load_classifier(tmp_path)
 
 
@@ -101,7 +104,7 @@ def test_pseudo_masks_stage_writes_a_folder_dataset_and_scores(tiny_vit: Path, t
     from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig
     from labelwise.methods.weak.stages import make_pseudo_masks
 
-    result = train_classifier(_config(tmp_path, tiny_vit, "steps=10"))
+    result = train_classifier(_config(tmp_path, tiny_vit, "stages.0.steps=10"))
     source = SyntheticShapes(num_images=5, size=(32, 48), num_classes=5, seed=0)
     items = TaggedImages(source, 5, None, min_fraction=0.05)
     report = make_pseudo_masks(result.run_dir, items, tmp_path / "out", CAMConfig(blocks=2),
@@ -140,7 +143,8 @@ def test_cli_train_then_cams_and_pseudo_masks(tiny_vit: Path, tmp_path: Path, ca
 def test_run_chains_every_stage_and_scores_the_val_split(tiny_vit: Path, tmp_path: Path) -> None:
     from labelwise.methods.weak.pipeline import run, segmenter_config
 
-    config = _config(tmp_path, tiny_vit, "steps=3", "batch_size=4", "hybrid=true", "data.synthetic_train_images=6",
+    config = _config(tmp_path, tiny_vit, "stages.0.steps=3", "batch_size=4", "hybrid=true",
+                     "data.synthetic_train_images=6",
                      "data.synthetic_val_images=3",
                      'segmenter_overrides=["stages.0.steps=2", "data.batch_size=2", "model.options={width: 8}"]')
     report = run(config, resume=True)  # nothing to resume yet: every stage starts fresh
@@ -196,8 +200,8 @@ def test_end_to_end_on_synthetic_data_is_clearly_above_chance(tmp_path: Path) ->
     vit = save_vit(create_vit("custom", 8, embed_dim=32, depth=2, num_heads=2), tmp_path / "vit.safetensors")
     config = load_config(WeakConfig, None, [
         "data.dataset=synthetic", "data.synthetic_train_images=64", "data.synthetic_val_images=16",
-        "data.synthetic_size=[48, 64]", f"backbone={vit}", "image_size=[48, 64]", "steps=150", "batch_size=16",
-        "lr=0.001", "new_lr_scale=1", f"run_dir={tmp_path / 'run'}", "device=cpu", "progress=false",
+        "data.synthetic_size=[48, 64]", f"backbone={vit}", "image_size=[48, 64]", "stages.0.steps=150", "batch_size=16",
+        "stages.0.lr=0.001", "new_lr_scale=1", f"run_dir={tmp_path / 'run'}", "device=cpu", "progress=false",
         "checkpoint_every=1000", "precision=fp32", "cams.blocks=2", "pseudo_masks.background_class=0",
         'segmenter_overrides=["stages.0.steps=150", "data.batch_size=8", "model.options={width: 8}", '
         '"stages.0.lr=0.005"]'])

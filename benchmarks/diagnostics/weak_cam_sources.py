@@ -1,7 +1,7 @@
 """Diagnostic (not a benchmark): what each CAM ingredient of a trained MCT classifier is worth.
 
 Usage (project root): `.venv/bin/python benchmarks/diagnostics/weak_cam_sources.py RUN_DIR CONFIG [KEY=VALUE ...]`
-where RUN_DIR holds a `mct.safetensors` export (`labelwise weak train`) and CONFIG is the weak
+where RUN_DIR is a `labelwise weak train` run folder (its classifier export) and CONFIG is the weak
 YAML it was trained with. Prints, for up to 64 training images (their masks are used for the
 scores only):
 

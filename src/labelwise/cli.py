@@ -97,13 +97,14 @@ def _add_attention(commands) -> None:  # noqa: ANN001
 def _add_pretrain(commands) -> None:  # noqa: ANN001
     parser = _subparser(commands, "pretrain", "self-supervised pretraining of a backbone on unlabeled images",
                         "Pretrain a ViT or the U-Net encoder on folders of images (DINO / iBOT, MoCo, dense MoCo or "
-                        "rotation prediction); writes RUN_DIR/backbone.safetensors and RUN_DIR/pretrain.json.")
+                        "rotation prediction); writes the backbone artifact RUN_DIR/weights.safetensors + "
+                        "RUN_DIR/model.json.")
     add_run_options(parser)
     add(parser, "images", key="data.images")
     add(parser, "method", choices=PRETRAIN_METHODS)
-    add(parser, "steps", help="training steps, replacing steps/epochs (default: the config's steps)")
+    add(parser, "steps", help="training steps, replacing epochs (default: the config's stages.0.steps or epochs)")
     add(parser, "init", key="init", help="continue pretraining from this backbone (a DINO checkpoint, a labelwise "
-                                         "backbone.safetensors or run folder, mobilenet_v2_imagenet); heads start "
+                                         "pretraining run folder or its weights, mobilenet_v2_imagenet); heads start "
                                          "fresh (default: the config's init, none)")
 
 

@@ -80,7 +80,8 @@ OPTIONS: dict[str, Option] = {
                                      "help": "folders of training images, searched recursively (default: the "
                                              "config's images, or its data training split)"}, key="images"),
     "steps": Option(("--steps",), {"type": int, "default": None,
-                                   "help": "training steps (default: the config's steps)"}, key="steps"),
+                                   "help": "training steps of the (one) stage (default: the config's "
+                                           "stages.0.steps)"}, key="stages.0.steps"),
     "method": Option(("--method",), {"default": None, "help": "method (default: the config's method)"},
                      key="method"),
     # -- evaluation and prediction ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``labelwise unsupervised train | evaluate``: argument parsing over
+"""``labelwise unsupervised train | probe``: argument parsing over
 :mod:`labelwise.methods.unsupervised` (kept apart from ``cli.py`` so each file stays short)."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ UNSUPERVISED_METHODS = ("hp", "stego", "picie", "kmeans")
 def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private subparsers action
     parser = commands.add_parser(
         "unsupervised", help="segment images into K semantic clusters without labels (HP, STEGO, PiCIE, k-means)",
-        formatter_class=HelpFormatter, description="Train a head on frozen self-supervised ViT features, or evaluate "
-        "it with the cluster probe on the run's evaluation views and a linear probe; `labelwise predict RUN` "
-        "segments your images (--match-with DIR maps clusters to class names).")
+        formatter_class=HelpFormatter, description="Train a head on frozen self-supervised ViT features, or probe "
+        "the run's features with the research protocol (cluster probe on the run's evaluation views, linear "
+        "probe). The run folder is a model like every other: `labelwise evaluate RUN --match-with DIR` scores it "
+        "and `labelwise predict RUN` segments your images (--match-with DIR maps clusters to class names).")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     train = sub.add_parser("train", help="train a head (features cached once) and fit K cluster centroids",
@@ -33,8 +34,9 @@ def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private sub
     add(train, "steps")
     train.set_defaults(_config_keys={**train.get_default("_config_keys"), "clusters": "eval.clusters"})
 
-    evaluate = sub.add_parser("evaluate", help="cluster probe (Hungarian) on the run's evaluation views, linear "
-                              "probe and optional CRF on a labeled split", formatter_class=HelpFormatter)
+    evaluate = sub.add_parser("probe", help="the research protocol: cluster probe (Hungarian) on the run's "
+                              "evaluation views, linear probe and optional CRF on a labeled split",
+                              formatter_class=HelpFormatter)
     add(evaluate, "model", help="run folder of `labelwise unsupervised train`")
     add(evaluate, "set")
     add(evaluate, "split")
@@ -57,9 +59,9 @@ def run_unsupervised(args: argparse.Namespace) -> int:
         result = unsupervised.train(config, resume=args.resume, overwrite=args.overwrite)
         print(json.dumps({"run_dir": str(result.run_dir), **result.summary}))
         return 0
-    if args.action == "evaluate":
+    if args.action == "probe":
         config = load_config(unsupervised.UnsupervisedConfig, args.model / "config.yaml", config_overrides(args))
-        report = unsupervised.evaluate(args.model, config, split=args.split)
+        report = unsupervised.probe(args.model, config, split=args.split)
         text = json.dumps(report, indent=2)
         print(text)
         if args.metrics is not None:

@@ -36,7 +36,7 @@ def add_weak(commands) -> None:  # noqa: ANN001 - argparse's private subparsers 
         add_run_options(stage, "config", "run_dir", "resume", "overwrite", "device", "precision")
         _add_data_options(stage)
         add(stage, "backbone")
-        add(stage, "steps", help="classifier training steps (default: the config's steps)")
+        add(stage, "steps", help="classifier training steps (default: the config's stages.0.steps)")
     for action, text in (("cams", "write each tagged class's activation map of every training image (PNG)"),
                          ("pseudo-masks", "write pseudo-masks of every training image as a labelwise folder "
                                           "dataset (and the CAM PNGs)")):

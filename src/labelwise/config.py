@@ -11,6 +11,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -139,7 +140,7 @@ class ModelConfig:
     """Model name from ``labelwise.models.available_models()`` and its constructor options.
 
     ``init``: pretrained weights for the encoder, loaded before training starts (not on resume:
-    the checkpoint wins): a labelwise model folder, a pretraining run's ``backbone.safetensors``,
+    the checkpoint wins): a labelwise model folder, a pretraining run folder (or its weights file),
     a ViT checkpoint or a named CNN weights file such as ``mobilenet_v2_imagenet`` (see
     ``labelwise.models.init``). ImageNet encoders are usually chosen in ``options``
     (``encoder: mobilenet_v2``, ``encoder_weights: imagenet``).
@@ -244,20 +245,46 @@ class ScheduleConfig:
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.stages)
 
-    def validate_schedule(self) -> None:
+    def validate_schedule(self, warmup_below_steps: bool = True) -> None:
+        """Range checks of every stage; ``warmup_below_steps=False`` for regimes that clamp the
+        warm-up to the stage length themselves."""
         if not self.stages:
             raise ConfigError("stages: at least one stage is required")
+        if self.optim.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.optim.weight_decay}")
+        if self.optim.grad_clip is not None and self.optim.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip: must be >= 0 or null, got {self.optim.grad_clip}")
         for i, stage in enumerate(self.stages):
             if stage.steps <= 0:
                 raise ConfigError(f"stages.{i}.steps: must be > 0, got {stage.steps}")
             if stage.lr <= 0:
                 raise ConfigError(f"stages.{i}.lr: must be > 0, got {stage.lr}")
-            if stage.warmup_steps < 0 or stage.warmup_steps >= stage.steps and stage.warmup_steps:
+            if not 0 <= stage.min_lr <= stage.lr:
+                raise ConfigError(f"stages.{i}.min_lr: must be in [0, lr], got {stage.min_lr}")
+            too_long = warmup_below_steps and stage.warmup_steps and stage.warmup_steps >= stage.steps
+            if stage.warmup_steps < 0 or too_long:
                 raise ConfigError(f"stages.{i}.warmup_steps: must be in [0, steps), got {stage.warmup_steps}")
             if not 0 < stage.input_scale <= 4:
                 raise ConfigError(f"stages.{i}.input_scale: must be in (0, 4], got {stage.input_scale}")
             if stage.batch_size is not None and stage.batch_size <= 0:
                 raise ConfigError(f"stages.{i}.batch_size: must be > 0")
+
+    def validate_single_stage(self, regime: str, reads: str) -> None:
+        """For a regime that trains one stage on inputs it prepares itself: exactly one stage,
+        and none of the stage keys it does not read (``reads`` says where those are set)."""
+        if len(self.stages) != 1:
+            raise ConfigError(f"stages: {regime} trains in one stage, got {len(self.stages)} stages")
+        stage, default = self.stages[0], StageConfig()
+        for key in ("batch_size", "input_scale", "augment"):
+            if getattr(stage, key) != getattr(default, key):
+                raise ConfigError(f"stages.0.{key}: not read by {regime} ({reads}); remove it")
+
+
+#: Keys of the earlier flat schedule layout (``steps: 1000`` and ``lr: 5e-4`` at the top level)
+#: and where they live now; configs whose class lists them in ``moved_keys`` still load them.
+FLAT_SCHEDULE_KEYS = {"steps": "stages.0.steps", "lr": "stages.0.lr", "min_lr": "stages.0.min_lr",
+                      "warmup_steps": "stages.0.warmup_steps", "weight_decay": "optim.weight_decay",
+                      "grad_clip": "optim.grad_clip"}
 
 
 @dataclass
@@ -470,7 +497,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 
 def config_from_mapping(cls: type[T], loaded: dict[str, Any], overrides: Sequence[str] = ()) -> T:
-    """Dataclass ``cls`` from the defaults, a mapping of keys (as read from YAML) and overrides."""
+    """Dataclass ``cls`` from the defaults, a mapping of keys (as read from YAML) and overrides.
+
+    Keys the class lists in ``moved_keys`` (a layout of an earlier version) are read at their new
+    place, with a ``FutureWarning`` naming both.
+    """
+    moved: dict[str, str] = getattr(cls, "moved_keys", {})
+    if moved:
+        loaded = _move_keys(loaded, moved)
+        overrides = [_move_override(override, moved) for override in overrides]
     data: dict[str, Any] = to_dict(cls())
     _check_keys(cls, loaded, "")
     data = _merge(data, loaded)
@@ -481,6 +516,47 @@ def config_from_mapping(cls: type[T], loaded: dict[str, Any], overrides: Sequenc
     if callable(validate):
         validate()
     return config
+
+
+def _warn_moved(key: str, target: str) -> None:
+    warnings.warn(f"config key {key!r} moved to {target!r} (read there); write it as {target}", FutureWarning,
+                  stacklevel=5)
+
+
+def _move_keys(loaded: dict[str, Any], moved: dict[str, str]) -> dict[str, Any]:
+    """``loaded`` with each top-level key of ``moved`` put at its new dotted place (``stages.0.x``
+    lands in the first stage, created if the mapping has none); a null value (e.g. ``steps: null``
+    beside ``epochs``) is dropped. Both places given is an error naming them."""
+    result = dict(loaded)
+    for key, target in moved.items():
+        if key not in result:
+            continue
+        value = result.pop(key)
+        _warn_moved(key, target)
+        if value is None:
+            continue
+        section, *rest = target.split(".")
+        if section == "stages":
+            stages = [dict(stage) if isinstance(stage, dict) else stage for stage in result.get("stages") or [{}]]
+            node, name = stages[int(rest[0])], rest[1]
+            result["stages"] = stages
+        else:
+            node, name = dict(result.get(section) or {}), rest[0]
+            result[section] = node
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: moved to {target}, but {'.'.join([section, *rest[:-1]])} is not a mapping")
+        if name in node:
+            raise ConfigError(f"{key}: moved to {target}, which is also given; keep only {target}")
+        node[name] = value
+    return result
+
+
+def _move_override(override: str, moved: dict[str, str]) -> str:
+    key, sep, value = override.partition("=")
+    if sep and key.strip() in moved:
+        _warn_moved(key.strip(), moved[key.strip()])
+        return f"{moved[key.strip()]}={value}"
+    return override
 
 
 @dataclass
@@ -546,6 +622,7 @@ __all__ = [
     "TrainConfig",
     "RunConfig",
     "ScheduleConfig",
+    "FLAT_SCHEDULE_KEYS",
     "DataSection",
     "load_data_config",
     "config_from_mapping",

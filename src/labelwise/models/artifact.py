@@ -2,7 +2,9 @@
 
 ``model.json`` (format ``labelwise-artifact/1``)::
 
-    kind            "segmenter" (class logits) or "clusters" (scores to unsupervised cluster centroids)
+    kind            "segmenter" (class logits), "clusters" (scores to unsupervised cluster
+                    centroids), "classifier" (the image-tag classifier of weak supervision) or
+                    "backbone" (a pretrained encoder, ``labelwise pretrain``)
     architecture    what rebuilds the network without its weights (``models.create`` options, or
                     the ViT config + head + cluster count of a ``ClusterSegmenter``)
     class_map       names, display colors and ignore index of the output channels
@@ -19,10 +21,13 @@ code head and the centroids), so a folder is self-contained: copy it anywhere an
 Writes are crash-safe: the weights are written first and ``model.json`` last, each through a
 temporary file and one rename, so a folder whose ``model.json`` exists holds complete weights.
 
-Older folders (labelwise 0.1: ``model.json`` of format ``labelwise-model/1`` + ``model.safetensors``;
-unsupervised ``unsupervised.json`` + ``head.safetensors``) still load; folders that hold no
-segmenter (a weak-supervision classifier, a pretrained backbone) fail with a message saying what
-they are for.
+Only ``segmenter`` and ``clusters`` folders map images to per-pixel scores (:data:`KINDS`);
+:func:`load_artifact` of a ``classifier`` folder (a weak run) loads the segmenter trained on its
+pseudo-masks (``segmenter/``) when there is one, and a ``backbone`` folder fails with a message
+saying what it is for. Older folders (labelwise 0.1: ``model.json`` of format ``labelwise-model/1``
++ ``model.safetensors``; unsupervised ``unsupervised.json`` + ``head.safetensors``; weak
+``mct.json`` + ``mct.safetensors``; pretraining ``pretrain.json`` + ``backbone.safetensors``) still
+load where they did.
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ from labelwise.io.atomic import atomic_path, atomic_write_json
 from labelwise.io.jsonfile import read_json
 from labelwise.io.tensors import read_safetensors
 
-__all__ = ["FORMAT", "INFO_FILE", "KINDS", "WEIGHTS_FILE", "Artifact", "cluster_class_map", "is_artifact",
-           "load_artifact", "provenance", "read_artifact_files", "save_artifact"]
+__all__ = ["DESCRIPTIVE_KINDS", "FORMAT", "INFO_FILE", "KINDS", "WEIGHTS_FILE", "Artifact", "artifact_kind",
+           "backbone_weights_file", "cluster_class_map", "is_artifact", "load_artifact", "provenance",
+           "read_artifact_files", "save_artifact", "write_artifact_info"]
 
 FORMAT = "labelwise-artifact/1"
 INFO_FILE = "model.json"
@@ -78,6 +84,18 @@ KINDS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
 }
 
 
+#: Kinds of folders that hold no segmenter: what each is for (the error of :func:`load_artifact`).
+DESCRIPTIVE_KINDS: dict[str, str] = {
+    "classifier": "a weak-supervision classifier (stage 1 of `labelwise weak`), not a segmenter: use it with "
+                  "`labelwise weak cams` / `weak pseudo-masks`, or run `labelwise weak run` to train the segmenter "
+                  "it leads to (written to {folder}/segmenter, which this folder then loads as)",
+    "backbone": "a pretrained backbone, which predicts no classes: start a segmenter from it with `labelwise "
+                "train --init {folder}` or use it as the `features.backbone` of `labelwise unsupervised train`",
+}
+#: Where a weak run keeps the segmenter that loading the run folder gives.
+SEGMENTER_SUBFOLDER = "segmenter"
+
+
 def cluster_class_map(clusters: int) -> ClassMap:
     """Display names ``cluster_0 ...`` and palette colors for ``clusters`` unmatched cluster ids."""
     return ClassMap(names=tuple(f"cluster_{i}" for i in range(clusters)), colors=tuple(default_palette(clusters)))
@@ -104,23 +122,42 @@ def provenance(data: Mapping[str, Any] | None = None, command: Sequence[str] | N
 
 
 def save_artifact(folder: str | Path, kind: str, module: nn.Module, architecture: Mapping[str, Any],
-                  class_map: ClassMap, *, preprocessing: Mapping[str, Any] | None = None,
+                  class_map: ClassMap | None, *, preprocessing: Mapping[str, Any] | None = None,
                   source: Mapping[str, Any] | None = None, eval_config: Mapping[str, Any] | None = None,
                   training: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``folder/weights.safetensors`` (``module.state_dict()``) and then ``folder/model.json``.
 
-    Returns the folder. ``architecture`` must rebuild ``module`` through ``KINDS[kind]``.
+    Returns the folder. For the kinds of :data:`KINDS`, ``architecture`` must rebuild ``module``
+    through ``KINDS[kind]``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"artifact kind {kind!r}: expected one of {sorted(KINDS)}")
     folder = Path(folder)
+    _check_kind(kind)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp))
+    return write_artifact_info(folder, kind, architecture, class_map, preprocessing=preprocessing, source=source,
+                               eval_config=eval_config, training=training, extra=extra)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS and kind not in DESCRIPTIVE_KINDS:
+        raise ValueError(f"artifact kind {kind!r}: expected one of {sorted([*KINDS, *DESCRIPTIVE_KINDS])}")
+
+
+def write_artifact_info(folder: str | Path, kind: str, architecture: Mapping[str, Any], class_map: ClassMap | None,
+                        *, preprocessing: Mapping[str, Any] | None = None, source: Mapping[str, Any] | None = None,
+                        eval_config: Mapping[str, Any] | None = None, training: Mapping[str, Any] | None = None,
+                        extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``folder/model.json`` for the ``weights.safetensors`` already in ``folder`` (written
+    by the caller when the weights file has its own header, as a pretrained ViT's has); the last
+    write of an export. Returns the folder."""
+    folder = Path(folder)
+    _check_kind(kind)
     info = {"format": FORMAT, "kind": kind, "labelwise_version": __version__, "architecture": dict(architecture),
-            "class_map": class_map.to_dict(), "preprocessing": dict(preprocessing or {}), "source": dict(source or {}),
-            "eval": dict(eval_config or {}), "training": dict(training or provenance()), **dict(extra or {})}
+            "class_map": class_map.to_dict() if class_map is not None else None,
+            "preprocessing": dict(preprocessing or {}), "source": dict(source or {}), "eval": dict(eval_config or {}),
+            "training": dict(training or provenance()), **dict(extra or {})}
     atomic_write_json(folder / INFO_FILE, info)
     return folder
 
@@ -135,16 +172,37 @@ def is_artifact(folder: str | Path) -> bool:
     return (folder / INFO_FILE).is_file() or (folder / "unsupervised.json").is_file()
 
 
-def _not_a_segmenter(folder: Path) -> CheckpointError | None:
+def artifact_kind(folder: str | Path) -> str | None:
+    """The ``kind`` of a model folder, older layouts included (``None``: not a model folder)."""
+    folder = Path(folder)
+    if (folder / INFO_FILE).is_file():
+        info = read_json(folder / INFO_FILE, "model description")
+        if isinstance(info, dict):
+            return "segmenter" if info.get("format") == LEGACY_FORMAT else info.get("kind")
+        return None
+    if (folder / "unsupervised.json").is_file():
+        return "clusters"
     if (folder / "mct.json").is_file():
-        return CheckpointError(
-            f"{folder}: a weak-supervision classifier (stage 1 of `labelwise weak`), not a segmenter: use it with "
-            f"`labelwise weak cams` / `weak pseudo-masks`, or load the segmenter `labelwise weak run` trains in "
-            f"{folder / 'segmenter'}")
+        return "classifier"
     if (folder / "pretrain.json").is_file() or (folder / "backbone.safetensors").is_file():
-        return CheckpointError(
-            f"{folder}: a pretrained backbone, which predicts no classes: start a segmenter from it with "
-            f"`labelwise train --init {folder}` or use it as the `features.backbone` of `labelwise unsupervised train`")
+        return "backbone"
+    return None
+
+
+def backbone_weights_file(folder: str | Path) -> Path | None:
+    """The backbone weights of a pretraining run folder (``weights.safetensors`` of a ``backbone``
+    artifact, or the older ``backbone.safetensors``); ``None`` when ``folder`` holds no backbone."""
+    folder = Path(folder)
+    if artifact_kind(folder) != "backbone":
+        return None
+    current = folder / WEIGHTS_FILE
+    return current if (folder / INFO_FILE).is_file() else folder / "backbone.safetensors"
+
+
+def _not_a_segmenter(folder: Path) -> CheckpointError | None:
+    kind = artifact_kind(folder)
+    if kind in DESCRIPTIVE_KINDS:
+        return CheckpointError(f"{folder}: " + DESCRIPTIVE_KINDS[kind].format(folder=folder))
     return None
 
 
@@ -235,6 +293,12 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") ->
         raise CheckpointError(f"{path}: no such model folder (expected a folder with {INFO_FILE} + {WEIGHTS_FILE})")
     if not (folder / INFO_FILE).is_file() and (folder / "unsupervised.json").is_file():
         return _legacy_clusters(folder, map_location)
+    kind = artifact_kind(folder)
+    if kind == "classifier" and path.is_dir() and artifact_kind(folder / SEGMENTER_SUBFOLDER) in KINDS:
+        return load_artifact(folder / SEGMENTER_SUBFOLDER, map_location)  # a weak run: its final segmenter
+    not_a_segmenter = _not_a_segmenter(folder)
+    if not_a_segmenter is not None:
+        raise not_a_segmenter
     info, weights = read_artifact_files(path)
     kind = info.get("kind")
     if kind not in KINDS:

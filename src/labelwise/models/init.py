@@ -5,7 +5,7 @@
 1. a labelwise exported model (a run folder or a folder with ``model.json`` +
    ``weights.safetensors``, or an older ``model.safetensors``; see ``models/artifact.py``): the
    tensors under ``encoder.`` are used;
-2. a pretraining run's ``backbone.safetensors`` (or the run folder holding it), or any other
+2. a pretraining run folder (its ``weights.safetensors``; older runs: ``backbone.safetensors``), or any other
    weights file (``.safetensors``; ``.pth`` / ``.pt`` / ``.bin`` read with
    ``torch.load(weights_only=True)``);
 3. a named CNN weights file (``mobilenet_v2_imagenet``, ``mobilenet_v2_torchvision``; see
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from labelwise.config import ModelConfig
 from labelwise.errors import CheckpointError
 from labelwise.io.atomic import atomic_write_json
-from labelwise.models.artifact import read_artifact_files
+from labelwise.models.artifact import backbone_weights_file, read_artifact_files
 
 __all__ = ["InitReport", "configure_encoder", "encoder_lr_scale", "initialise_from", "read_pretrained"]
 
@@ -145,16 +145,18 @@ def read_pretrained(path: str | Path, model: nn.Module) -> tuple[str, str, dict[
     path = Path(path)
     encoder = getattr(model, "encoder", model)
     vit = _is_vit(encoder)
+    pretrained_backbone = backbone_weights_file(path if path.is_dir() else path.parent)
     if path.is_dir():
-        if (path / "model.json").exists():
+        if pretrained_backbone is not None:
+            path = pretrained_backbone
+        elif (path / "model.json").exists():
             _, weights = read_artifact_files(path)
             return "labelwise-model", str(path), weights, _encoder_prefix(model)
-        if (path / "backbone.safetensors").exists():
-            path = path / "backbone.safetensors"
         else:
-            raise CheckpointError(f"{path}: holds neither model.json (a labelwise model) nor backbone.safetensors "
-                                  "(a pretraining run)")
-    elif path.name in ("weights.safetensors", "model.safetensors") and (path.parent / "model.json").exists():
+            raise CheckpointError(f"{path}: holds neither a labelwise model (model.json + weights.safetensors) nor "
+                                  "a pretrained backbone (a `labelwise pretrain` run folder)")
+    elif (path.name in ("weights.safetensors", "model.safetensors") and (path.parent / "model.json").exists()
+          and pretrained_backbone != path):
         _, weights = read_artifact_files(path)
         return "labelwise-model", str(path), weights, _encoder_prefix(model)
     elif not path.exists():
@@ -168,7 +170,7 @@ def read_pretrained(path: str | Path, model: nn.Module) -> tuple[str, str, dict[
             path = _named_cnn_weights(str(path), encoder)
         if not path.exists():
             raise CheckpointError(f"{path}: no such model folder or weights file")
-    kind = "backbone" if path.name == "backbone.safetensors" else "weights"
+    kind = "backbone" if path == backbone_weights_file(path.parent) else "weights"
     if vit:
         converted = _vit_weights(path)
         if converted is not None:

@@ -10,8 +10,8 @@ registers) or the U-Net encoder.
     from labelwise.methods import pretrain
     from labelwise.models.vit_loading import load_vit
 
-    config = load_config(pretrain.PretrainConfig, "configs/pretrain_dino_vit_tiny.yaml", ["steps=200"])
-    result = pretrain.train(config)            # run_dir/backbone.safetensors + pretrain.json
+    config = load_config(pretrain.PretrainConfig, "configs/pretrain_dino_vit_tiny.yaml", ["stages.0.steps=200"])
+    result = pretrain.train(config)            # run_dir/weights.safetensors + model.json
     vit = load_vit(result.backbone_path)       # the pretrained ViT (the EMA teacher)
 
 Modules: ``config`` (the dataclasses), ``backbone`` (ViT / U-Net adapters, export),

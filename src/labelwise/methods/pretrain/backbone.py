@@ -5,7 +5,7 @@ image and a dense feature map. ViT: the [CLS] token and the patch tokens. U-Net:
 the map itself of the deepest encoder stage (only the encoder is built into the training
 module, so no decoder parameter sits unused in the optimiser or under DDP).
 
-The exported ``backbone.safetensors`` is, for a ViT, a ``save_vit`` file (``load_vit`` reads
+The exported backbone (a run's ``weights.safetensors``) is, for a ViT, a ``save_vit`` file (``load_vit`` reads
 it); for a U-Net, the encoder tensors under their names in the full model (``encoder.*``) with
 the model options as JSON in the metadata; ``labelwise.models.init.initialise_from``
 reads both.

@@ -8,9 +8,9 @@ Loaded like every labelwise config: ``load_config(PretrainConfig, "configs/pretr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from labelwise.config import OptimConfig, RunConfig
+from labelwise.config import FLAT_SCHEDULE_KEYS, OptimConfig, RunConfig, ScheduleConfig, StageConfig
 from labelwise.data.multicrop import MultiCropConfig
 from labelwise.errors import ConfigError
 
@@ -105,20 +105,25 @@ class RotationConfig:
 
 
 @dataclass
-class PretrainConfig(RunConfig):
+class PretrainConfig(RunConfig, ScheduleConfig):
     """Everything a pretraining run needs.
 
-    Length: ``steps``, or ``epochs`` over the images (then ``steps`` must be null). The lr warms
-    up linearly over ``warmup_steps`` to ``lr`` and decays by a cosine to ``min_lr``; the weight
-    decay follows a cosine from ``optim.weight_decay`` to ``weight_decay_end`` and the teacher
-    momentum one from ``teacher_momentum`` to ``teacher_momentum_end`` (DINO's schedules).
-    ``export``: which network becomes ``backbone.safetensors`` (``teacher``: the EMA network, as
+    Schedule: one stage (``stages: [{steps, lr, min_lr, warmup_steps}]``): the lr warms up
+    linearly over ``warmup_steps`` to ``lr`` and decays by a cosine to ``min_lr``; ``epochs``, when
+    set, replaces the stage's ``steps`` by that many passes over the images. The weight decay
+    follows a cosine from ``optim.weight_decay`` to ``weight_decay_end`` and the teacher momentum
+    one from ``teacher_momentum`` to ``teacher_momentum_end`` (DINO's schedules). Top-level
+    ``steps`` / ``lr`` / ``min_lr`` / ``warmup_steps`` (the earlier layout) are read at their new
+    place with a warning.
+    ``export``: which network becomes the exported backbone (``teacher``: the EMA network, as
     DINO evaluates; rotation has no teacher and always exports the student).
     ``init``: start student and teacher from this backbone (any file or run folder
     ``labelwise.models.init.initialise_from`` reads: an official DINO checkpoint, this
     project's exports) instead of random weights, to continue pretraining on your own images;
     projection heads always start fresh. The init report goes to ``run_dir/init_report.json``.
     """
+
+    moved_keys: ClassVar[dict[str, str]] = FLAT_SCHEDULE_KEYS
 
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     method: Literal["dino", "moco", "dense_moco", "rotation"] = "dino"
@@ -128,11 +133,9 @@ class PretrainConfig(RunConfig):
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", weight_decay=0.04, grad_clip=3.0))
-    steps: int | None = 1000
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(steps=1000, lr=5e-4, schedule="cosine",
+                                                                            min_lr=1e-6)])
     epochs: float | None = None
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
     weight_decay_end: float = 0.4
     teacher_momentum: float = 0.996
     teacher_momentum_end: float = 1.0
@@ -152,20 +155,12 @@ class PretrainConfig(RunConfig):
                 raise ConfigError(f"data.{key}: must be > 0, got {getattr(self.data, key)}")
         if self.data.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.data.num_workers}")
-        if (self.steps is None) == (self.epochs is None):
-            raise ConfigError("steps: set exactly one of steps and epochs (the other null)")
-        if self.steps is not None and self.steps <= 0:
-            raise ConfigError(f"steps: must be > 0, got {self.steps}")
+        self.validate_schedule(warmup_below_steps=self.epochs is None)
+        self.validate_single_stage("pretraining", "the crops are set in multicrop, the batch in data.batch_size")
         if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"epochs: must be > 0, got {self.epochs}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"min_lr: must be in [0, lr], got {self.min_lr}")
-        if self.warmup_steps < 0 or (self.steps is not None and self.warmup_steps and self.warmup_steps >= self.steps):
-            raise ConfigError(f"warmup_steps: must be in [0, steps), got {self.warmup_steps}")
-        if self.weight_decay_end < 0 or self.optim.weight_decay < 0:
-            raise ConfigError("weight_decay_end / optim.weight_decay: must be >= 0")
+            raise ConfigError(f"epochs: must be > 0 or null, got {self.epochs}")
+        if self.weight_decay_end < 0:
+            raise ConfigError(f"weight_decay_end: must be >= 0, got {self.weight_decay_end}")
         for key in ("teacher_momentum", "teacher_momentum_end"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"{key}: must be in [0, 1], got {getattr(self, key)}")

@@ -15,29 +15,32 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labelwise.config import ScheduleConfig, StageConfig, save_config
+from labelwise.config import ScheduleConfig, save_config, to_dict
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.multicrop import MultiCropAugment, MultiCropConfig, MultiCropDataset, multicrop_collate
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.schedule import cosine_schedule
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainResult, trainer_options, unwrap
-from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.pretrain.backbone import UNetBackbone, ViTBackbone, build_backbone, export_backbone, make_teacher
 from labelwise.methods.pretrain.config import PretrainConfig
 from labelwise.methods.pretrain.dino import DINOObjective
 from labelwise.methods.pretrain.moco import MoCoObjective
 from labelwise.methods.pretrain.objective import Objective
 from labelwise.methods.pretrain.rotation import RotationObjective
+from labelwise.models.artifact import INFO_FILE, WEIGHTS_FILE, write_artifact_info
 from labelwise.models.init import initialise_from
 
-BACKBONE_FILE = "backbone.safetensors"
-SUMMARY_FILE = "pretrain.json"
+#: the exported backbone (the file ``load_vit`` / ``--init`` read) and, written last, its description
+BACKBONE_FILE = WEIGHTS_FILE
+SUMMARY_FILE = INFO_FILE
+#: the summary's place in ``model.json``
+SUMMARY_KEY = "pretrain"
 
 
 @dataclass
 class PretrainResult:
     """Outcome of :func:`train`: the run folder, the trainer's summary, the exported backbone
-    (``None`` until the run has finished) and the contents of ``pretrain.json``."""
+    (``None`` until the run has finished) and its summary (``model.json``'s ``pretrain`` entry)."""
 
     run_dir: Path
     train: TrainResult
@@ -68,9 +71,9 @@ def crop_settings(config: PretrainConfig) -> MultiCropConfig:
 
 
 def total_steps(config: PretrainConfig, num_images: int, world_size: int = 1) -> int:
-    """``config.steps``, or ``epochs`` worth of full batches over ``num_images`` images."""
-    if config.steps is not None:
-        return config.steps
+    """The stage's ``steps``, or ``epochs`` worth of full batches over ``num_images`` images."""
+    if config.epochs is None:
+        return config.stages[0].steps
     per_epoch = num_images // (config.data.batch_size * world_size)
     return max(1, math.ceil(float(config.epochs or 0) * per_epoch))
 
@@ -116,8 +119,10 @@ def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False,
     Writes into ``run_dir``: ``config.yaml``, ``metrics.jsonl`` (loss terms, lr, weight decay,
     teacher momentum, images/s), ``checkpoints/`` (student, heads, teacher, centres, queues,
     optimiser and RNG states: ``resume=True`` continues exactly), and once the last step is
-    done ``backbone.safetensors`` (the exported backbone) and ``pretrain.json`` (images seen,
-    epochs, seconds, images/s, last losses). ``stop_at`` ends early after that step (as an
+    done the backbone artifact: ``weights.safetensors`` (the exported backbone, a file
+    ``load_vit`` and ``--init`` read) and ``model.json`` (kind ``backbone``: architecture, the
+    weights it started from, provenance, and under ``pretrain`` the images seen, epochs, seconds,
+    images/s and last losses). ``stop_at`` ends early after that step (as an
     interrupted run would; for tests).
     """
     config.validate()
@@ -134,8 +139,7 @@ def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False,
     objective = build_objective(config, run_dir if int(os.environ.get("RANK", "0")) == 0 else None)
     channels_last = isinstance(objective.student, UNetBackbone)
 
-    stage = StageConfig(steps=steps, lr=config.lr, schedule="cosine", warmup_steps=min(config.warmup_steps, steps - 1),
-                        min_lr=config.min_lr)
+    stage = replace(config.stages[0], steps=steps, warmup_steps=min(config.stages[0].warmup_steps, steps - 1))
     options = trainer_options(config, ScheduleConfig(optim=config.optim, stages=[stage]), device,
                               batch_size=config.data.batch_size, run_dir=run_dir, num_workers=config.data.num_workers,
                               channels_last=channels_last)
@@ -177,7 +181,8 @@ def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False,
     if trainer.dist.is_main and result.steps >= steps:
         bare: Objective = trainer.bare_model  # type: ignore[assignment]
         which = config.export if config.method != "rotation" else "student"
-        backbone_path = export_backbone(bare.export_network(which), run_dir / BACKBONE_FILE)
+        network = bare.export_network(which)
+        backbone_path = export_backbone(network, run_dir / BACKBONE_FILE)
         summary = {
             "method": config.method,
             "backbone": config.backbone.kind if config.backbone.kind == "unet" else config.backbone.arch,
@@ -194,14 +199,26 @@ def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False,
             "last_logs": result.last_logs or _previous_last_logs(run_dir / SUMMARY_FILE),
             "backbone_path": str(backbone_path),
         }
-        atomic_write_json(run_dir / SUMMARY_FILE, summary)
+        backbone_config = to_dict(config.backbone)
+        write_artifact_info(run_dir, "backbone", {"backbone": backbone_config}, None,
+                            preprocessing=_preprocessing(network),
+                            source={"init": config.init, "method": config.method, "exported": which},
+                            extra={SUMMARY_KEY: summary})
     return PretrainResult(run_dir, result, backbone_path, summary)
+
+
+def _preprocessing(network: nn.Module) -> dict[str, Any]:
+    """What the exported backbone expects: RGB in [0, 1], normalised by the network itself."""
+    inner = getattr(network, "vit", network)
+    return {"input": "RGB float [B, 3, H, W] in [0, 1]; the backbone normalises itself",
+            "mean": [round(float(v), 6) for v in inner.pixel_mean.flatten()],
+            "std": [round(float(v), 6) for v in inner.pixel_std.flatten()]}
 
 
 def _previous_last_logs(summary_path: Path) -> dict[str, float]:
     """The ``last_logs`` of an earlier summary: a resumed run that had already finished trains no
     step, and its summary must not lose the record of the steps that were trained."""
     try:
-        return dict(json.loads(summary_path.read_text()).get("last_logs") or {})
-    except (OSError, ValueError):
+        return dict((json.loads(summary_path.read_text()).get(SUMMARY_KEY) or {}).get("last_logs") or {})
+    except (OSError, ValueError, AttributeError):
         return {}

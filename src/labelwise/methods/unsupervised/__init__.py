@@ -11,11 +11,11 @@ task-specific global hidden positives, local hidden positives, photometric consi
 
     config = load_config(unsupervised.UnsupervisedConfig, None, ["data.dataset=synthetic"])
     result = unsupervised.train(config)                  # run_dir: head + centroids (no labels used)
-    scores = unsupervised.evaluate(result.run_dir)       # cluster probe (Hungarian), linear probe, CRF
+    scores = unsupervised.probe(result.run_dir)          # cluster probe (Hungarian), linear probe, CRF
     labelwise.load(result.run_dir).predict(images)       # cluster ids (labelwise.inference; `labelwise predict`)
 
 Modules: ``config``, ``data`` (five-crop / whole-image views, photometric copies), ``model``
-(the head and its export as a ``clusters`` model folder), ``train``, ``evaluate``. Prediction,
+(the head and its export as a ``clusters`` model folder), ``train``, ``probe``. Prediction,
 cluster-to-class matching with a few labeled images and CRF refinement are those of every model
 folder: :mod:`labelwise.inference` (``labelwise predict RUN images/ --match-with labeled/``).
 """
@@ -29,7 +29,7 @@ from labelwise.methods.unsupervised.config import (
     UnsupervisedConfig,
     UnsupervisedEvalConfig,
 )
-from labelwise.methods.unsupervised.evaluate import evaluate, evaluate_clusters
+from labelwise.methods.unsupervised.evaluate import evaluate_clusters, probe
 from labelwise.methods.unsupervised.model import ExportedHead, UnsupervisedHead, load_head, save_head
 from labelwise.methods.unsupervised.train import SELECTION_RULE, UnsupervisedResult, train
 
@@ -45,9 +45,9 @@ __all__ = [
     "UnsupervisedEvalConfig",
     "UnsupervisedHead",
     "UnsupervisedResult",
-    "evaluate",
     "evaluate_clusters",
     "load_head",
+    "probe",
     "save_head",
     "train",
 ]

@@ -8,9 +8,9 @@ unknown keys, wrong types and out-of-range values raise
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from labelwise.config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, StageConfig
+from labelwise.config import FLAT_SCHEDULE_KEYS, DataConfig, OptimConfig, RunConfig, ScheduleConfig, StageConfig
 from labelwise.errors import ConfigError
 from labelwise.losses.stego import StegoConfig
 
@@ -120,15 +120,19 @@ class UnsupervisedEvalConfig:
 
 
 @dataclass
-class UnsupervisedConfig(RunConfig):
+class UnsupervisedConfig(RunConfig, ScheduleConfig):
     """Everything an unsupervised run needs.
 
     ``images``: folders of unlabeled training images (``--images DIR``); when empty, the
-    training images are those of ``data`` (its labels are never read for training). ``steps``
-    optimiser steps of ``batch_size`` cached views; AdamW ``lr`` / ``weight_decay``, gradient
-    clipping at ``grad_clip``. The reported model is the final one (``selection:
-    final_checkpoint``: no labels are used to choose it).
+    training images are those of ``data`` (its labels are never read for training). The head
+    trains in one stage (``stages: [{steps, lr, schedule}]``, constant lr by default) of
+    ``batch_size`` cached views per step, with ``optim`` (AdamW, weight decay 0.1, gradient
+    clipping at 10). The reported model is the final one (``selection: final_checkpoint``: no
+    labels are used to choose it). Top-level ``steps`` / ``lr`` / ``weight_decay`` /
+    ``grad_clip`` (the earlier layout) are read at their new place with a warning.
     """
+
+    moved_keys: ClassVar[dict[str, str]] = FLAT_SCHEDULE_KEYS
 
     data: DataConfig = field(default_factory=DataConfig)
     images: list[str] = field(default_factory=list)
@@ -138,24 +142,19 @@ class UnsupervisedConfig(RunConfig):
     stego: StegoSettings = field(default_factory=StegoSettings)
     clustering: ClusteringSettings = field(default_factory=ClusteringSettings)
     eval: UnsupervisedEvalConfig = field(default_factory=UnsupervisedEvalConfig)
-    steps: int = 1000
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", weight_decay=0.1, grad_clip=10.0))
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(steps=1000, lr=5e-4,
+                                                                            schedule="constant")])
     batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    grad_clip: float = 10.0
     run_dir: str = "runs/unsupervised"
     checkpoint_every: int = 250
-
-    def schedule(self) -> ScheduleConfig:
-        """The head's schedule in the common form: ``steps`` at the constant ``lr``, AdamW with
-        ``weight_decay`` and ``grad_clip``."""
-        return ScheduleConfig(optim=OptimConfig(name="adamw", weight_decay=self.weight_decay, grad_clip=self.grad_clip),
-                              stages=[StageConfig(steps=self.steps, lr=self.lr, schedule="constant")])
 
     def validate(self) -> None:
         """Range checks (errors name the dotted key)."""
         self.validate_run()
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+        self.validate_schedule()
+        self.validate_single_stage("unsupervised training", "views are set in features, their batch in batch_size")
+        positive = {"batch_size": self.batch_size,
                     "features.crop_size": self.features.crop_size, "features.batch_size": self.features.batch_size,
                     "hp.dim": self.hp.dim, "hp.pool_size": self.hp.pool_size, "hp.renew_every": self.hp.renew_every,
                     "hp.temperature": self.hp.temperature, "stego.dim": self.stego.dim, "stego.knn": self.stego.knn,
@@ -166,8 +165,7 @@ class UnsupervisedConfig(RunConfig):
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
-        for key, value in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip),
-                           ("hp.lambda_warmup_steps", self.hp.lambda_warmup_steps),
+        for key, value in (("hp.lambda_warmup_steps", self.hp.lambda_warmup_steps),
                            ("hp.consistency_weight", self.hp.consistency_weight),
                            ("stego.neg_samples", self.stego.neg_samples)):
             if value < 0:

@@ -35,7 +35,7 @@ from labelwise.methods.unsupervised.config import UnsupervisedConfig
 from labelwise.methods.unsupervised.data import ResizedDataset, TileWindows
 from labelwise.methods.unsupervised.model import ExportedHead, load_head
 
-__all__ = ["CRF_ALPHA", "cluster_scores", "evaluate", "evaluate_clusters", "labeled_cache"]
+__all__ = ["CRF_ALPHA", "cluster_scores", "evaluate_clusters", "labeled_cache", "probe"]
 
 #: Cluster scores are scaled by this before the softmax that feeds the CRF (the one value
 #: every cluster model's CRF uses).
@@ -127,10 +127,12 @@ def _code_cache(exported: ExportedHead, cache: FeatureCache, folder: Path, batch
                                num_classes=cache.num_classes, class_names=cache.class_names)
 
 
-def evaluate(model_dir: str | Path, config: UnsupervisedConfig | None = None, *, split: str | None = None,
-             crf: bool | None = None, linear: bool | None = None) -> dict[str, Any]:
-    """Score the model exported in ``model_dir`` on a labeled split of ``config.data`` (default:
-    the run's own config and its ``data.val_split``).
+def probe(model_dir: str | Path, config: UnsupervisedConfig | None = None, *, split: str | None = None,
+          crf: bool | None = None, linear: bool | None = None) -> dict[str, Any]:
+    """The research protocol (DESIGN.md): probe the features of the run in ``model_dir`` on a
+    labeled split of ``config.data`` (default: the run's own config and its ``data.val_split``),
+    scored on the run's cached evaluation views. To score the model as a user runs it (full
+    resolution, any folder), use ``labelwise.evaluate(model_dir, data, match_with=...)``.
 
     Returns a dict with ``miou``, ``pixel_acc``, ``mean_acc``, ``per_class_iou``, ``mapping``
     (class of each cluster), ``selection`` and, when asked, ``crf`` (the same keys after the

@@ -337,7 +337,7 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
             with torch.no_grad():
                 pool = random_patch_vectors(cache, config.hp.pool_size, torch.Generator().manual_seed(config.seed))
                 head.pool_ag.copy_(F.normalize(pool, dim=1))
-            step_fn = _hp_step_fn(config, cache, config.steps)
+            step_fn = _hp_step_fn(config, cache, config.total_steps)
         elif config.method == "stego":
             step_fn = _stego_step_fn(config, cache)
         else:
@@ -346,7 +346,7 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
         if config.method == "hp" and config.hp.local:
             local_key = next(k for k in cache.attention if k.startswith(LOCAL_KIND + "@"))
         dataset = CachedViews(cache, aug, local_key)
-        options = trainer_options(config, config.schedule(), device, batch_size=config.batch_size)
+        options = trainer_options(config, config, device, batch_size=config.batch_size)
         def momentum_update(model: nn.Module, step: int) -> None:  # noqa: ARG001
             bare: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
             ema_update(bare.momentum_head, bare.head, config.hp.momentum)
@@ -355,7 +355,7 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
                           after_optimizer_step=momentum_update if config.method == "hp" else None)
         result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
         head = trainer.bare_model  # type: ignore[assignment]
-        if result.steps < config.steps:
+        if result.steps < config.total_steps:
             return UnsupervisedResult(run_dir, result, {})
     if not main:  # rank 0 alone fits the centroids and exports
         return UnsupervisedResult(run_dir, result, {})
@@ -366,7 +366,7 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
         "crop_size": config.features.crop_size,
         "eval_size": list(config.features.eval_size) if config.features.eval_size else None,
         "selection": SELECTION_RULE,
-        "steps": config.steps if config.method != "kmeans" else 0,
+        "steps": config.total_steps if config.method != "kmeans" else 0,
         "train_views": len(cache),
         "cache_seconds": round(cache_seconds, 2),
         "train_seconds": round(result.train_seconds, 2) if result else 0.0,

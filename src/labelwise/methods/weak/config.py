@@ -3,10 +3,10 @@ errors that name the dotted key."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
 
-from labelwise.config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, StageConfig
+from labelwise.config import FLAT_SCHEDULE_KEYS, DataConfig, OptimConfig, RunConfig, ScheduleConfig, StageConfig
 from labelwise.errors import ConfigError
 from labelwise.methods.weak.cams import CAMConfig
 from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig
@@ -15,7 +15,7 @@ __all__ = ["WeakConfig"]
 
 
 @dataclass
-class WeakConfig(RunConfig):
+class WeakConfig(RunConfig, ScheduleConfig):
     """Everything the weak-supervision stages need.
 
     Training images: the ``images`` folders with the ``tags`` file (class names from
@@ -26,9 +26,11 @@ class WeakConfig(RunConfig):
     a convolutional stem, trained from scratch, replaces the patch embedding; ``readout``: how the
     class logits are read from the class tokens, the paper's ``mean`` or a per-class ``linear``
     readout initialised to it, see :class:`~labelwise.models.mctformer.MultiClassTokenViT`), trained
-    for ``steps`` of ``batch_size`` images resized to ``image_size`` (``[H, W]``, multiples of the
-    patch size), AdamW ``lr`` / ``weight_decay``, horizontal flips with probability ``hflip``.
-    ``lr`` is the pretrained backbone's learning rate; the parameters the classifier adds (class
+    in one stage (``stages: [{steps, lr}]``: a cosine from ``lr`` after a linear warm-up of
+    ``warmup_steps``, at most a tenth of the stage) of ``batch_size`` images resized to
+    ``image_size`` (``[H, W]``, multiples of the patch size) with ``optim`` (AdamW, weight decay
+    0.05, gradient clipping at 5), horizontal flips with probability ``hflip``.
+    ``stages.0.lr`` is the pretrained backbone's learning rate; the parameters the classifier adds (class
     tokens, score readout, patch classifier, hybrid stem) train at ``new_lr_scale * lr``. The
     default 6.25e-5 is the paper's (5e-4 scaled by its batch of 64 / 512, the DeiT rule): a
     larger backbone lr sharpens the tag fit but degrades the patch CAMs (synthetic diagnostic:
@@ -37,8 +39,11 @@ class WeakConfig(RunConfig):
     ``labelwise train``'s segmenter on the pseudo-masks: the ``TrainConfig`` YAML ``segmenter``
     (default: the built-in U-Net defaults) with ``segmenter_overrides`` (``KEY=VALUE``), and with
     class-balanced cross-entropy weights from the pseudo-masks' class frequencies unless the
-    overrides set ``loss.class_weights``.
+    overrides set ``loss.class_weights``. Top-level ``steps`` / ``lr`` / ``weight_decay`` /
+    ``grad_clip`` (the earlier layout) are read at their new place with a warning.
     """
+
+    moved_keys: ClassVar[dict[str, str]] = FLAT_SCHEDULE_KEYS
 
     data: DataConfig = field(default_factory=DataConfig)
     images: list[str] = field(default_factory=list)
@@ -49,12 +54,11 @@ class WeakConfig(RunConfig):
     hybrid: bool = False
     readout: Literal["mean", "linear"] = "linear"
     image_size: list[int] = field(default_factory=lambda: [224, 224])
-    steps: int = 1000
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", weight_decay=0.05, grad_clip=5.0))
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(steps=1000, lr=6.25e-5, schedule="cosine",
+                                                                            warmup_steps=100)])
     batch_size: int = 16
-    lr: float = 6.25e-5
     new_lr_scale: float = 10.0
-    weight_decay: float = 0.05
-    grad_clip: float = 5.0
     hflip: float = 0.5
     run_dir: str = "runs/weak"
     checkpoint_every: int = 250
@@ -64,23 +68,20 @@ class WeakConfig(RunConfig):
     segmenter_overrides: list[str] = field(default_factory=list)
 
     def schedule(self) -> ScheduleConfig:
-        """The classifier's schedule in the common form: ``steps`` with a cosine from ``lr`` after
-        a linear warm-up of min(100, steps / 10) steps, AdamW with ``weight_decay`` and ``grad_clip``."""
-        return ScheduleConfig(optim=OptimConfig(name="adamw", weight_decay=self.weight_decay, grad_clip=self.grad_clip),
-                              stages=[StageConfig(steps=self.steps, lr=self.lr, schedule="cosine",
-                                                  warmup_steps=min(100, self.steps // 10))])
+        """The classifier's schedule as trained: the stage's warm-up cut to a tenth of its steps."""
+        stage = self.stages[0]
+        return ScheduleConfig(optim=self.optim,
+                              stages=[replace(stage, warmup_steps=min(stage.warmup_steps, stage.steps // 10))])
 
     def validate(self) -> None:
         """Range checks (errors name the dotted key)."""
         self.validate_run()
-        for key, value in (("steps", self.steps), ("batch_size", self.batch_size), ("lr", self.lr),
-                           ("checkpoint_every", self.checkpoint_every), ("log_every", self.log_every)):
-            if value <= 0:
-                raise ConfigError(f"{key}: must be > 0, got {value}")
+        self.validate_schedule(warmup_below_steps=False)
+        self.validate_single_stage("the weak classifier", "set batch_size, image_size and hflip at the top level")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size: must be > 0, got {self.batch_size}")
         if self.new_lr_scale <= 0:
             raise ConfigError(f"new_lr_scale: must be > 0, got {self.new_lr_scale}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError(f"weight_decay / grad_clip: must be >= 0, got {self.weight_decay} / {self.grad_clip}")
         if not 0 < self.tag_min_fraction <= 1:
             raise ConfigError(f"tag_min_fraction: must be in (0, 1], got {self.tag_min_fraction}")
         if self.readout not in ("mean", "linear"):

@@ -27,7 +27,8 @@ from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
 from labelwise.methods.weak.stages import make_pseudo_masks
-from labelwise.methods.weak.train import SUMMARY_FILE, tagged_training_images, train_classifier
+from labelwise.methods.weak.train import tagged_training_images, train_classifier
+from labelwise.models.artifact import artifact_kind
 
 __all__ = ["run", "segmenter_config"]
 
@@ -82,10 +83,10 @@ def run(config: WeakConfig, resume: bool = False, overwrite: bool = False) -> di
     config.validate()
     run_dir = Path(config.run_dir)
     report: dict[str, Any] = {}
-    if overwrite or not (run_dir / SUMMARY_FILE).exists():
+    if overwrite or artifact_kind(run_dir) != "classifier":  # stage 1 not finished
         stage1 = train_classifier(config, resume=resume and not overwrite and _has_checkpoint(run_dir),
                                   overwrite=overwrite)
-        if stage1.train.steps < config.steps:
+        if stage1.train.steps < config.total_steps:
             return {"stopped_at": stage1.train.steps}
     items, class_map = tagged_items(config)
     report["pseudo_masks"] = make_pseudo_masks(run_dir, items, run_dir / "pseudo_masks", config.cams,

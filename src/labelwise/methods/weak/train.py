@@ -5,8 +5,9 @@
 parameter trained), and runs the project's :class:`~labelwise.engine.trainer.Trainer`
 (checkpoints, exact resume, bf16 autocast) with the multi-label soft-margin loss; batches are
 flipped horizontally per image with probability ``hflip``. The final model is exported to
-``run_dir`` as ``mct.safetensors`` + ``mct.json`` (:func:`save_classifier`,
-:func:`load_classifier`).
+``run_dir`` as the project's model artifact of kind ``classifier`` (``weights.safetensors`` +
+``model.json``; :func:`save_classifier`, :func:`load_classifier`, which also reads the older
+``mct.safetensors`` + ``mct.json``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
@@ -30,10 +31,10 @@ from labelwise.data.windows import TileWindows
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainResult, trainer_options
 from labelwise.errors import CheckpointError, ConfigError
-from labelwise.io.atomic import atomic_path, atomic_write_json
 from labelwise.io.jsonfile import read_json
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
+from labelwise.models.artifact import INFO_FILE, WEIGHTS_FILE, artifact_kind, read_artifact_files, save_artifact
 from labelwise.models.mctformer import MultiClassTokenViT, mct_loss
 from labelwise.models.vit import VisionTransformer, ViTConfig
 from labelwise.models.vit_loading import load_vit
@@ -41,8 +42,12 @@ from labelwise.models.vit_loading import load_vit
 __all__ = ["WeakClassifierResult", "load_classifier", "save_classifier", "tagged_training_images",
            "train_classifier"]
 
-MODEL_FILE = "mct.safetensors"
-SUMMARY_FILE = "mct.json"
+#: the classifier's description, written last: a run folder holding it has finished stage 1
+SUMMARY_FILE = INFO_FILE
+LEGACY_MODEL_FILE = "mct.safetensors"
+LEGACY_SUMMARY_FILE = "mct.json"
+#: the training record's place in ``model.json``
+RECORD_KEY = "classifier"
 
 
 @dataclass
@@ -77,38 +82,52 @@ def tagged_training_images(config: WeakConfig, whole: bool = False) -> tuple[Tag
                         ignore_index=ignore), splits.class_map
 
 
-def save_classifier(folder: str | Path, model: MultiClassTokenViT, class_names: list[str],
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write ``mct.safetensors`` (all weights) and ``mct.json`` (architecture, classes) atomically."""
-    folder = Path(folder)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder / MODEL_FILE) as tmp:
-        save_file(state, str(tmp))
-    summary = {"vit": model.backbone.config.to_dict(), "num_classes": model.num_classes, "variant": model.variant,
-               "hybrid": model.hybrid, "readout": model.readout, "class_names": class_names, **(extra or {})}
-    atomic_write_json(folder / SUMMARY_FILE, summary)
-    return folder
+def save_classifier(folder: str | Path, model: MultiClassTokenViT, class_map: ClassMap,
+                    record: dict[str, Any] | None = None) -> Path:
+    """Export the classifier as an artifact of kind ``classifier`` (``weights.safetensors``, then
+    ``model.json`` with the architecture, classes, the backbone it started from and ``record``)."""
+    architecture = {"vit": model.backbone.config.to_dict(), "num_classes": model.num_classes,
+                    "variant": model.variant, "hybrid": model.hybrid, "readout": model.readout}
+    record = dict(record or {})
+    return save_artifact(folder, "classifier", model, architecture, class_map,
+                         source={"backbone": record.get("backbone")}, extra={RECORD_KEY: record})
 
 
 def load_classifier(folder: str | Path) -> tuple[MultiClassTokenViT, dict[str, Any]]:
-    """The classifier exported by :func:`save_classifier` (eval mode) and its summary;
+    """The classifier exported by :func:`save_classifier` (eval mode) and its summary
+    (architecture, ``class_names`` and the training record); older ``mct.*`` exports too.
     ``CheckpointError`` naming the file otherwise."""
     folder = Path(folder)
-    summary = read_json(folder / SUMMARY_FILE, "classifier summary",
-                        missing="missing (not a weak-supervision classifier folder)")
+    if not (folder / INFO_FILE).is_file() and (folder / LEGACY_SUMMARY_FILE).is_file():
+        summary = read_json(folder / LEGACY_SUMMARY_FILE, "classifier summary")
+        weights_file = folder / LEGACY_MODEL_FILE
+        try:
+            state = load_file(str(weights_file))
+        except (OSError, FileNotFoundError) as exc:
+            raise CheckpointError(f"{weights_file}: unreadable classifier weights: {exc}") from exc
+    else:
+        kind = artifact_kind(folder)
+        if kind != "classifier":
+            raise CheckpointError(f"{folder / INFO_FILE}: " + ("missing" if kind is None else f"a {kind} model") +
+                                  " (not a weak-supervision classifier folder: give the run folder of `labelwise "
+                                  "weak train`)")
+        info, state = read_artifact_files(folder)
+        weights_file = folder / WEIGHTS_FILE
+        try:
+            summary = {**info["architecture"], "class_names": list(info["class_map"]["classes"]),
+                       **(info.get(RECORD_KEY) or {})}
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{folder / INFO_FILE}: classifier description lacks {exc}") from exc
     try:
-        state = load_file(str(folder / MODEL_FILE))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{exc.filename}: missing (not a weak-supervision classifier folder)") from exc
-    except OSError as exc:
-        raise CheckpointError(f"{folder}: unreadable classifier export: {exc}") from exc
-    backbone = VisionTransformer(ViTConfig.from_dict(summary["vit"]))
-    model = MultiClassTokenViT(backbone, summary["num_classes"], summary["variant"], bool(summary.get("hybrid")),
-                               summary.get("readout", "mean"))
+        backbone = VisionTransformer(ViTConfig.from_dict(summary["vit"]))
+        model = MultiClassTokenViT(backbone, summary["num_classes"], summary["variant"], bool(summary.get("hybrid")),
+                                   summary.get("readout", "mean"))
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder}: classifier description lacks {exc}") from exc
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{folder / MODEL_FILE}: weights do not match {SUMMARY_FILE}: {exc}") from exc
+        raise CheckpointError(f"{weights_file}: weights do not match the classifier's description: {exc}") from exc
     return model.eval(), summary
 
 
@@ -155,8 +174,8 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
-    if trainer.dist.is_main and result.steps >= config.steps:
-        save_classifier(run_dir, trainer.bare_model, list(class_map.names),  # type: ignore[arg-type]
+    if trainer.dist.is_main and result.steps >= config.total_steps:
+        save_classifier(run_dir, trainer.bare_model, class_map,  # type: ignore[arg-type]
                         {"backbone": config.backbone, "steps": result.steps,
                          "train_seconds": round(result.train_seconds, 2)})
     return WeakClassifierResult(run_dir, result)
