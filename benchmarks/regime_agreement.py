@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import RESULTS, ROOT
+from labelwise.io.atomic import atomic_path
 
 OUTPUT = RESULTS / "regime_agreement.json"
 
@@ -76,7 +77,7 @@ ROWS: dict[str, str] = {
             from labelwise.methods.common import _build_datasets as build_datasets
         data = ["data.dataset=synthetic", "data.synthetic_train_images=16", "data.synthetic_val_images=8",
                 "data.synthetic_size=[32, 48]"]
-        names = dataset_names(build_datasets(load_config(SemiConfig, None, [*data, "semi.method=supervised_only"]).data).train)
+        names = dataset_names(build_datasets(load_config(SemiConfig, None, [*data, "semi.method=supervised_only"]).data, 0).train)
         labeled, unlabeled = write_split(work / "split", split_labeled(names, count=4, seed=0))
         config = load_config(SemiConfig, None, [*data, f"data.train_list={labeled}", f"semi.unlabeled_list={unlabeled}",
             "semi.method=fixmatch", "semi.threshold=0.5", "data.batch_size=2", "stages.0.steps=30",
@@ -183,12 +184,13 @@ def main() -> None:
     entry = results.get(name, {"rows": {}})
     entry.update({"commit": commit, "uncommitted_changes": dirty, "date": datetime.date.today().isoformat(),
                   "command": "python " + " ".join(sys.argv)})
-    for row in args.rows:
-        entry["rows"][row] = run_row(tree, row)
-        print(row, json.dumps(entry["rows"][row]), flush=True)
     results[name] = entry
     RESULTS.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(json.dumps(results, indent=2) + "\n")
+    for row in args.rows:  # the file is written after each row: a failed row keeps the others
+        entry["rows"][row] = run_row(tree, row)
+        print(row, json.dumps(entry["rows"][row]), flush=True)
+        with atomic_path(OUTPUT) as tmp:
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
