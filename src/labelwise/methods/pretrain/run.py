@@ -27,7 +27,7 @@ from labelwise.methods.pretrain.dino import DINOObjective
 from labelwise.methods.pretrain.moco import MoCoObjective
 from labelwise.methods.pretrain.objective import Objective
 from labelwise.methods.pretrain.rotation import RotationObjective
-from labelwise.models.artifact import INFO_FILE, WEIGHTS_FILE, write_artifact_info
+from labelwise.models.artifact import INFO_FILE, WEIGHTS_FILE, provenance, write_artifact_info
 from labelwise.models.init import initialise_from
 
 #: the exported backbone (the file ``load_vit`` / ``--init`` read) and, written last, its description
@@ -203,7 +203,7 @@ def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False,
         write_artifact_info(run_dir, "backbone", {"backbone": backbone_config}, None,
                             preprocessing=_preprocessing(network),
                             source={"init": config.init, "method": config.method, "exported": which},
-                            extra={SUMMARY_KEY: summary})
+                            training=provenance(to_dict(config.data)), extra={SUMMARY_KEY: summary})
     return PretrainResult(run_dir, result, backbone_path, summary)
 
 
