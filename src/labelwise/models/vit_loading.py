@@ -564,10 +564,10 @@ def download(url: str, target: Path, timeout: float = 60.0) -> None:
 
 
 def resolve_backbone(name_or_path: str | Path) -> Path:
-    """Path of a backbone file: an existing file as is, a pretraining run folder -> its weights;
-    ``labelwise_default`` ->
-    ``DEFAULT_BACKBONE_PATH``; a name of ``NAMED_BACKBONES`` -> the cached file, downloaded into
-    ``cache_dir()`` first when absent. Offline, the error says which file to put where."""
+    """Path of a backbone file: a pretraining run folder -> its weights, another existing path as
+    is; ``labelwise_default`` -> ``DEFAULT_BACKBONE_PATH``; a name of ``NAMED_BACKBONES`` -> the
+    cached file, downloaded into ``cache_dir()`` first when absent. Offline, the error says which
+    file to put where."""
     text = str(name_or_path)
     if text == DEFAULT_NAME:
         if not DEFAULT_BACKBONE_PATH.is_file():
@@ -578,14 +578,12 @@ def resolve_backbone(name_or_path: str | Path) -> Path:
         return DEFAULT_BACKBONE_PATH
     if text not in NAMED_BACKBONES:
         path = Path(name_or_path).expanduser()
-        if path.is_dir():  # a `labelwise pretrain` run folder
+        if path.is_dir():  # a `labelwise pretrain` run folder gives its weights; other folders (Hugging Face) stay
             from labelwise.models.artifact import backbone_weights_file
 
             found = backbone_weights_file(path)
-            if found is None:
-                raise CheckpointError(f"{path}: a folder, but not a `labelwise pretrain` run (no model.json of kind "
-                                      "backbone); give the backbone's .safetensors / .pth file or its run folder")
-            return found
+            if found is not None:
+                return found
         if path.exists() or any(sep in text for sep in ("/", os.sep)) or path.suffix:
             return path  # read_checkpoint reports a missing file with its path
         raise CheckpointError(
