@@ -5,8 +5,8 @@
 1. a labelwise exported model (a run folder or a folder with ``model.json`` +
    ``weights.safetensors``, or an older ``model.safetensors``; see ``models/artifact.py``): the
    tensors under ``encoder.`` are used;
-2. a pretraining run folder (its ``weights.safetensors``; older runs: ``backbone.safetensors``), or any other
-   weights file (``.safetensors``; ``.pth`` / ``.pt`` / ``.bin`` read with
+2. a pretraining run folder (its ``weights.safetensors``; older runs: ``backbone.safetensors``),
+   or any other weights file (``.safetensors``; ``.pth`` / ``.pt`` / ``.bin`` read with
    ``torch.load(weights_only=True)``);
 3. a named CNN weights file (``mobilenet_v2_imagenet``, ``mobilenet_v2_torchvision``; see
    ``labelwise.models.pretrained``) for a model built on that encoder with the same input
@@ -145,7 +145,7 @@ def read_pretrained(path: str | Path, model: nn.Module) -> tuple[str, str, dict[
     path = Path(path)
     encoder = getattr(model, "encoder", model)
     vit = _is_vit(encoder)
-    pretrained_backbone = backbone_weights_file(path if path.is_dir() else path.parent)
+    pretrained_backbone = backbone_weights_file(path if path.is_dir() else path.parent) if path.exists() else None
     if path.is_dir():
         if pretrained_backbone is not None:
             path = pretrained_backbone
