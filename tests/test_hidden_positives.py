@@ -41,8 +41,10 @@ def _inputs(images: int = 3, patches: int = 6, seed: int = 0):  # noqa: ANN202
     return z, z_mix, f, m, pool_ag, pool_sp
 
 
-def literal_reference(z, z_mix, f, m, pool_ag, pool_sp, lam, patches, tau, base_tau, rho):  # noqa: ANN001, ANN201
-    """Every anchor on its own, Python loops over anchors and candidates; rho is 0 or 1."""
+def literal_reference(z, z_mix, f, m, pool_ag, pool_sp, lam, patches, tau, base_tau, rho,  # noqa: ANN001, ANN201
+                      agreeing=False):  # noqa: ANN001
+    """Every anchor on its own, Python loops over anchors and candidates; rho is 0 or 1;
+    ``agreeing``: a task-specific positive counts only when it is also a task-agnostic one."""
     n = z.shape[0]
     images = n // patches
     c_ag = [max(float(f[i] @ q) for q in pool_ag) for i in range(n)]
@@ -53,6 +55,8 @@ def literal_reference(z, z_mix, f, m, pool_ag, pool_sp, lam, patches, tau, base_
         for i in range(b * patches, (b + 1) * patches):
             ag = [j for j in range(n) if j != i and (float(f[i] @ f[j]) > c_ag[i] or float(f[i] @ f[j]) > c_ag[j])]
             sp = [j for j in range(n) if j != i and (float(m[i] @ m[j]) > c_sp[i] or float(m[i] @ m[j]) > c_sp[j])]
+            if agreeing:
+                sp = [j for j in sp if j in ag]
             if not ag:
                 continue
             denominator = ag if rho == 0 else [j for j in range(n) if j != i]
@@ -96,6 +100,27 @@ def test_value_and_gradients_match_the_literal_reference(rho: float, lam: float,
     if mix is not None:
         torch.testing.assert_close(mix_ours.grad.double(), mix_ref.grad, rtol=1e-4, atol=1e-6)
     assert 0 < stats["anchors_kept"] <= 1 and stats["positives_ag"] > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
+def test_agreeing_task_specific_positives_match_the_literal_reference(precision: str) -> None:
+    z, z_mix, f, m, pool_ag, pool_sp = _inputs(seed=3)
+    lam = 0.5
+    z_ref = z.clone().requires_grad_(True)
+    expected = literal_reference(z_ref, None, f, m, pool_ag, pool_sp, lam, 6, 0.5, 0.07, 0.0, agreeing=True)
+    expected.backward()
+    paper = literal_reference(z.clone(), None, f, m, pool_ag, pool_sp, lam, 6, 0.5, 0.07, 0.0)
+    assert abs(float(paper) - float(expected.detach())) > 1e-4  # the rule changes something here
+    config = HiddenPositiveLossConfig(temperature=0.5, rho=0.0, precision=precision, chunk_elements=1,
+                                      specific_positives="agreeing")
+    z_ours = z.float().clone().requires_grad_(True)
+    value = hidden_positive_loss(z_ours, f.float(), m.float(), pool_ag.float(), pool_sp.float(), lam=lam,
+                                 patches_per_image=6, config=config)
+    value.backward()
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=tolerance, abs=1e-6)
+    if precision == "fp32":
+        torch.testing.assert_close(z_ours.grad.double(), z_ref.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_chunking_does_not_change_value_or_gradient() -> None:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from labelwise.errors import ConfigError
 
-__all__ = ["ATTENTION_KINDS", "local_positive_weights", "neighbourhood_attention", "patch_tokens", "reduce_attention",
+__all__ = ["ATTENTION_KINDS", "affinity_local_weights", "local_positive_weights", "neighbourhood_attention", "patch_tokens", "reduce_attention",
            "row_quantile"]
 
 ATTENTION_KINDS = ("cls", "patch", "neighbourhood", "local_positive")
@@ -83,6 +83,29 @@ def local_positive_weights(patch_attention: Tensor, grid: Sequence[int], scale: 
     rows = rows.softmax(dim=-1) * (math.sqrt(h * w) if scale is None else scale)
     rows = rows * (rows >= rows.mean(dim=-1, keepdim=True))
     return neighbourhood_attention(rows, (h, w))
+
+
+def affinity_local_weights(features: Tensor, scale: float | None = None) -> Tensor:
+    """HP's local-positive neighbour weights for a backbone without attention (a CNN, joined
+    features): :func:`local_positive_weights` applied to the patch affinity ``cos(f_i, f_j)`` in
+    place of the head-averaged attention.
+
+    The rule keeps what the attention rule does: each row is clipped to its 10% / 90% quantiles,
+    soft-maxed over all patches of the image and scaled by ``sqrt(h * w)`` (so an average patch
+    weighs about 1), then zeroed below its mean, so a neighbour counts as a local positive only
+    when it is more alike than the image's average patch; neighbours outside the grid weigh 0.
+
+    Args:
+        features: ``[B, D, h, w]`` backbone features.
+        scale: as in :func:`local_positive_weights`.
+
+    Returns:
+        ``[B, 9, h, w]`` non-negative weights in the ``"neighbourhood"`` layout.
+    """
+    b, _, h, w = features.shape
+    unit = torch.nn.functional.normalize(features.float().flatten(2), dim=1)  # [B, D, h*w]
+    affinity = torch.bmm(unit.transpose(1, 2), unit)  # [B, h*w, h*w]
+    return local_positive_weights(affinity, (h, w), scale)
 
 
 def reduce_attention(weights: Tensor, kind: str, prefix: int, grid: tuple[int, int]) -> Tensor:

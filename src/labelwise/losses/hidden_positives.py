@@ -12,6 +12,10 @@ patches each, rows image-major):
 * Weights ``w_ij = A_ij + lambda * S_ij``, ``W_i = sum_j w_ij``. Denominator set
   ``D_i = {j != i : A_ij or R_ij}`` with ``R`` a random mask keeping each entry with probability
   ``rho`` (``rho >= 1``: every ``j != i``).
+* ``specific_positives="agreeing"`` replaces ``S`` by ``S AND A``: a task-specific positive
+  counts only where the backbone also calls the pair positive, so ``lambda`` re-weights the
+  backbone's positives by the head's agreement and never adds pairs the backbone rejects
+  (labelwise's guard for weak backbones; ``"all"`` is the paper).
 * ``s_ij = z_i . z_j / tau``; ``l_i = sum_j w_ij (s_ij - log sum_{k in D_i} exp s_ik) / W_i``.
 * Anchors without a task-agnostic positive are dropped; anchor weights ``pnm_i = W_i /
   mean(W)`` over the kept anchors of the same image; per image the mean over kept anchors of
@@ -57,6 +61,10 @@ __all__ = [
 ]
 
 
+#: Task-specific positive rules: the paper's, or only those the backbone agrees with.
+SPECIFIC_POSITIVES = ("all", "agreeing")
+
+
 @dataclass
 class HiddenPositiveLossConfig:
     """Loss hyper-parameters (paper defaults; ``tau`` 0.4-0.8 by dataset).
@@ -64,7 +72,8 @@ class HiddenPositiveLossConfig:
     temperature: ``tau`` of the similarities; base_temperature: the loss is scaled by
     ``tau / base_temperature``; rho: fraction of non-positive patches in each denominator;
     chunk_elements: anchors per chunk times ``N`` stays below this (memory knob, no effect on
-    the value); precision: ``bf16``, ``mixed`` or ``fp32`` products (module docstring).
+    the value); precision: ``bf16``, ``mixed`` or ``fp32`` products (module docstring);
+    specific_positives: ``all`` (the paper's ``S``) or ``agreeing`` (``S AND A``, module docstring).
     """
 
     temperature: float = 0.8
@@ -72,6 +81,7 @@ class HiddenPositiveLossConfig:
     rho: float = 0.02
     chunk_elements: int = 1 << 24
     precision: str = "mixed"
+    specific_positives: str = "all"
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -84,6 +94,9 @@ class HiddenPositiveLossConfig:
             raise ConfigError(f"chunk_elements: must be >= 1, got {self.chunk_elements}")
         if self.precision not in ("bf16", "mixed", "fp32"):
             raise ConfigError(f"precision: must be 'bf16', 'mixed' or 'fp32', got {self.precision!r}")
+        if self.specific_positives not in SPECIFIC_POSITIVES:
+            raise ConfigError(f"specific_positives: must be one of {list(SPECIFIC_POSITIVES)}, "
+                              f"got {self.specific_positives!r}")
 
 
 def lambda_schedule(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -289,7 +302,7 @@ def _contrastive_term(codes: Tensor, codes_p: Tensor, rows: slice, selection: _S
 
 
 def _select(ops: _Operands, rows: slice, lam: float, rho: float, patches_per_image: int, num_images: int,
-            scale: float, generator: torch.Generator | None, workspace: _Workspace
+            scale: float, generator: torch.Generator | None, workspace: _Workspace, agreeing: bool = False
             ) -> tuple[_Selection, dict[str, float]]:
     start = rows.start
     c = rows.stop - rows.start
@@ -299,6 +312,8 @@ def _select(ops: _Operands, rows: slice, lam: float, rho: float, patches_per_ima
                         ops.tolerance_ag, workspace)
     _fill_positive_mask(pos_sp, ops.m[rows], ops.m_p[rows], ops.m_t_p, ops.m, ops.c_sp[rows], ops.c_sp, start,
                         ops.tolerance_sp, workspace)
+    if agreeing:
+        pos_sp &= pos_ag
     denominator: Tensor | None = None
     if rho < 1:
         denominator = workspace.view(workspace.masks[2], c)
@@ -386,7 +401,7 @@ def _hidden_positive_value_and_grads(z: Tensor, z_mix: Tensor | None, f: Tensor,
         last = min(num_images, first + images_per_chunk)
         rows = slice(first * patches_per_image, last * patches_per_image)
         selection, chunk_stats = _select(ops, rows, lam, config.rho, patches_per_image, num_images, scale,
-                                         generator, workspace)
+                                         generator, workspace, config.specific_positives == "agreeing")
         total = total + _contrastive_term(z, z_p, rows, selection, config.temperature, grad_z, workspace)
         if z_mix is not None:
             total = total + _contrastive_term(z_mix, z_mix_p, rows, selection, config.temperature, grad_mix,

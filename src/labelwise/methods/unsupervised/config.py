@@ -14,22 +14,25 @@ from labelwise.config import FLAT_SCHEDULE_KEYS, DataConfig, OptimConfig, RunCon
 from labelwise.errors import ConfigError
 from labelwise.losses.stego import StegoConfig
 
-METHODS = ("hp", "stego", "picie", "kmeans")
+METHODS = ("hp", "stego", "picie", "kmeans", "primaps")
 
 
 @dataclass
 class FeatureConfig:
     """Frozen backbone and the views its features are cached for.
 
-    ``backbone``: a name ``resolve_backbone`` knows (``labelwise_default``, ``dino_vits8`` ...) or
-    a checkpoint path. Training views: ``crop_mode: five`` (four corners + centre, sides
+    ``backbone``: a ViT name ``resolve_backbone`` knows (``labelwise_default``, ``dino_vits8`` ...)
+    or checkpoint path; a CNN weights name (``mobilenet_v2_imagenet``, optionally
+    ``@stage4,stage5``); or parts joined by ``+`` (``labelwise_default+mobilenet_v2_imagenet``: each
+    part's features L2-normalised and concatenated). See
+    :mod:`labelwise.models.feature_backbones`. Training views: ``crop_mode: five`` (four corners + centre, sides
     ``crop_ratio`` of the image's, each resized to ``crop_size``) or ``whole`` (the image resized
     to ``crop_size``). Evaluation and prediction images are resized to ``eval_size`` ((H, W);
     None: as loaded; their size must then be the same for the whole split). ``window``: cut large
     images (aerial tiles) into windows of this many pixels, each labeled pixel scored once
     (:class:`~labelwise.methods.unsupervised.data.TileWindows`); training then takes its views
     from the windows of the whole training tiles. ``attention_block``:
-    the block whose attention gives HP's local positives (-1: the last). ``storage``: cache arrays
+    the block whose attention gives HP's local positives (-1: the last; ViT backbones). ``storage``: cache arrays
     in ``float16`` (half the disk; the features are rounded, so a hard threshold such as HP's
     positive selection can flip for borderline pairs) or ``float32`` (exactly the on-the-fly values).
     """
@@ -52,7 +55,20 @@ class HPSettings:
     task-specific positives and the LHP term (the ablation rows); ``lambda_warmup_steps`` before
     lambda starts rising; pools of ``pool_size`` patches, the task-specific one rebuilt every
     ``renew_every`` steps; ``consistency_weight`` of the photometric term (0 disables it and its
-    second feature cache)."""
+    second feature cache).
+
+    Local positive weights (``local_weights``): ``attention`` (the paper: the last block's patch
+    attention; ViT backbones only), ``affinity`` (the same rule on the backbone's feature cosine
+    affinity, :func:`~labelwise.features.attention.affinity_local_weights`; any backbone) or
+    ``auto`` (attention for a ViT, affinity otherwise).
+
+    Weak-backbone guards (label-free): ``specific_positives: agreeing`` keeps a task-specific
+    positive only where the backbone's criterion also holds (``all``: the paper);
+    ``collapse_guard`` (a ratio, e.g. 0.9): at every pool renewal the task-specific pool's codes
+    are clustered into K by k-means and the normalised entropy of the cluster sizes is logged
+    (``code_entropy``); once lambda rises, the first time the entropy falls below
+    ``collapse_guard`` times its value at the end of the warm-up, lambda is held where it is for
+    the rest of the run; ``lambda_max`` caps lambda (1: the paper)."""
 
     dim: int = 512
     dropout: float = 0.1
@@ -67,6 +83,34 @@ class HPSettings:
     consistency_weight: float = 0.05
     attention_scale: float | None = None
     precision: Literal["bf16", "mixed", "fp32"] = "mixed"
+    local_weights: Literal["auto", "attention", "affinity"] = "auto"
+    specific_positives: Literal["all", "agreeing"] = "all"
+    collapse_guard: float | None = None
+    lambda_max: float = 1.0
+
+
+@dataclass
+class PrimapsSettings:
+    """PriMaPs (:mod:`labelwise.features.primaps`): per-image mask proposals from the principal
+    directions of the features, K class prototypes fitted to them by EM over the training views.
+
+    ``threshold``: cosine to a proposal's anchor patch that joins it; ``null`` calibrates it
+    label-free as the ``threshold_quantile`` of the within-image patch-pair cosines of the centred
+    features on ``calibration_images`` training views. Features are centred by the training
+    set's mean feature before proposals and prototypes (``center``). ``coverage`` / ``max_masks``
+    stop the proposals of an image; ``em_epochs`` passes over the training views, prototypes
+    moving with ``momentum`` per batch of ``batch_size`` views (initialised by k-means on the
+    features)."""
+
+    threshold: float | None = None
+    threshold_quantile: float = 0.75
+    calibration_images: int = 128
+    center: bool = True
+    coverage: float = 0.95
+    max_masks: int = 16
+    em_epochs: int = 3
+    momentum: float = 0.9
+    batch_size: int = 64
 
 
 @dataclass
@@ -137,8 +181,9 @@ class UnsupervisedConfig(RunConfig, ScheduleConfig):
     data: DataConfig = field(default_factory=DataConfig)
     images: list[str] = field(default_factory=list)
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    method: Literal["hp", "stego", "picie", "kmeans"] = "hp"
+    method: Literal["hp", "stego", "picie", "kmeans", "primaps"] = "hp"
     hp: HPSettings = field(default_factory=HPSettings)
+    primaps: PrimapsSettings = field(default_factory=PrimapsSettings)
     stego: StegoSettings = field(default_factory=StegoSettings)
     clustering: ClusteringSettings = field(default_factory=ClusteringSettings)
     eval: UnsupervisedEvalConfig = field(default_factory=UnsupervisedEvalConfig)
@@ -176,6 +221,24 @@ class UnsupervisedConfig(RunConfig, ScheduleConfig):
                 raise ConfigError(f"{key}: must be in [0, 1], got {value}")
         if not 0 < self.features.crop_ratio <= 1:
             raise ConfigError(f"features.crop_ratio: must be in (0, 1], got {self.features.crop_ratio}")
+        if self.hp.collapse_guard is not None and not 0 < self.hp.collapse_guard < 1:
+            raise ConfigError(f"hp.collapse_guard: must be in (0, 1) or null, got {self.hp.collapse_guard}")
+        if not 0 < self.hp.lambda_max <= 1:
+            raise ConfigError(f"hp.lambda_max: must be in (0, 1], got {self.hp.lambda_max}")
+        primaps = self.primaps
+        if primaps.threshold is not None and not -1 < primaps.threshold < 1:
+            raise ConfigError(f"primaps.threshold: must be in (-1, 1) or null, got {primaps.threshold}")
+        for key, value in (("primaps.threshold_quantile", primaps.threshold_quantile),
+                           ("primaps.coverage", primaps.coverage)):
+            if not 0 < value <= 1:
+                raise ConfigError(f"{key}: must be in (0, 1], got {value}")
+        if not 0 <= primaps.momentum < 1:
+            raise ConfigError(f"primaps.momentum: must be in [0, 1), got {primaps.momentum}")
+        for key, value in (("primaps.max_masks", primaps.max_masks), ("primaps.em_epochs", primaps.em_epochs),
+                           ("primaps.batch_size", primaps.batch_size),
+                           ("primaps.calibration_images", primaps.calibration_images)):
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
         if not 0 <= self.hp.momentum < 1:
             raise ConfigError(f"hp.momentum: must be in [0, 1), got {self.hp.momentum}")
         quantiles = self.stego.calibration_quantiles

@@ -25,9 +25,12 @@ from labelwise.errors import CheckpointError
 from labelwise.models.artifact import cluster_class_map, load_artifact, provenance, save_artifact
 from labelwise.models.clusters import ClusterSegmenter
 from labelwise.models.heads import ContrastProjection, ProjectionHead
-from labelwise.models.vit import VisionTransformer
+from labelwise.models.feature_backbones import backbone_preprocessing
 
-__all__ = ["PREDICT_WINDOW", "ExportedHead", "UnsupervisedHead", "load_head", "save_head"]
+__all__ = ["FEATURE_SPACE_METHODS", "PREDICT_WINDOW", "ExportedHead", "UnsupervisedHead", "load_head", "save_head"]
+
+#: Methods that cluster the backbone features themselves (no head is trained).
+FEATURE_SPACE_METHODS = ("kmeans", "primaps")
 
 #: Sliding-window size (pixels) an exported model predicts large images with.
 PREDICT_WINDOW = 1024
@@ -47,13 +50,15 @@ class UnsupervisedHead(nn.Module):
         super().__init__()
         self.method = method
         self.in_dim = in_dim
-        self.dim = in_dim if method == "kmeans" else dim
-        if method == "kmeans":
+        self.dim = in_dim if method in FEATURE_SPACE_METHODS else dim
+        if method in FEATURE_SPACE_METHODS:
             return
         self.head = ProjectionHead(in_dim, dim, dropout)
         if not training_parts:  # an export: the code head is all prediction needs
             return
         if method == "hp":
+            # [reference code entropy (NaN until measured), lambda cap (2: none)] of the collapse guard
+            self.register_buffer("collapse_state", torch.tensor([float("nan"), 2.0], dtype=torch.float64))
             self.momentum_head = copy.deepcopy(self.head)
             for param in self.momentum_head.parameters():
                 param.requires_grad_(False)
@@ -69,7 +74,7 @@ class UnsupervisedHead(nn.Module):
         of the parameters is seen by DDP's one forward and their gradients are synchronised."""
         if compute is not None:
             return compute(self)
-        if self.method == "kmeans":
+        if self.method in FEATURE_SPACE_METHODS:
             return features
         return self.head(features)
 
@@ -97,18 +102,17 @@ class ExportedHead:
         return self.segmenter.codes(features)
 
 
-def save_head(folder: str | Path, backbone: VisionTransformer, head: UnsupervisedHead, centroids: Tensor,
-              summary: dict[str, Any], data: dict[str, Any] | None = None) -> Path:
+def save_head(folder: str | Path, backbone: nn.Module, head: UnsupervisedHead, centroids: Tensor,
+              summary: dict[str, Any], data: dict[str, Any] | None = None, feature_center: Tensor | None = None
+              ) -> Path:
     """Export the run as a ``clusters`` artifact (``model.json`` + ``weights.safetensors``): the
     backbone, the code head (what prediction needs; k-means has none) and the centroids, so the
     folder predicts on its own. Returns the folder."""
-    module = ClusterSegmenter(backbone, centroids.cpu(), None if head.method == "kmeans" else head.head)
+    module = ClusterSegmenter(backbone, centroids.cpu(), head.head if hasattr(head, "head") else None,
+                              None if feature_center is None else feature_center.cpu())
     record = {**summary, "method": head.method, "in_dim": head.in_dim, "dim": head.dim,
               "clusters": int(centroids.shape[0])}
-    preprocessing = {"input": "RGB float [B, 3, H, W] in [0, 1]; the backbone normalises and pads itself",
-                     "mean": [round(float(v), 6) for v in backbone.pixel_mean.flatten()],
-                     "std": [round(float(v), 6) for v in backbone.pixel_std.flatten()],
-                     "pad_to_multiple_of": int(backbone.patch_size)}
+    preprocessing = backbone_preprocessing(backbone)
     return save_artifact(folder, "clusters", module, module.config(), cluster_class_map(module.num_clusters),
                          preprocessing=preprocessing, source={"backbone": str(summary.get("backbone"))},
                          # images above 1,024 px go through the ViT in overlapping windows

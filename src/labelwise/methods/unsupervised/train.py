@@ -29,6 +29,7 @@ from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainResult, trainer_options, unwrap
 from labelwise.errors import ConfigError
 from labelwise.eval.kmeans import kmeans
+from labelwise.features.attention import affinity_local_weights
 from labelwise.features.cache import FeatureCache, extract_features
 from labelwise.io.atomic import atomic_write_json
 from labelwise.losses.clustering import clustering_loss, fit_prototypes
@@ -47,8 +48,9 @@ from labelwise.losses.stego import (
 )
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
 from labelwise.methods.unsupervised.data import FiveCropDataset, PhotometricCopy, ResizedDataset, TileWindows
-from labelwise.methods.unsupervised.model import UnsupervisedHead, save_head
-from labelwise.models.vit_loading import load_vit
+from labelwise.methods.unsupervised.model import FEATURE_SPACE_METHODS, UnsupervisedHead, save_head
+from labelwise.methods.unsupervised.primaps_fit import fit_primaps
+from labelwise.models.feature_backbones import is_vit, load_feature_backbone
 
 __all__ = ["SELECTION_RULE", "UnsupervisedResult", "CachedViews", "build_training_caches", "load_backbone", "train",
            "training_source", "training_views"]
@@ -68,13 +70,24 @@ class UnsupervisedResult:
     summary: dict[str, Any]
 
 
-def load_backbone(name_or_path: str) -> nn.Module:
-    """The frozen ViT of ``features.backbone`` (a name ``resolve_backbone`` knows or a file)."""
-    backbone = load_vit(name_or_path)
-    backbone.eval()
-    for param in backbone.parameters():
-        param.requires_grad_(False)
-    return backbone
+def load_backbone(spec: str) -> nn.Module:
+    """The frozen backbone of ``features.backbone``: a ViT, a CNN or several joined by ``+``
+    (:func:`~labelwise.models.feature_backbones.load_feature_backbone`)."""
+    return load_feature_backbone(spec)
+
+
+def local_weights_rule(config: UnsupervisedConfig, backbone: nn.Module) -> str | None:
+    """Where HP's local positives get their neighbour weights: ``attention`` (cached with the
+    features), ``affinity`` (computed from the features per batch) or None (no LHP term)."""
+    if config.method != "hp" or not config.hp.local:
+        return None
+    rule = config.hp.local_weights
+    if rule == "auto":
+        return "attention" if is_vit(backbone) else "affinity"
+    if rule == "attention" and not is_vit(backbone):
+        raise ConfigError(f"hp.local_weights: 'attention' needs a ViT backbone, {config.features.backbone!r} has no "
+                          "attention; use 'affinity' (or 'auto')")
+    return rule
 
 
 def training_source(config: UnsupervisedConfig) -> Dataset:
@@ -107,7 +120,7 @@ def build_training_caches(config: UnsupervisedConfig, backbone: nn.Module, views
                           device: torch.device) -> tuple[FeatureCache, FeatureCache | None]:
     """Features (no labels) of the training views, with HP's local-positive attention weights
     when the LHP term is on, and of their photometric copies when the objective uses them."""
-    local = config.method == "hp" and config.hp.local
+    local = local_weights_rule(config, backbone) == "attention"
     common = dict(batch_size=config.features.batch_size, precision=config.precision, device=device,
                   cache_dir=config.features.cache_dir, labels=False, progress=config.progress,
                   storage=config.features.storage)
@@ -189,14 +202,50 @@ def _fit_centroids(head: UnsupervisedHead, cache: FeatureCache, clusters: int, d
     return F.normalize(kmeans(x, clusters, restarts=3, max_iter=100, seed=seed).centroids, dim=1)
 
 
-def _hp_step_fn(config: UnsupervisedConfig, cache: FeatureCache, total_steps: int) -> Callable[..., StepOutput]:
+def normalized_size_entropy(assignments: Tensor, clusters: int) -> float:
+    """Entropy of the cluster sizes of ``assignments [Q]`` (ids in ``[0, clusters)``) divided by
+    ``log(clusters)``: 1 when every cluster is equally large, 0 when all points share one."""
+    if clusters < 2:
+        return 1.0
+    sizes = torch.bincount(assignments.flatten(), minlength=clusters).double()
+    p = sizes[sizes > 0] / sizes.sum()
+    return float(-(p * p.log()).sum() / np.log(clusters))
+
+
+def code_entropy(codes: Tensor, clusters: int, seed: int) -> float:
+    """The collapse monitor: k-means (``clusters``, one seeded restart) on unit codes ``[Q, C]``,
+    then :func:`normalized_size_entropy` of the assignment (no labels)."""
+    result = kmeans(F.normalize(codes.float(), dim=1), min(clusters, codes.shape[0]), restarts=1, max_iter=50,
+                    seed=seed)
+    return normalized_size_entropy(result.labels, clusters)
+
+
+def guarded_lambda(head: UnsupervisedHead, scheduled: float, entropy: float | None, guard: float | None) -> float:
+    """Lambda after the collapse guard (``hp.collapse_guard``). ``head.collapse_state`` holds
+    ``[reference entropy, cap]``; ``entropy`` is the monitor's value at a pool renewal (None
+    between renewals). While ``scheduled`` is 0 (warm-up) the reference follows the monitor; once
+    lambda rises, the first renewal whose entropy is below ``guard`` times the reference sets the
+    cap to the scheduled value, which then holds for the rest of the run."""
+    state = head.collapse_state
+    if entropy is not None:
+        if scheduled == 0.0 or bool(torch.isnan(state[0])):
+            state[0] = entropy
+        elif guard is not None and float(state[1]) > 1.0 and entropy < guard * float(state[0]):
+            state[1] = scheduled
+    return min(scheduled, float(state[1]))
+
+
+def _hp_step_fn(config: UnsupervisedConfig, cache: FeatureCache, total_steps: int, clusters: int
+                ) -> Callable[..., StepOutput]:
     settings = config.hp
     loss_fn = HiddenPositiveLoss(HiddenPositiveLossConfig(temperature=settings.temperature, rho=settings.rho,
-                                                          precision=settings.precision))
+                                                          precision=settings.precision,
+                                                          specific_positives=settings.specific_positives))
 
     def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
         head: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
         generator = _step_generator(config.seed, context.step)
+        entropy = None
         if context.step % settings.renew_every == 0:  # task-specific pool from the momentum head
             with torch.no_grad(), torch.autocast(context.device.type, enabled=False):
                 vectors = random_patch_vectors(cache, settings.pool_size, generator).to(context.device)
@@ -204,17 +253,28 @@ def _hp_step_fn(config: UnsupervisedConfig, cache: FeatureCache, total_steps: in
                 pool = head.momentum_head(vectors[:, :, None, None])[:, :, 0, 0]
                 head.momentum_head.train()
                 head.pool_sp.copy_(F.normalize(pool.float(), dim=1))
+                if settings.task_specific:
+                    entropy = code_entropy(head.pool_sp, clusters, config.seed + context.step)
         features = batch["features"]
-        lam = lambda_schedule(context.step, total_steps, settings.lambda_warmup_steps) if settings.task_specific else 0.0
+        lam = 0.0
+        if settings.task_specific:
+            scheduled = min(settings.lambda_max,
+                            lambda_schedule(context.step, total_steps, settings.lambda_warmup_steps))
+            lam = guarded_lambda(head, scheduled, entropy, settings.collapse_guard)
+        local_weights = None
+        if settings.local:
+            local_weights = batch["local_weights"] if "local_weights" in batch else affinity_local_weights(features)
 
         def compute(head: UnsupervisedHead) -> tuple[Tensor, dict[str, float]]:
             code = head.head(features)
             z = head.projection(code)
             with torch.no_grad():
                 momentum = head.momentum_head(features)
-            z_mix = head.projection(mix_neighbourhood(code, batch["local_weights"])) if settings.local else None
+            z_mix = head.projection(mix_neighbourhood(code, local_weights)) if local_weights is not None else None
             loss = loss_fn(z, features, momentum, head.pool_ag, head.pool_sp, lam, z_mix=z_mix, generator=generator)
             logs = {"hp": float(loss.detach()), "lambda": lam, **loss_fn.last_stats}
+            if entropy is not None:
+                logs["code_entropy"] = entropy
             if settings.consistency_weight > 0:
                 z_aug = head.projection(head.head(batch["aug_features"]))
                 consistency = (z.float() - z_aug.float()).norm(dim=1).mean()
@@ -332,18 +392,18 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
     torch.manual_seed(config.seed)  # the head's initialisation must not depend on whether the caches existed
     head = UnsupervisedHead(config.method, cache.dim, dim, dropout, config.hp.pool_size, prototypes)
     result: TrainResult | None = None
-    if config.method != "kmeans":
+    if config.method not in FEATURE_SPACE_METHODS:
         if config.method == "hp":
             with torch.no_grad():
                 pool = random_patch_vectors(cache, config.hp.pool_size, torch.Generator().manual_seed(config.seed))
                 head.pool_ag.copy_(F.normalize(pool, dim=1))
-            step_fn = _hp_step_fn(config, cache, config.total_steps)
+            step_fn = _hp_step_fn(config, cache, config.total_steps, clusters)
         elif config.method == "stego":
             step_fn = _stego_step_fn(config, cache)
         else:
             step_fn = _picie_step_fn(config, cache, prototypes)
         local_key = None
-        if config.method == "hp" and config.hp.local:
+        if local_weights_rule(config, backbone) == "attention":
             local_key = next(k for k in cache.attention if k.startswith(LOCAL_KIND + "@"))
         dataset = CachedViews(cache, aug, local_key)
         options = trainer_options(config, config, device, batch_size=config.batch_size)
@@ -359,23 +419,34 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
             return UnsupervisedResult(run_dir, result, {})
     if not main:  # rank 0 alone fits the centroids and exports
         return UnsupervisedResult(run_dir, result, {})
-    centroids = _fit_centroids(head, cache, clusters, device, config.seed)
+    center: Tensor | None = None
+    fitted: dict[str, Any] = {}
+    if config.method == "primaps":
+        fit = fit_primaps(cache, config.primaps, clusters, device, config.seed)
+        centroids, center, fitted = fit.prototypes, fit.center, {"primaps": fit.summary}
+    else:
+        centroids = _fit_centroids(head, cache, clusters, device, config.seed)
     summary = {
         "backbone": config.features.backbone,
         "crop_mode": config.features.crop_mode,
         "crop_size": config.features.crop_size,
         "eval_size": list(config.features.eval_size) if config.features.eval_size else None,
         "selection": SELECTION_RULE,
-        "steps": config.total_steps if config.method != "kmeans" else 0,
+        "steps": config.total_steps if config.method not in FEATURE_SPACE_METHODS else 0,
         "train_views": len(cache),
         "cache_seconds": round(cache_seconds, 2),
-        "train_seconds": round(result.train_seconds, 2) if result else 0.0,
+        # what extracting the training features cost when they were first cached (this run may
+        # have found them cached): the honest feature cost of the row
+        "feature_extract_seconds": round(sum(float(c.manifest.get("extract_seconds", 0.0))
+                                             for c in (cache, aug) if c is not None), 2),
+        "train_seconds": round(result.train_seconds, 2) if result else fitted.get("primaps", {}).get("seconds", 0.0),
         "variant": _variant(config),
+        **fitted,
     }
     shifts_file = run_dir / "stego_shifts.json"
     if config.method == "stego" and shifts_file.exists():
         summary["stego_shifts"] = json.loads(shifts_file.read_text())
-    save_head(run_dir, backbone.cpu(), head.cpu(), centroids, summary, data=to_dict(config.data))
+    save_head(run_dir, backbone.cpu(), head.cpu(), centroids, summary, data=to_dict(config.data), feature_center=center)
     atomic_write_json(run_dir / "train_summary.json", summary)
     return UnsupervisedResult(run_dir, result, summary)
 
