@@ -1,4 +1,4 @@
-"""Benchmark unsupervised_<dataset>: label-free segmentation on frozen features, any backbone, with and without self-training refinement.
+"""Benchmark unsupervised_<dataset>: label-free segmentation on frozen features, with and without refinement.
 
 Run from the project root:
 `.venv/bin/python benchmarks/unsupervised.py --dataset camvid` (also `aerial`, `synthetic`).
@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from _common import ROOT, ensure_default_backbone, random_backbone, require_data, write_results
 from labelwise.config import load_config

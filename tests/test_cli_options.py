@@ -36,7 +36,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 
 def test_every_command_is_found():
     assert set(TRAINING) | set(INFERENCE) | {"demo", "attention", "semi split", "weak cams", "weak pseudo-masks",
-                                            "unsupervised probe"} == set(LEAVES)
+                                            "unsupervised probe", "unsupervised refine"} == set(LEAVES)
 
 
 @pytest.mark.parametrize("command", TRAINING)

@@ -1,4 +1,4 @@
-"""``labelwise unsupervised train | probe``: argument parsing over
+"""``labelwise unsupervised train | probe | refine``: argument parsing over
 :mod:`labelwise.methods.unsupervised` (kept apart from ``cli.py`` so each file stays short)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 from labelwise.cli_options import HelpFormatter, add, add_run_options, config_overrides
 
 #: ``labelwise.methods.unsupervised.METHODS``, spelled out so that building the parser imports no torch.
-UNSUPERVISED_METHODS = ("hp", "stego", "picie", "kmeans")
+UNSUPERVISED_METHODS = ("hp", "stego", "picie", "kmeans", "primaps")
 
 
 def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private subparsers action
@@ -49,6 +49,31 @@ def add_unsupervised(commands) -> None:  # noqa: ANN001 - argparse's private sub
     add(evaluate, "metrics")
     evaluate.set_defaults(_config_keys={**evaluate.get_default("_config_keys"), "linear_probe": "eval.linear_probe"})
 
+    refine = sub.add_parser("refine", help="self-training refinement: train a segmenter on the run's confident "
+                            "cluster predictions (one or more rounds); the result is a cluster model like the run",
+                            formatter_class=HelpFormatter, description="Pseudo-label the run's training images with "
+                            "its clusters (the most confident part of each cluster per image, optionally after a "
+                            "dense CRF), train a segmenter on them (default: U-Net on the ImageNet MobileNetV2 "
+                            "encoder) and repeat with it as the teacher. No labels are used; the output folder's "
+                            "round folders load and evaluate like the run (clusters matched to classes at "
+                            "evaluation). Prints the summary also written to OUT/refine.json.")
+    add(refine, "model", metavar="RUN", help="run folder of `labelwise unsupervised train`")
+    add(refine, "config", help="YAML of the refinement settings (RefineConfig; default: none, the built-in settings)")
+    add(refine, "set", help="override a refinement setting, e.g. --set keep_fraction=0.3 or --set "
+                            "segmenter_overrides.0=stages.0.lr=0.001; values are YAML (repeatable)")
+    refine.add_argument("--rounds", type=int, default=None,
+                        help="self-training rounds, each teaching the next (default: the config's rounds, 1)")
+    add(refine, "crf", key="crf", help="dense CRF on the cluster probabilities before taking pseudo-labels "
+                                       "(default: the config's crf, off)")
+    add(refine, "steps", key="steps", help="training steps of the segmenter's stage (default: the config's steps, "
+                                           "else the segmenter recipe's)")
+    add(refine, "out", key="out_dir", help="output folder (default: the config's out_dir, else RUN/refine)")
+    add(refine, "resume", help="continue an unfinished round from its pseudo-labels and segmenter checkpoints")
+    add(refine, "overwrite", help="redo every round, discarding the output folder's rounds")
+    add(refine, "device")
+    add(refine, "precision")
+    refine.set_defaults(_config_keys={**refine.get_default("_config_keys"), "rounds": "rounds"})
+
 
 def run_unsupervised(args: argparse.Namespace) -> int:
     from labelwise.config import load_config
@@ -68,5 +93,12 @@ def run_unsupervised(args: argparse.Namespace) -> int:
             from labelwise.io.atomic import atomic_write_text
 
             atomic_write_text(args.metrics, text + "\n")
+        return 0
+    if args.action == "refine":
+        from labelwise.methods.unsupervised.refine import RefineConfig, refine
+
+        result = refine(args.model, load_config(RefineConfig, args.config, config_overrides(args)),
+                        resume=args.resume, overwrite=args.overwrite)
+        print(json.dumps(result.summary, indent=2))
         return 0
     raise AssertionError(args.action)

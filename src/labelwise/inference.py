@@ -113,9 +113,16 @@ class Predictor:
         logits_fn = make_logits_fn(self.module, self.device, self.precision, config.input_scale, config.flip)
         return predict_batch(logits_fn, images.to(self.device), self.outputs.num_classes, config)
 
+    @property
+    def cosine_scores(self) -> bool:
+        """Whether the outputs are cosine scores to centroids (a cluster probe), not logits (a
+        segmenter, or a cluster model refined into one by ``labelwise unsupervised refine``)."""
+        return self.kind == "clusters" and "segmenter" not in (self.info.get("architecture") or {})
+
     def probabilities(self, scores: Tensor) -> Tensor:
-        """Softmax over the outputs (cluster scores scaled by :data:`CLUSTER_SOFTMAX_SCALE`)."""
-        scale = CLUSTER_SOFTMAX_SCALE if self.kind == "clusters" else 1.0
+        """Softmax over the outputs (cosine scores scaled by :data:`CLUSTER_SOFTMAX_SCALE`, logits
+        as they are)."""
+        scale = CLUSTER_SOFTMAX_SCALE if self.cosine_scores else 1.0
         return F.softmax(scale * scores.float(), dim=1)
 
     def output_ids(self, images: Tensor, options: EvalConfig | None = None, crf: bool = False,

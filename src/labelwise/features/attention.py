@@ -12,7 +12,8 @@ from torch import Tensor
 
 from labelwise.errors import ConfigError
 
-__all__ = ["ATTENTION_KINDS", "affinity_local_weights", "local_positive_weights", "neighbourhood_attention", "patch_tokens", "reduce_attention",
+__all__ = ["ATTENTION_KINDS", "affinity_local_weights", "local_positive_weights", "neighbourhood_attention",
+           "patch_tokens", "reduce_attention",
            "row_quantile"]
 
 ATTENTION_KINDS = ("cls", "patch", "neighbourhood", "local_positive")

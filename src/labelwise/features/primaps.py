@@ -36,6 +36,7 @@ __all__ = [
     "nearest_prototype",
     "principal_mask_proposals",
     "prototypes_from_sums",
+    "symmetric_eigh",
 ]
 
 # A set of remaining features counts as having no variance when its largest principal variance
@@ -45,45 +46,77 @@ __all__ = [
 ZERO_VARIANCE = 1e-8
 
 
-def _principal_directions(x: Tensor, remaining: Tensor) -> Tensor:
-    """Unit first principal direction of the remaining rows of each image.
+def symmetric_eigh(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of symmetric ``[B, n, n]`` float64 matrices (ascending eigenvalues
+    ``[B, n]``, eigenvectors ``[B, n, n]``), robust to LAPACK's convergence failures.
 
-    Args:
-        x: ``[B, N, D]`` float32 features.
-        remaining: ``[B, N]`` bool.
-
-    Returns:
-        ``[B, D]``; all zeros for an image whose remaining features have no variance
-        (:data:`ZERO_VARIANCE`), including one or no remaining patch.
-
-    The eigen-decomposition runs on the smaller of the Gram matrix ``Xc Xc^T [B, N, N]`` and the
-    scatter matrix ``Xc^T Xc [B, D, D]`` of the masked, centred features ``Xc`` (zero rows for
-    patches not remaining): both have the same non-zero eigenvalues, and a Gram eigenvector
-    ``u`` maps to the principal direction ``Xc^T u``. Eigenvector signs are arbitrary; callers
-    use the direction only through absolute cosines.
+    The batched call (LAPACK ``syevd``) fails to converge on some masked Gram matrices of real
+    features (many zero rows; seen with MobileNetV2 features on CamVid, in float32 and float64).
+    Then each matrix is decomposed on its own, and one that still fails goes to SciPy's
+    ``evr`` driver (relatively robust representations), which converges where ``syevd`` does not.
     """
-    # float64: LAPACK's float32 eigh fails to converge on some masked Gram matrices (many zero
-    # rows, near-repeated eigenvalues), seen on real ViT features
+    try:
+        return torch.linalg.eigh(matrices)
+    except torch.linalg.LinAlgError:
+        pass
+    values, vectors = [], []
+    for matrix in matrices:
+        try:
+            value, vector = torch.linalg.eigh(matrix)
+        except torch.linalg.LinAlgError:
+            import scipy.linalg
+
+            value_np, vector_np = scipy.linalg.eigh(matrix.cpu().numpy(), driver="evr")
+            value = torch.from_numpy(value_np).to(matrix)
+            vector = torch.from_numpy(vector_np).to(matrix)
+        values.append(value)
+        vectors.append(vector)
+    return torch.stack(values), torch.stack(vectors)
+
+
+def _alignment_from_scatter(x: Tensor, unit: Tensor, remaining: Tensor) -> Tensor:
+    """``[B, N]`` absolute cosine of every unit feature with the first principal direction of
+    the remaining features, from the scatter matrix ``Xc^T Xc [B, D, D]`` of the masked, centred
+    features (the path for ``D <= N``); 0 everywhere for an image whose remaining features have
+    no variance (:data:`ZERO_VARIANCE`)."""
     x = x.double()
     mask = remaining[..., None].to(x.dtype)
     count = mask.sum(1).clamp(min=1)
     centred = (x - (x * mask).sum(1, keepdim=True) / count[:, None]) * mask
-    num_patches, dim = x.shape[1:]
-    if num_patches < dim:
-        values, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))
-        direction = F.normalize(torch.einsum("bnd,bn->bd", centred, vectors[..., -1]), dim=1)
-    else:
-        values, vectors = torch.linalg.eigh(centred.transpose(1, 2) @ centred)
-        direction = vectors[..., -1]
+    values, vectors = symmetric_eigh(centred.transpose(1, 2) @ centred)
     has_variance = values[:, -1] > ZERO_VARIANCE * (x * x * mask).sum((1, 2))
-    return (direction * has_variance[:, None]).float()
+    direction = vectors[..., -1] * has_variance[:, None]
+    return torch.einsum("bnd,bd->bn", unit.double(), direction).abs()
 
 
-def _anchor_patches(unit: Tensor, direction: Tensor, remaining: Tensor) -> Tensor:
-    """``[B]`` index of the remaining patch with the largest absolute cosine between its unit
-    feature (``unit [B, N, D]``) and ``direction [B, D]`` (first index on ties, so the first
-    remaining patch when the direction is zero)."""
-    alignment = torch.einsum("bnd,bd->bn", unit, direction).abs()
+def _alignment_from_gram(gram: Tensor, norms: Tensor, remaining: Tensor) -> Tensor:
+    """The same alignment as :func:`_alignment_from_scatter` from the images' Gram matrices
+    ``G = X X^T [B, N, N]`` (float64, computed once per call; the path for ``N < D``), so a
+    round costs ``O(N^2)`` plus one ``N x N`` eigen-decomposition whatever ``D``.
+
+    With ``m`` the remaining mask, ``n = sum(m)``, ``r = G m / n`` (each feature dotted with the
+    remaining features' mean) and ``c = m . r / n`` (the mean's squared norm), the centred Gram
+    matrix is ``Gc = (G - r 1^T - 1 r^T + c) * m m^T``; its top eigenvector ``u`` (eigenvalue
+    ``lambda``) gives the principal direction ``v = Xc^T u`` with ``|v| = sqrt(lambda)``, and
+    ``x_i . v = sum_j u_j m_j (G_ij - r_i)``.
+    """
+    mask = remaining.to(gram.dtype)
+    count = mask.sum(1, keepdim=True).clamp(min=1)
+    r = torch.einsum("bij,bj->bi", gram, mask) / count
+    c = (mask * r).sum(1, keepdim=True) / count
+    outer = mask[:, :, None] * mask[:, None, :]
+    centred = (gram - r[:, :, None] - r[:, None, :] + c[:, :, None]) * outer
+    values, vectors = symmetric_eigh(centred)
+    top, u = values[:, -1], vectors[..., -1] * mask
+    has_variance = top > ZERO_VARIANCE * (mask * torch.diagonal(gram, dim1=1, dim2=2)).sum(1)
+    projection = torch.einsum("bij,bj->bi", gram, u) - r * u.sum(1, keepdim=True)
+    alignment = projection.abs() / (norms * top.clamp(min=1e-300).sqrt()[:, None]).clamp(min=1e-300)
+    return alignment * has_variance[:, None]
+
+
+def _anchor_patches(alignment: Tensor, remaining: Tensor) -> Tensor:
+    """``[B]`` index of the remaining patch with the largest ``alignment [B, N]`` (first index on
+    ties, so the first remaining patch when the alignment is all 0)."""
     return torch.where(remaining, alignment, torch.full_like(alignment, -1.0)).argmax(1)
 
 
@@ -134,6 +167,10 @@ def principal_mask_proposals(features: Tensor, threshold: float, *, valid: Tenso
     with torch.autocast(device.type, enabled=False):
         x = features.detach().float().flatten(2).transpose(1, 2)  # [B, N, D]
         unit = F.normalize(x, dim=2)
+        use_gram = x.shape[1] < x.shape[2]
+        gram = torch.bmm(x, x.transpose(1, 2)).double() if use_gram else None  # [B, N, N]
+        norms = x.norm(dim=2).double()
+        cosines = torch.bmm(unit, unit.transpose(1, 2))  # [B, N, N]
         remaining = valid.to(device=device, dtype=torch.bool).reshape(batch, -1).clone()
         num_valid = remaining.sum(1).double().clamp(min=1)
         claimed = torch.zeros(batch, dtype=torch.float64, device=device)
@@ -143,8 +180,10 @@ def principal_mask_proposals(features: Tensor, threshold: float, *, valid: Tenso
             active = remaining.any(1) & (claimed / num_valid < coverage)
             if not bool(active.any()):
                 break
-            anchor = _anchor_patches(unit, _principal_directions(x, remaining), remaining)
-            similarity = torch.einsum("bnd,bd->bn", unit, unit[images, anchor])
+            alignment = (_alignment_from_gram(gram, norms, remaining) if gram is not None
+                         else _alignment_from_scatter(x, unit, remaining))
+            anchor = _anchor_patches(alignment, remaining)
+            similarity = cosines[images, :, anchor]
             joins = remaining & (similarity >= threshold)
             joins[images, anchor] = True
             joins &= active[:, None]

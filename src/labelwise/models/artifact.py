@@ -6,7 +6,8 @@
                     centroids), "classifier" (the image-tag classifier of weak supervision) or
                     "backbone" (a pretrained encoder, ``labelwise pretrain``)
     architecture    what rebuilds the network without its weights (``models.create`` options, or
-                    the ViT config + head + cluster count of a ``ClusterSegmenter``)
+                    the ViT config + head + cluster count of a ``ClusterSegmenter``, or for a
+                    refined cluster model ``{"segmenter": <models.create options>}``)
     class_map       names, display colors and ignore index of the output channels
     preprocessing   what the network expects and does itself: RGB in [0, 1], its mean/std, padding
     source          the encoder / backbone and the pretrained weights it started from
@@ -15,8 +16,9 @@
     labelwise_version, format
 
 ``weights.safetensors`` holds the network's ``state_dict`` (for ``clusters`` the backbone, the
-code head and the centroids), so a folder is self-contained: copy it anywhere and
-:func:`load_artifact` (or ``labelwise.load``) rebuilds the network in eval mode.
+code head and the centroids, or the segmenter of a refined cluster model), so a folder is
+self-contained: copy it anywhere and :func:`load_artifact` (or ``labelwise.load``) rebuilds the
+network in eval mode.
 
 Writes are crash-safe: the weights are written first and ``model.json`` last, each through a
 temporary file and one rename, so a folder whose ``model.json`` exists holds complete weights.
@@ -71,8 +73,14 @@ def _build_segmenter(architecture: Mapping[str, Any]) -> nn.Module:
 
 
 def _build_clusters(architecture: Mapping[str, Any]) -> nn.Module:
+    """A cluster model: the ``ClusterSegmenter`` (ViT + code head + centroids) of an unsupervised
+    run, or, when ``architecture`` has a ``segmenter`` entry, the segmenter that self-training
+    refinement trained on the run's cluster pseudo-labels (its ``K`` output logits are clusters,
+    still unmatched to classes; :mod:`labelwise.methods.unsupervised.refine`)."""
     from labelwise.models.clusters import ClusterSegmenter
 
+    if "segmenter" in architecture:
+        return _build_segmenter(architecture["segmenter"])
     return ClusterSegmenter.from_config(dict(architecture))
 
 

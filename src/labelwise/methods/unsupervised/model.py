@@ -24,8 +24,8 @@ from labelwise.config import EvalConfig, to_dict
 from labelwise.errors import CheckpointError
 from labelwise.models.artifact import cluster_class_map, load_artifact, provenance, save_artifact
 from labelwise.models.clusters import ClusterSegmenter
-from labelwise.models.heads import ContrastProjection, ProjectionHead
 from labelwise.models.feature_backbones import backbone_preprocessing
+from labelwise.models.heads import ContrastProjection, ProjectionHead
 
 __all__ = ["FEATURE_SPACE_METHODS", "PREDICT_WINDOW", "ExportedHead", "UnsupervisedHead", "load_head", "save_head"]
 
