@@ -125,12 +125,14 @@ def main() -> None:
                         help="extra config override for every row (e.g. --set stages.0.steps=100)")
     parser.add_argument("--no-rebuild", action="store_true", help="do not rebuild a missing default backbone")
     parser.add_argument("--suffix", default="", help="results file suffix, e.g. _quick")
+    parser.add_argument("--runs", default=None, help="run folder group under benchmarks/runs (default: "
+                        "unsupervised_<dataset><suffix>); rows already trained there are reused")
     args = parser.parse_args()
     data_name = DATA[args.dataset]
     data_root = require_data(data_name) if data_name else None
     if ensure_default_backbone(rebuild=not args.no_rebuild) is None:
         raise SystemExit("the default backbone is missing and --no-rebuild was given")
-    runs = ROOT / "benchmarks" / "runs" / f"unsupervised_{args.dataset}{args.suffix}"
+    runs = ROOT / "benchmarks" / "runs" / (args.runs or f"unsupervised_{args.dataset}{args.suffix}")
     plan = [(name, backbone_label(spec), spec) for spec in args.backbones for name in args.methods]
     if args.random_floor:
         plan.append(("hp_full", "random", str(random_backbone(ensure_default_backbone(False), runs))))

@@ -17,6 +17,7 @@ from labelwise.features.primaps import (
     nearest_prototype,
     principal_mask_proposals,
     prototypes_from_sums,
+    symmetric_eigh,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -240,3 +241,24 @@ def test_accumulated_update_equals_one_shot():
     torch.testing.assert_close(accumulated, one_shot, rtol=0, atol=1e-6)
     assert torch.equal(one_shot[3], prototypes[3]) and torch.equal(one_shot[4], prototypes[4])
     torch.testing.assert_close(one_shot.norm(dim=1), torch.ones(5))
+
+
+def test_symmetric_eigh_falls_back_when_lapack_fails_to_converge(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    matrices = x @ x.transpose(1, 2)
+    expected_values, expected_vectors = torch.linalg.eigh(matrices)
+    real_eigh = torch.linalg.eigh
+
+    def batched_fails(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if matrix.dim() == 3 or bool(matrix[0, 0] == matrices[1, 0, 0]):  # the batch, and then image 1 alone
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", batched_fails)
+    values, vectors = symmetric_eigh(matrices)
+    torch.testing.assert_close(values, expected_values)
+    # eigenvectors are defined up to sign: compare the projectors of the top one
+    top = vectors[..., -1]
+    expected_top = expected_vectors[..., -1]
+    torch.testing.assert_close(top[:, :, None] * top[:, None, :], expected_top[:, :, None] * expected_top[:, None, :])

@@ -76,12 +76,6 @@ def test_refined_model_scores_above_its_own_clusters(tmp_path: Path) -> None:
     """k-means clusters of the default ViT on 96 synthetic images, one round of the default
     segmenter (U-Net on the ImageNet MobileNetV2) for 100 steps: clearly better on the val split
     (both scored by Hungarian matching there; observed +6 to +12 points over data seeds)."""
-    from labelwise.models.pretrained import resolve_weights
-
-    try:
-        resolve_weights("mobilenet_v2_imagenet")
-    except CheckpointError as exc:
-        pytest.skip(f"the default refinement segmenter needs the ImageNet MobileNetV2: {exc}")
     config = load_config(UnsupervisedConfig, None, [
         "data.dataset=synthetic", "data.synthetic_train_images=96", "data.synthetic_val_images=16",
         "method=kmeans", "features.crop_mode=whole", "features.crop_size=128",
