@@ -21,6 +21,7 @@ from labelwise.data.build import build_eval_dataset
 from labelwise.errors import CheckpointError, ConfigError
 from labelwise.inference import evaluate
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
+from labelwise.methods.unsupervised.model import load_head
 from labelwise.methods.unsupervised.refine import (
     DEFAULT_SEGMENTER,
     IGNORE_INDEX,
@@ -203,6 +204,8 @@ def test_round_folders_are_cluster_models_that_teach_the_next_round(tiny_run: Pa
     assert record["refine"] == {"round": 1, "rounds": 1, "keep_fraction": 0.4, "crf": False,
                                 "teacher": str(tiny_run), "source_run": str(tiny_run)}
     assert info["architecture"]["segmenter"]["name"] == "unet"
+    with pytest.raises(CheckpointError, match="labelwise evaluate"):  # no centroids to probe
+        load_head(round1)
     labels = np.asarray(Image.open(next((round1 / "pseudo" / "train" / "labels").iterdir())))
     assert labels.shape == (48, 64) and set(np.unique(labels)) <= {*range(5), IGNORE_INDEX}
 

@@ -126,5 +126,9 @@ def load_head(folder: str | Path) -> ExportedHead:
     artifact = load_artifact(folder)
     if artifact.kind != "clusters":
         raise CheckpointError(f"{artifact.folder}: a {artifact.kind!r} model, not an unsupervised one")
+    if not isinstance(artifact.module, ClusterSegmenter):
+        raise CheckpointError(f"{artifact.folder}: a refined cluster model (a segmenter trained by `labelwise "
+                              "unsupervised refine`), which has no centroids to probe: score it with `labelwise "
+                              "evaluate` (clusters are matched to classes there)")
     segmenter: ClusterSegmenter = artifact.module  # type: ignore[assignment]
     return ExportedHead(segmenter, dict(artifact.info.get("unsupervised") or {}))
