@@ -40,7 +40,7 @@ from labelwise.models.vit_loading import save_vit
 ROOT = Path(__file__).resolve().parents[1]
 #: A very small plain U-Net instead of the default MobileNetV2 U-Net (plumbing tests).
 TINY_SEGMENTER = ["model.options={width: 8, depth: 2}", "model.encoder_lr_scale=1.0", "data.batch_size=4",
-                  "checkpoint_every=2", "log_every=1"]
+                  "checkpoint_every=2", "log_every=1", "stages.0.augment.crop_size=null"]
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,9 @@ def test_refined_model_scores_above_its_own_clusters(tmp_path: Path) -> None:
         f"features.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", "device=cpu", "progress=false",
         "eval.linear_probe=false"])
     run = train_unsupervised(config).run_dir
-    result = refine(run, load_config(RefineConfig, None, ["steps=100", "device=cpu", "progress=false"]))
+    # whole 96 x 128 images instead of the recipe's 256 x 256 crops (mostly padding here)
+    result = refine(run, load_config(RefineConfig, None, ["steps=100", "device=cpu", "progress=false",
+                                                          "segmenter_overrides=['stages.0.augment.crop_size=null']"]))
     assert result.final_model == run / "refine" / "round1"
     summary = json.loads((run / "refine" / "refine.json").read_text())
     assert summary["final_model"] == str(result.final_model) and summary["rounds"] == 1

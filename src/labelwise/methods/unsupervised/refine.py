@@ -100,15 +100,17 @@ PSEUDO_FILE = "pseudo_labels.json"
 #: config; ``configs/refine_segmenter.yaml`` holds the same): U-Net on the ImageNet MobileNetV2
 #: encoder (``../shared/weights/mobilenet_v2_imagenet.pth``), the encoder at a tenth of the
 #: decoder's learning rate, class-balanced cross-entropy over the clusters, one stage of 1,000
-#: steps with flips, zoom and color jitter. Sliding windows of 1,024 pixels for large images.
+#: steps of 8 crops of 256 x 256 pixels at full resolution (out-of-image pixels ignored) with
+#: flips, zoom and color jitter: about 3x faster than whole 360 x 480 images, at the scale
+#: prediction sees. Sliding windows of 1,024 pixels for large images.
 DEFAULT_SEGMENTER: dict[str, Any] = {
     "model": {"name": "unet", "options": {"encoder": "mobilenet_v2", "encoder_weights": "imagenet", "dropout": 0.1},
               "encoder_lr_scale": 0.1},
     "loss": {"terms": [{"name": "ce", "weight": 1.0}], "class_weights": "balanced", "balance_method": "inverse_sqrt"},
     "optim": {"name": "adamw", "weight_decay": 0.0001, "grad_clip": 5.0},
     "stages": [{"steps": 1000, "lr": 0.002, "schedule": "poly", "warmup_steps": 50,
-                "augment": {"hflip": 0.5, "scale": [0.75, 1.5], "brightness": 0.2, "contrast": 0.2,
-                            "saturation": 0.2}}],
+                "augment": {"hflip": 0.5, "scale": [0.75, 1.5], "crop_size": [256, 256], "brightness": 0.2,
+                            "contrast": 0.2, "saturation": 0.2}}],
     "data": {"batch_size": 8},
     "eval": {"window": 1024, "batch_size": 4},
     "checkpoint_every": 250,
