@@ -104,7 +104,7 @@ def refined_report(run_dir: Path, config: unsupervised.UnsupervisedConfig, refin
     report["selection"] = unsupervised.SELECTION_RULE
     record = {key: result.summary.get(key) for key in ("rounds", "keep_fraction", "crf", "pseudo_label_miou",
                                                       "teacher_miou")}
-    seconds = float(result.summary.get("seconds") or 0.0)
+    seconds = float(result.summary.get("train_seconds") or 0.0) + float(result.summary.get("pseudo_label_seconds") or 0.0)
     return report, {"seconds": seconds, "record": record}
 
 
