@@ -68,7 +68,8 @@ def result_rows(name: str, backbone: str, report: dict[str, Any], summary: dict[
     """Rows of one trained run (``refined``: the refine record, the scores being the refined model's)."""
     rows = []
     feature_seconds = float(summary.get("feature_extract_seconds") or summary.get("cache_seconds") or 0.0)
-    train_seconds = float(summary.get("train_seconds") or 0.0)
+    # head training or prototype fitting, plus the centroids' k-means on the training codes
+    train_seconds = float(summary.get("train_seconds") or 0.0) + float(summary.get("centroid_seconds") or 0.0)
     refine_seconds = float(refined["seconds"]) if refined else 0.0
     for crf, scores in ((False, report), (True, report.get("crf"))):
         if scores is None:

@@ -425,7 +425,9 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
         fit = fit_primaps(cache, config.primaps, clusters, device, config.seed)
         centroids, center, fitted = fit.prototypes, fit.center, {"primaps": fit.summary}
     else:
+        fit_start = time.perf_counter()
         centroids = _fit_centroids(head, cache, clusters, device, config.seed)
+        fitted = {"centroid_seconds": round(time.perf_counter() - fit_start, 2)}
     summary = {
         "backbone": config.features.backbone,
         "crop_mode": config.features.crop_mode,
