@@ -155,3 +155,27 @@ def test_lr_scale_groups_parameters_and_multiplies_the_stage_lr(tmp_path):
     assert groups[(0.1, 1.0)]["params"][0] is model[0].weight
     for (_, scale), group in groups.items():
         assert group["lr"] == pytest.approx(0.01 * scale)
+
+
+def test_a_value_logged_by_some_steps_is_averaged_over_those_steps(tmp_path):
+    from labelwise.config import OptimConfig
+    from labelwise.engine.trainer import StepOutput, Trainer, TrainerOptions
+
+    model = torch.nn.Linear(3, 1)
+    options = TrainerOptions(stages=[StageConfig(steps=8, lr=0.01, schedule="constant", warmup_steps=0)],
+                             optim=OptimConfig(name="adamw"), run_dir=tmp_path, device=torch.device("cpu"),
+                             precision="fp32", batch_size=2, progress=False, checkpoint_every=100, log_every=4)
+    data = [{"x": torch.randn(3)} for _ in range(4)]
+
+    def step(model, batch, context):
+        logs = {"every": float(context.step)}
+        if context.step % 4 == 0:  # a monitor measured every 4th step only (steps 0 and 4)
+            logs["monitor"] = 10.0 + context.step
+        return StepOutput(model(batch["x"]).square().mean(), logs, batch["x"].shape[0])
+
+    Trainer(model, data, step, options, collate_fn=torch.utils.data.default_collate).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "every" in r]
+    assert [r["step"] for r in logged] == [4, 8]
+    assert [r["every"] for r in logged] == [1.5, 5.5]  # steps 0-3 and 4-7
+    assert [r["monitor"] for r in logged] == [10.0, 14.0]  # one measurement per window, not diluted

@@ -335,6 +335,7 @@ class Trainer:
             desc="train",
         )
         window_loss, window_logs, window_images, window_steps = 0.0, {}, 0, 0
+        window_counts: dict[str, int] = {}
         window_start = time.perf_counter()
         last_logs: dict[str, float] = {}
         eval_logs: dict[str, float] = {}
@@ -377,19 +378,23 @@ class Trainer:
                 window_steps += 1
                 for key, value in output.logs.items():
                     window_logs[key] = window_logs.get(key, 0.0) + float(value)
+                    window_counts[key] = window_counts.get(key, 0) + 1
                 bar.update(1)
 
                 if self.step % options.log_every == 0 or self.step == end:
                     seconds = time.perf_counter() - window_start
                     images_per_second = window_images / max(seconds, 1e-9)
                     last_logs = {"loss": window_loss / window_steps}
-                    last_logs.update({k: v / window_steps for k, v in window_logs.items()})
+                    # a value some steps log (e.g. a monitor measured every N steps) is the mean
+                    # of the steps that logged it, not diluted by the others
+                    last_logs.update({k: v / window_counts[k] for k, v in window_logs.items()})
                     self._log({
                         "step": self.step, "stage": position.index, "epoch": self.epoch, "lr": lr,
                         **last_logs, "images_per_second": images_per_second, "elapsed_seconds": self.elapsed,
                     })
                     bar.set_postfix(loss=f"{last_logs['loss']:.4f}", img_s=f"{images_per_second:.1f}")
                     window_loss, window_logs, window_images, window_steps = 0.0, {}, 0, 0
+                    window_counts = {}
                     window_start = time.perf_counter()
 
                 if self.step < self.total_steps and locate_stage(options.stages, self.step).index != position.index:
