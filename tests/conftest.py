@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -32,3 +33,13 @@ def tiny_config(tmp_path):
         run_dir=str(tmp_path / "run"), device="cpu", precision="bf16", checkpoint_every=4, log_every=2,
         progress=False,
     )
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a busy machine (use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

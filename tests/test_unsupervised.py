@@ -33,13 +33,7 @@ from labelwise.methods.unsupervised.model import load_head
 from labelwise.models import create_vit
 from labelwise.models.vit_loading import save_vit
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,7 @@ TINY_SEGMENTER = ["model.options={width: 8, depth: 2}", "model.encoder_lr_scale=
                   "checkpoint_every=2", "log_every=1", "stages.0.augment.crop_size=null"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster (conftest)
 
 
 @pytest.fixture(scope="module")
