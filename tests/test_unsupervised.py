@@ -221,7 +221,7 @@ def test_cli_train_evaluate_predict_on_synthetic(tmp_path: Path, capsys: pytest.
         argv += ["--set", item]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["variant"] == "hp_full" and summary["selection"] == "final_checkpoint"
+    assert summary["variant"] == "hp_full_agreeing" and summary["selection"] == "final_checkpoint"
 
     assert main(["unsupervised", "probe", str(run), "--crf", "--metrics", str(tmp_path / "eval.json")]) == 0
     report = json.loads((tmp_path / "eval.json").read_text())

@@ -454,9 +454,11 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
 
 
 def _variant(config: UnsupervisedConfig) -> str:
-    """The result-row method name: ``hp_ag``, ``hp_ag_sp``, ``hp_full`` (HP ablations) or the method."""
+    """The result-row method name: ``hp_ag``, ``hp_ag_sp``, ``hp_full`` (HP ablations, the
+    task-specific ones with ``_agreeing`` under that rule) or the method."""
     if config.method != "hp":
         return config.method
     if not config.hp.task_specific:
         return "hp_ag" if not config.hp.local else "hp_ag_lhp"
-    return "hp_full" if config.hp.local else "hp_ag_sp"
+    name = "hp_full" if config.hp.local else "hp_ag_sp"
+    return name + "_agreeing" if config.hp.specific_positives == "agreeing" else name
