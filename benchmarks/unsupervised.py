@@ -38,6 +38,7 @@ from labelwise.config import load_config
 from labelwise.data.build import build_eval_dataset
 from labelwise.engine.runtime import resolve_device
 from labelwise.inference import evaluate, load
+from labelwise.io.checkpoint import has_checkpoint
 from labelwise.methods import unsupervised
 from labelwise.models.artifact import is_artifact
 
@@ -105,7 +106,7 @@ def refined_report(run_dir: Path, config: unsupervised.UnsupervisedConfig, refin
     report["selection"] = unsupervised.SELECTION_RULE
     record = {key: result.summary.get(key) for key in ("rounds", "keep_fraction", "crf", "pseudo_label_miou",
                                                       "teacher_miou")}
-    seconds = float(result.summary.get("train_seconds") or 0.0) + float(result.summary.get("pseudo_label_seconds") or 0.0)
+    seconds = sum(float(result.summary.get(key) or 0.0) for key in ("train_seconds", "pseudo_label_seconds"))
     return report, {"seconds": seconds, "record": record}
 
 
@@ -150,9 +151,7 @@ def main() -> None:
         device = resolve_device(config.device)
         start = time.perf_counter()
         if not is_artifact(run_dir):
-            checkpoints = run_dir / "checkpoints"
-            resume = checkpoints.is_dir() and any(checkpoints.iterdir())
-            unsupervised.train(config, resume=resume)
+            unsupervised.train(config, resume=has_checkpoint(run_dir))
         summary = unsupervised.load_head(run_dir).summary
         report = unsupervised.probe(run_dir, config)
         rows.extend(result_rows(name, label, report, summary, args.dataset))

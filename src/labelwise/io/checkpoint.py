@@ -146,6 +146,12 @@ def _prune(root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds anything under ``checkpoints/`` (a run to resume)."""
+    root = checkpoint_root(Path(run_dir))
+    return root.is_dir() and any(root.iterdir())
+
+
 def latest_checkpoint_dir(run_dir: Path) -> Path | None:
     """The folder named by ``latest.json``, or None when the run has no checkpoint yet."""
     pointer = checkpoint_root(run_dir) / "latest.json"

@@ -71,6 +71,7 @@ from labelwise.eval.matching import hungarian_match, matched_confusion
 from labelwise.eval.metrics import ConfusionMatrix, metrics_from_confusion
 from labelwise.inference import load
 from labelwise.io.atomic import atomic_path, atomic_write_json
+from labelwise.io.checkpoint import has_checkpoint
 from labelwise.io.jsonfile import read_json
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
 from labelwise.methods.unsupervised.train import SELECTION_RULE, training_source
@@ -391,11 +392,6 @@ def segmenter_config(config: RefineConfig, pseudo_root: str | Path, run_dir: str
     return seg
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    checkpoints = run_dir / "checkpoints"
-    return checkpoints.is_dir() and any(checkpoints.iterdir())
-
-
 def _link_or_copy(source: Path, target: Path) -> None:
     """``target`` becomes a copy of ``source`` (a hard link when the file system allows), atomically."""
     with atomic_path(target) as tmp:
@@ -509,7 +505,7 @@ def refine(run_dir: str | Path, config: RefineConfig | None = None, *, resume: b
                                          config.precision, config.progress)
         segmenter_dir = round_dir / "segmenter"
         seg_config = segmenter_config(config, pseudo_root, segmenter_dir)
-        seg = train_segmenter(seg_config, resume=resume and _has_checkpoint(segmenter_dir))
+        seg = train_segmenter(seg_config, resume=resume and has_checkpoint(segmenter_dir))
         report = {"round": r, "teacher": str(teacher), "model": str(round_dir),
                   "pseudo_labels": {key: pseudo.get(key) for key in ("images", "pixels", "kept_fraction",
                                                                      "pseudo_label_miou", "teacher_miou", "seconds")

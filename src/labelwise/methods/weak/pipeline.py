@@ -24,6 +24,7 @@ from labelwise.engine.runtime import resolve_device
 from labelwise.engine.segmenter import train_segmenter
 from labelwise.inference import load, segmenter_metrics
 from labelwise.io.atomic import atomic_write_json
+from labelwise.io.checkpoint import has_checkpoint
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
 from labelwise.methods.weak.stages import make_pseudo_masks
@@ -47,11 +48,6 @@ def segmenter_config(config: WeakConfig, pseudo_root: Path, run_dir: Path) -> Tr
     seg.run_dir, seg.device, seg.progress = str(run_dir), config.device, config.progress
     seg.validate()
     return seg
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    checkpoints = run_dir / "checkpoints"
-    return checkpoints.is_dir() and any(checkpoints.iterdir())
 
 
 def tagged_items(config: WeakConfig) -> tuple[TaggedImages, Any]:
@@ -84,7 +80,7 @@ def run(config: WeakConfig, resume: bool = False, overwrite: bool = False) -> di
     run_dir = Path(config.run_dir)
     report: dict[str, Any] = {}
     if overwrite or artifact_kind(run_dir) != "classifier":  # stage 1 not finished
-        stage1 = train_classifier(config, resume=resume and not overwrite and _has_checkpoint(run_dir),
+        stage1 = train_classifier(config, resume=resume and not overwrite and has_checkpoint(run_dir),
                                   overwrite=overwrite)
         if stage1.train.steps < config.total_steps:
             return {"stopped_at": stage1.train.steps}
@@ -93,7 +89,7 @@ def run(config: WeakConfig, resume: bool = False, overwrite: bool = False) -> di
                                                config.pseudo_masks, write_cams=False,
                                                device=resolve_device(config.device))
     seg_config = segmenter_config(config, run_dir / "pseudo_masks" / "pseudo", run_dir / "segmenter")
-    seg = train_segmenter(seg_config, resume=resume and not overwrite and _has_checkpoint(run_dir / "segmenter"),
+    seg = train_segmenter(seg_config, resume=resume and not overwrite and has_checkpoint(run_dir / "segmenter"),
                           overwrite=overwrite)
     report["segmenter"] = {"run_dir": str(seg.run_dir), "steps": seg.train.steps,
                            "train_seconds": round(seg.train.train_seconds, 2)}
