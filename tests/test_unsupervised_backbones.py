@@ -19,6 +19,7 @@ from labelwise.methods.unsupervised.train import guarded_lambda, normalized_size
 from labelwise.models.artifact import load_artifact
 from labelwise.models.feature_backbones import (
     CNNFeatures,
+    ColorHistogramFeatures,
     ConcatFeatures,
     feature_backbone_config,
     feature_backbone_from_config,
@@ -68,6 +69,54 @@ def test_backbone_config_rebuilds_the_same_network() -> None:
         torch.testing.assert_close(rebuilt(images), joined(images))
 
 
+def _textbook_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB in [0, 1] -> CIE L*a*b* (D65) from the published formulas."""
+    linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    to_xyz = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                       [0.019334, 0.119193, 0.950227]])
+    xyz = linear @ to_xyz.T / np.array([0.950456, 1.0, 1.088754])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def _literal_color_histogram(image: np.ndarray, size: int, l_bins: int, ab_bins: int, ab_range: float) -> np.ndarray:
+    """Per-patch sqrt of the soft Lab histogram, by loops over patches and pixels."""
+    height, width = image.shape[:2]
+    rows, cols = -(-height // size), -(-width // size)
+    padded = np.pad(image, ((0, rows * size - height), (0, cols * size - width), (0, 0)), mode="edge")
+    lab = _textbook_lab(padded)
+    l_centres = np.linspace(0, 100, l_bins)
+    ab_centres = np.linspace(-ab_range, ab_range, ab_bins)
+    out = np.zeros((l_bins, ab_bins, ab_bins, rows, cols))
+    for r in range(rows):
+        for c in range(cols):
+            for y in range(r * size, (r + 1) * size):
+                for x in range(c * size, (c + 1) * size):
+                    lightness, a_star, b_star = lab[y, x]
+                    wl = [max(0.0, 1 - abs(np.clip(lightness, 0, 100) - v) / (100 / (l_bins - 1))) for v in l_centres]
+                    step = 2 * ab_range / (ab_bins - 1)
+                    wa = [max(0.0, 1 - abs(np.clip(a_star, -ab_range, ab_range) - v) / step) for v in ab_centres]
+                    wb = [max(0.0, 1 - abs(np.clip(b_star, -ab_range, ab_range) - v) / step) for v in ab_centres]
+                    out[:, :, :, r, c] += np.einsum("i,j,k->ijk", wl, wa, wb)
+    return np.sqrt(out.reshape(l_bins * ab_bins * ab_bins, rows, cols) / size ** 2)
+
+
+def test_color_histogram_matches_a_literal_per_patch_loop() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((10, 13, 3))
+    image[:4, :4] = [0.1, 0.6, 0.2]  # one flat patch: a single colour's memberships
+    module = ColorHistogramFeatures(patch_size=4, lightness_bins=3, ab_bins=4, ab_range=50.0)
+    out = module(torch.from_numpy(image).permute(2, 0, 1)[None].float())
+    expected = _literal_color_histogram(image, 4, 3, 4, 50.0)
+    assert out.shape == (1, 3 * 4 * 4, 3, 4)
+    np.testing.assert_allclose(out[0].numpy(), expected, atol=2e-3)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(1, 3, 4), rtol=1e-4, atol=1e-4)
+    rebuilt = feature_backbone_from_config(feature_backbone_config(module))
+    torch.testing.assert_close(rebuilt(torch.from_numpy(image).permute(2, 0, 1)[None].float()), out)
+    joined = load_feature_backbone("color_histogram+color_histogram")
+    assert joined.embed_dim == 250 and joined.patch_size == 16
+
+
 def test_backbone_spec_errors_name_the_problem() -> None:
     with pytest.raises(ConfigError, match="stage9"):
         CNNFeatures(None, ("stage9",))
@@ -75,6 +124,8 @@ def test_backbone_spec_errors_name_the_problem() -> None:
         load_feature_backbone("labelwise_default+")
     with pytest.raises(ConfigError, match="CNN weights names only"):
         load_feature_backbone("labelwise_default@stage5")
+    with pytest.raises(ConfigError, match="color_histogram needs"):
+        ColorHistogramFeatures(lightness_bins=1)
 
 
 def _literal_affinity_weights(features: torch.Tensor) -> torch.Tensor:

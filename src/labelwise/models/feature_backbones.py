@@ -14,6 +14,8 @@ with ``feature_backbone_config(backbone)`` so that an exported model rebuilds it
   (``mobilenet_v2_imagenet``), optionally ``@stage4,stage5`` for the encoder stages to
   concatenate (default the last one, ``stage5``): :class:`CNNFeatures`, at output stride 16 by
   dilation so its grid is that of a ViT/16;
+- ``color_histogram``: :class:`ColorHistogramFeatures`, a per-patch soft histogram of CIE Lab
+  colour (no weights; a colour-aware part to join to a learned backbone);
 - several joined by ``+`` (``labelwise_default+mobilenet_v2_imagenet``): :class:`ConcatFeatures`,
   each part's features L2-normalised per patch, resampled to the first part's grid and
   concatenated, divided by ``sqrt(parts)`` so the joined vector has unit norm (each part weighs the
@@ -33,12 +35,14 @@ from labelwise.errors import ConfigError
 from labelwise.features.attention import patch_tokens
 from labelwise.models.vit import VisionTransformer, ViTConfig
 
-__all__ = ["CNNFeatures", "ConcatFeatures", "backbone_preprocessing", "feature_backbone_config",
-           "feature_backbone_from_config", "is_vit", "load_feature_backbone"]
+__all__ = ["CNNFeatures", "ColorHistogramFeatures", "ConcatFeatures", "backbone_preprocessing",
+           "feature_backbone_config", "feature_backbone_from_config", "is_vit", "load_feature_backbone"]
 
 #: Encoder stages a :class:`CNNFeatures` may take, by name (1-based, strides 2 ... 32).
 CNN_STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5")
 CNN_OUTPUT_STRIDE = 16
+#: ``features.backbone`` name of :class:`ColorHistogramFeatures` (default bins).
+COLOR_HISTOGRAM = "color_histogram"
 
 
 def is_vit(backbone: nn.Module) -> bool:
@@ -101,6 +105,63 @@ def _to_grid(features: Tensor, grid: tuple[int, int]) -> Tensor:
     return F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
 
 
+class ColorHistogramFeatures(nn.Module):
+    """A per-patch soft colour histogram in CIE Lab, as a weight-free feature backbone.
+
+    ``forward(images [B, 3, H, W] in [0, 1]) -> [B, L * A * A, ceil(H / s), ceil(W / s)]``: the
+    image (padded at the bottom/right by replication to a multiple of ``s = patch_size``) in Lab,
+    each pixel spread over the joint bins by triangular (linear) memberships per channel (bin
+    centres evenly spaced over L* in [0, 100] and a*, b* in [-ab_range, ab_range], values outside
+    clamped), averaged over each ``s x s`` patch; the square root of that histogram is returned, so
+    every patch vector has unit L2 norm and the cosine of two patches is the Bhattacharyya
+    coefficient of their colour distributions.
+
+    Args:
+        patch_size: the patch side in pixels (16: the grid of a ViT/16 or a stride-16 CNN).
+        lightness_bins: bins over L* (``L``).
+        ab_bins: bins over each of a* and b* (``A``).
+        ab_range: a* and b* are clamped to ``[-ab_range, ab_range]`` (CIE Lab units).
+    """
+
+    def __init__(self, patch_size: int = 16, lightness_bins: int = 5, ab_bins: int = 5, ab_range: float = 60.0) -> None:
+        super().__init__()
+        if patch_size < 1 or lightness_bins < 2 or ab_bins < 2 or ab_range <= 0:
+            raise ConfigError("features.backbone: color_histogram needs patch_size >= 1, at least 2 bins per "
+                              f"channel and ab_range > 0 (got {patch_size}, {lightness_bins}, {ab_bins}, {ab_range})")
+        self.patch_size, self.lightness_bins, self.ab_bins = int(patch_size), int(lightness_bins), int(ab_bins)
+        self.ab_range = float(ab_range)
+        self.embed_dim = self.lightness_bins * self.ab_bins ** 2
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "color_histogram", "patch_size": self.patch_size, "lightness_bins": self.lightness_bins,
+                "ab_bins": self.ab_bins, "ab_range": self.ab_range}
+
+    def forward(self, images: Tensor) -> Tensor:
+        from kornia.color import rgb_to_lab
+
+        size = self.patch_size
+        height, width = images.shape[-2:]
+        pad = (0, -width % size, 0, -height % size)
+        padded = F.pad(images.float().clamp(0, 1), pad, mode="replicate") if any(pad) else images.float().clamp(0, 1)
+        lab = rgb_to_lab(padded)
+        lightness = _triangular_memberships(lab[:, 0], 0.0, 100.0, self.lightness_bins)  # [B, L, H, W]
+        a_star = _triangular_memberships(lab[:, 1], -self.ab_range, self.ab_range, self.ab_bins)
+        b_star = _triangular_memberships(lab[:, 2], -self.ab_range, self.ab_range, self.ab_bins)
+        # Pool the a*b* joint first (A * A channels), then one lightness channel at a time: the
+        # full joint at image resolution would need L * A * A maps of the whole image at once.
+        ab = (a_star.unsqueeze(2) * b_star.unsqueeze(1)).flatten(1, 2)  # [B, A*A, H, W]
+        joint = [F.avg_pool2d(ab * lightness[:, i:i + 1], size) for i in range(self.lightness_bins)]
+        return torch.cat(joint, dim=1).clamp_min(0).sqrt()
+
+
+def _triangular_memberships(values: Tensor, low: float, high: float, bins: int) -> Tensor:
+    """``values [B, H, W]`` -> ``[B, bins, H, W]``: linear interpolation weights to ``bins`` evenly
+    spaced centres from ``low`` to ``high`` (values clamped to that range; weights sum to 1)."""
+    position = (values.clamp(low, high) - low) / (high - low) * (bins - 1)
+    centres = torch.arange(bins, dtype=values.dtype, device=values.device).view(1, bins, 1, 1)
+    return (1 - (position.unsqueeze(1) - centres).abs()).clamp_min(0)
+
+
 class ConcatFeatures(nn.Module):
     """Several backbones' features joined per patch: each L2-normalised, on the first part's grid,
     concatenated and scaled by ``1 / sqrt(len(parts))`` (unit-norm result).
@@ -131,9 +192,10 @@ def feature_backbone_config(backbone: nn.Module) -> dict[str, Any]:
     """What rebuilds ``backbone`` without its weights (:func:`feature_backbone_from_config`)."""
     if is_vit(backbone):
         return {"type": "vit", "vit": backbone.config.to_dict()}  # type: ignore[operator]
-    if isinstance(backbone, (CNNFeatures, ConcatFeatures)):
+    if isinstance(backbone, (CNNFeatures, ColorHistogramFeatures, ConcatFeatures)):
         return backbone.config()
-    raise ConfigError(f"{type(backbone).__name__} is not a feature backbone (a ViT, CNNFeatures or ConcatFeatures)")
+    raise ConfigError(f"{type(backbone).__name__} is not a feature backbone "
+                      "(a ViT, CNNFeatures, ColorHistogramFeatures or ConcatFeatures)")
 
 
 def feature_backbone_from_config(config: Mapping[str, Any]) -> nn.Module:
@@ -149,9 +211,12 @@ def feature_backbone_from_config(config: Mapping[str, Any]) -> nn.Module:
             module = CNNFeatures(config.get("weights"), config.get("stages", ("stage5",)),
                                  config.get("encoder", "mobilenet_v2"), config.get("convention", "auto"))
         return module.eval()
+    if kind == "color_histogram":
+        return ColorHistogramFeatures(int(config.get("patch_size", 16)), int(config.get("lightness_bins", 5)),
+                                      int(config.get("ab_bins", 5)), float(config.get("ab_range", 60.0))).eval()
     if kind == "concat":
         return ConcatFeatures([feature_backbone_from_config(part) for part in config["parts"]]).eval()
-    raise ConfigError(f"backbone config: unknown type {kind!r} (valid: vit, cnn, concat)")
+    raise ConfigError(f"backbone config: unknown type {kind!r} (valid: vit, cnn, color_histogram, concat)")
 
 
 def _load_part(spec: str) -> nn.Module:
@@ -159,6 +224,8 @@ def _load_part(spec: str) -> nn.Module:
     from labelwise.models.vit_loading import load_vit
 
     name, _, stages = spec.partition("@")
+    if name == COLOR_HISTOGRAM and not stages:
+        return ColorHistogramFeatures()
     if is_weights_name(name):
         return CNNFeatures(name, tuple(s.strip() for s in stages.split(",")) if stages else ("stage5",))
     if stages:
@@ -184,6 +251,9 @@ def backbone_preprocessing(backbone: nn.Module) -> dict[str, Any]:
                               "pad_to_multiple_of": int(backbone.patch_size)}
     if isinstance(backbone, ConcatFeatures):
         record["parts"] = [backbone_preprocessing(part) for part in backbone.parts]
+        return record
+    if isinstance(backbone, ColorHistogramFeatures):
+        record["color_space"] = "CIE Lab (D65) of the [0, 1] RGB input; no mean/std normalisation"
         return record
     record["mean"] = [round(float(v), 6) for v in backbone.pixel_mean.flatten()]
     record["std"] = [round(float(v), 6) for v in backbone.pixel_std.flatten()]
