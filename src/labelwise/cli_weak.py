@@ -23,18 +23,24 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 def add_weak(commands) -> None:  # noqa: ANN001 - argparse's private subparsers action
     parser = commands.add_parser(
-        "weak", help="weak supervision from image-level tags (MCTformer): classifier, CAMs, pseudo-masks",
-        formatter_class=HelpFormatter, description="Train a multi-class-token ViT on image tags, then turn its class "
-        "activation maps into pseudo-masks that `labelwise train` can learn from.")
+        "weak", help="weak supervision from image-level tags (MCTformer, CNN CAMs, hybrid): classifier, CAMs, "
+        "pseudo-masks", formatter_class=HelpFormatter, description="Train a classifier on image tags (a "
+        "multi-class-token ViT, a CNN with class activation maps, or the hybrid: a Transformer on a pretrained "
+        "CNN's features), then turn its class activation maps into pseudo-masks that `labelwise train` can learn "
+        "from.")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    train = sub.add_parser("train", help="train the multi-class-token ViT classifier on image tags",
+    train = sub.add_parser("train", help="train the classifier on image tags",
                            formatter_class=HelpFormatter)
     run = sub.add_parser("run", help="every stage: classifier, pseudo-masks, segmenter trained on them, and "
-                         "its score on the data's validation split when the data is labeled", formatter_class=HelpFormatter)
+                         "its score on the data's validation split when the data is labeled",
+                         formatter_class=HelpFormatter)
     for stage in (train, run):
         add_run_options(stage, "config", "run_dir", "resume", "overwrite", "device", "precision")
         _add_data_options(stage)
+        add(stage, "method", choices=("mct_vit", "cnn_cam", "hybrid"),
+            help="classifier: mct_vit (multi-class-token ViT), cnn_cam (CNN + pooled classifier) or hybrid "
+                 "(class-token Transformer on CNN features); default: the config's method")
         add(stage, "backbone")
         add(stage, "steps", help="classifier training steps (default: the config's stages.0.steps)")
     for action, text in (("cams", "write each tagged class's activation map of every training image (PNG)"),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labelwise.errors import ConfigError
+from labelwise.models.encoders import batchnorm_to_eval
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -181,9 +182,7 @@ class SegmentationModel(nn.Module):
     def train(self, mode: bool = True) -> "SegmentationModel":
         super().train(mode)
         if getattr(self, "_encoder_bn_frozen", False):
-            for module in self.encoder.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            batchnorm_to_eval(self.encoder)
         return self
 
     # -- parameters and configuration -------------------------------------------------------

@@ -38,6 +38,15 @@ def skip_pretrained_weights() -> Iterator[None]:
         _LOAD_PRETRAINED.reset(token)
 
 
+def batchnorm_to_eval(module: nn.Module) -> None:
+    """Put every BatchNorm layer of ``module`` in eval mode (running statistics used and kept),
+    whatever the mode of the rest: what small batches and the folded-BatchNorm ``imagenet``
+    weights need while the weights train (smp / MMSegmentation ``norm_eval``)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+
+
 def extend_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     """A first-conv kernel ``[out, 3, k, k]`` for ``in_channels`` inputs: the RGB kernels kept,
     each extra channel initialised with the mean RGB kernel (fewer channels: the first ones)."""

@@ -24,10 +24,11 @@ initialised from the class token's. ``forward(images [B, 3, H, W] in [0, 1])`` r
 - ``attentions {block: [B, heads, N, N]}`` of the requested blocks, token order
   ``[K class tokens, R registers, h * w patches]``.
 
-``hybrid=True`` replaces the ViT's linear patch embedding by :class:`ConvStem`, a small CNN whose
-output grid (stride = the patch size) becomes the tokens of the Transformer encoder (the hybrid
-backbone of the seed documents); the stem is trained from scratch, the encoder keeps its
-pretrained weights.
+``stem`` replaces the ViT's linear patch embedding by a CNN whose output grid (stride = the patch
+size) becomes the tokens of the Transformer encoder: ``"scratch"`` (``hybrid=True`` in older
+folders) a small :class:`ConvStem` trained from scratch; a :class:`PretrainedCNNStem` module, the
+seed documents' hybrid: a pretrained CNN extracts the features, the Transformer (with its
+pretrained weights) learns the relations between them, both trained on the tags.
 
 :func:`mct_loss` is the multi-label soft-margin loss of ``scores`` (plus that of
 ``patch_scores`` for v2) against ``[B, K]`` tags; :func:`class_to_patch_attention` and
@@ -45,8 +46,8 @@ from torch import Tensor, nn
 from labelwise.models.base import pad_to_multiple
 from labelwise.models.vit import VisionTransformer
 
-__all__ = ["ConvStem", "MCTOutput", "MultiClassTokenViT", "class_to_patch_attention", "mct_loss",
-           "patch_to_patch_attention"]
+__all__ = ["ConvStem", "MCTOutput", "MultiClassTokenViT", "PretrainedCNNStem", "class_to_patch_attention",
+           "mct_loss", "patch_to_patch_attention"]
 
 
 class ConvStem(nn.Module):
@@ -73,6 +74,53 @@ class ConvStem(nn.Module):
         return self.proj(x)
 
 
+class PretrainedCNNStem(nn.Module):
+    """A pretrained CNN encoder as a ViT's patch embedding: ``[B, 3, H, W] -> [B, D, H / p, W / p]``.
+
+    Its input is the image as the ViT normalised it (``input_mean`` / ``input_std``); the stem
+    maps it back to [0, 1] and normalises it by the CNN weights' own convention, runs the encoder
+    at output stride ``p`` (dilated beyond) and projects its last stage to ``D`` with a 1x1
+    convolution (new, trained from scratch). ``p`` must be 8 or 16. The encoder's BatchNorm layers
+    stay in eval mode through ``train()`` (see :mod:`labelwise.models.cnn_cam`).
+
+    Args:
+        embed_dim: ``D``, the Transformer's width.
+        patch_size: ``p``, the ViT's patch size.
+        input_mean, input_std: the ViT's input normalisation (3 values each).
+        encoder: CNN architecture (``labelwise.models.encoders.ENCODERS``).
+        weights: its pretrained weights (``imagenet``, ``mobilenet_v2_imagenet``, a file) or None.
+    """
+
+    def __init__(self, embed_dim: int, patch_size: int, input_mean: Sequence[float], input_std: Sequence[float],
+                 encoder: str = "mobilenet_v2", weights: str | None = "imagenet") -> None:
+        from labelwise.models.encoders import build_encoder
+
+        super().__init__()
+        if patch_size not in (8, 16):
+            raise ValueError(f"a pretrained CNN stem needs patch size 8 or 16, got {patch_size}")
+        self.encoder, convention = build_encoder(encoder, weights, output_stride=patch_size)
+        self.encoder_name, self.weights_name = encoder, weights
+        self.register_buffer("input_mean", torch.tensor(list(input_mean)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(list(input_std)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("cnn_mean", torch.tensor(convention.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("cnn_std", torch.tensor(convention.std).view(1, 3, 1, 1), persistent=False)
+        self.proj = nn.Conv2d(int(self.encoder.channels[-1]), embed_dim, 1)
+
+    def train(self, mode: bool = True) -> "PretrainedCNNStem":
+        from labelwise.models.encoders import batchnorm_to_eval
+
+        super().train(mode)
+        batchnorm_to_eval(self.encoder)
+        return self
+
+    def describe(self) -> dict[str, object]:
+        return {"type": "pretrained_cnn", "encoder": self.encoder_name, "weights": self.weights_name}
+
+    def forward(self, x: Tensor) -> Tensor:
+        images = x * self.input_std + self.input_mean
+        return self.proj(self.encoder((images - self.cnn_mean) / self.cnn_std)[-1])
+
+
 class MCTOutput(NamedTuple):
     """What :meth:`MultiClassTokenViT.forward` returns (module docstring)."""
 
@@ -90,7 +138,8 @@ class MultiClassTokenViT(nn.Module):
     other parameters are shared (trained together)."""
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, variant: Literal["v1", "v2"] = "v2",
-                 hybrid: bool = False, readout: Literal["mean", "linear"] = "linear") -> None:
+                 hybrid: bool = False, readout: Literal["mean", "linear"] = "linear",
+                 stem: PretrainedCNNStem | None = None) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -111,16 +160,34 @@ class MultiClassTokenViT(nn.Module):
         if readout == "linear":
             self.score_weight = nn.Parameter(torch.full((num_classes, backbone.embed_dim), 1.0 / backbone.embed_dim))
             self.score_bias = nn.Parameter(torch.zeros(num_classes))
+        if hybrid and stem is not None:
+            raise ValueError("give either hybrid=True (a scratch convolutional stem) or a pretrained stem, not both")
         self.hybrid = hybrid
+        self.pretrained_stem = stem is not None
         if hybrid:
             backbone.patch_embed = ConvStem(backbone.config.in_channels, backbone.embed_dim,  # type: ignore[assignment]
                                             backbone.patch_size)
+        elif stem is not None:
+            backbone.patch_embed = stem  # type: ignore[assignment]
+
+    @property
+    def cam_stride(self) -> int:
+        """Pixels per CAM position (the patch size)."""
+        return self.backbone.patch_size
+
+    def stem_description(self) -> dict[str, object] | None:
+        """``model.json``'s record of a pretrained CNN stem (None for the ViT's own embedding or a scratch stem)."""
+        stem = self.backbone.patch_embed
+        return stem.describe() if isinstance(stem, PretrainedCNNStem) else None
 
     def is_new_parameter(self, name: str) -> bool:
         """Whether the parameter ``name`` (as in ``named_parameters()``) is not from the pretrained
         backbone: the class tokens and their positions, the score readout, the patch classifier
-        and the hybrid stem (these may train at a higher learning rate)."""
+        and the scratch stem (these may train at a higher learning rate); of a pretrained CNN stem
+        only its projection is new."""
         new = ("class_tokens", "class_pos", "score_weight", "score_bias", "patch_head.")
+        if self.pretrained_stem:
+            return name.startswith(new) or name.startswith("backbone.patch_embed.proj.")
         return name.startswith(new) or (self.hybrid and name.startswith("backbone.patch_embed."))
 
     @property

@@ -1,11 +1,12 @@
-"""Weak supervision from image-level tags (MCTformer): tags -> multi-class-token ViT -> CAMs ->
-pseudo-masks -> a segmentation network. In progress: tag files and tags from masks
-(``labelwise.data.tags``), the multi-class-token ViT (``labelwise.models.mctformer``) and the
-CAMs (``cams``), the pseudo-mask rule (``pseudo_masks``), the typed configuration (``config``) and
-stage 1, the classifier training on tags (``train``: :func:`train_classifier`) and stages 2-3, CAMs
-and pseudo-masks of a dataset written as a labelwise folder dataset (``stages``:
-:func:`make_pseudo_masks`) and :func:`run`, every stage including the segmenter trained on the
-pseudo-masks (``pipeline``), exist; the benchmarks follow.
+"""Weak supervision from image-level tags: tags -> a classifier (multi-class-token ViT, CNN CAMs
+or the CNN + Transformer hybrid, ``classifiers``) -> CAMs -> (pixel-adaptive refinement) ->
+pseudo-masks -> a segmentation network: tag files and tags from masks (``labelwise.data.tags``),
+the classifiers (``labelwise.models.mctformer``, ``labelwise.models.cnn_cam``) and their CAMs
+(``cams``), the pseudo-mask rule (``pseudo_masks``), the typed configuration (``config``), stage
+1, the classifier training on tags (``train``: :func:`train_classifier`), stages 2-3, CAMs and
+pseudo-masks of a dataset written as a labelwise folder dataset (``stages``:
+:func:`make_pseudo_masks`), and :func:`run`, every stage including the segmenter trained on the
+pseudo-masks (``pipeline``).
 """
 
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps, refine_with_affinity

@@ -1,6 +1,9 @@
-"""Class activation maps of a multi-class-token ViT (MCTformer).
+"""Class activation maps of the weak classifiers: a multi-class-token ViT (MCTformer, also on
+a pretrained CNN's tokens, the hybrid) or a CNN with a pooled linear classifier (CAM).
 
-For one view of a batch: the class-to-patch attention of the last ``blocks`` blocks (averaged
+For one view of a batch, a CNN classifier's maps are ``relu(W . f)``, its classifier weights applied
+at every position of the encoder's last stage (:mod:`labelwise.models.cnn_cam`); a
+multi-class-token model's come from the class-to-patch attention of the last ``blocks`` blocks (averaged
 over heads, summed over blocks) gives ``[B, K, h, w]`` maps; with a v2 model they are fused with
 the patch-token CAMs (``relu`` of the convolutional classifier's maps) by ``product`` or
 ``geometric_mean`` (``fusion: attention`` keeps the attention maps alone); ``refine`` then
@@ -22,9 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from labelwise.errors import ConfigError
+from labelwise.models.cnn_cam import CNNCAMClassifier
 from labelwise.models.mctformer import MultiClassTokenViT, class_to_patch_attention, patch_to_patch_attention
 
-__all__ = ["CAMConfig", "class_activation_maps", "refine_with_affinity"]
+__all__ = ["CAMConfig", "WeakClassifier", "class_activation_maps", "refine_with_affinity"]
+
+#: the classifiers CAMs are computed from
+WeakClassifier = MultiClassTokenViT | CNNCAMClassifier
 
 
 @dataclass
@@ -64,8 +71,10 @@ def refine_with_affinity(cams: Tensor, affinity: Tensor) -> Tensor:
     return torch.bmm(cams, affinity.transpose(1, 2))
 
 
-def _view_maps(model: MultiClassTokenViT, images: Tensor, config: CAMConfig) -> Tensor:
+def _view_maps(model: WeakClassifier, images: Tensor, config: CAMConfig) -> Tensor:
     """Raw maps ``[B, K, h, w]`` of one view."""
+    if isinstance(model, CNNCAMClassifier):
+        return F.relu(model(images).patch_cams.float())
     depth = model.backbone.depth
     blocks = list(range(depth - config.blocks, depth))
     output = model(images, return_attention=blocks)
@@ -81,12 +90,13 @@ def _view_maps(model: MultiClassTokenViT, images: Tensor, config: CAMConfig) -> 
 
 
 @torch.no_grad()
-def class_activation_maps(model: MultiClassTokenViT, images: Tensor, tags: Tensor,
+def class_activation_maps(model: WeakClassifier, images: Tensor, tags: Tensor,
                           config: CAMConfig | None = None) -> Tensor:
     """CAMs ``[B, K, H, W]`` in ``[0, 1]`` of ``images [B, 3, H, W]`` (in [0, 1]) for the classes
-    tagged in ``tags [B, K]`` (bool or 0/1); untagged classes are 0 (module docstring)."""
+    tagged in ``tags [B, K]`` (bool or 0/1); untagged classes are 0 (module docstring). For a CNN
+    classifier ``blocks``, ``fusion`` and ``refine`` (attention notions) do not apply."""
     config = config or CAMConfig()
-    config.validate(model.backbone.depth)
+    config.validate(model.backbone.depth if isinstance(model, MultiClassTokenViT) else None)
     if tags.shape != (images.shape[0], model.num_classes):
         raise ValueError(f"tags must be [B, K] = [{images.shape[0]}, {model.num_classes}], got {list(tags.shape)}")
     height, width = images.shape[-2:]
@@ -100,7 +110,7 @@ def class_activation_maps(model: MultiClassTokenViT, images: Tensor, tags: Tenso
             view = scaled.flip(-1) if flip else scaled
             maps = _view_maps(model, view, config).float()
             # the backbone pads bottom/right to whole patches: crop the maps to the view first
-            patch = model.backbone.patch_size
+            patch = model.cam_stride
             maps = F.interpolate(maps, size=(maps.shape[-2] * patch, maps.shape[-1] * patch), mode="bilinear",
                                  align_corners=False)[..., :size[0], :size[1]]
             if flip:

@@ -21,11 +21,15 @@ class WeakConfig(RunConfig, ScheduleConfig):
     Training images: the ``images`` folders with the ``tags`` file (class names from
     ``data.class_map``, a ``classes.json``), or, when ``images`` is empty, the training split of
     ``data`` with tags derived from its masks (a class is present when it covers at least
-    ``tag_min_fraction`` of an image's labeled pixels; benchmarks). The classifier is a
-    multi-class-token ViT (``variant`` v1 / v2) on ``backbone`` (a name or a ViT file; ``hybrid``:
-    a convolutional stem, trained from scratch, replaces the patch embedding; ``readout``: how the
-    class logits are read from the class tokens, the paper's ``mean`` or a per-class ``linear``
-    readout initialised to it, see :class:`~labelwise.models.mctformer.MultiClassTokenViT`), trained
+    ``tag_min_fraction`` of an image's labeled pixels; benchmarks). The classifier (``method``,
+    :mod:`~labelwise.methods.weak.classifiers`) is ``mct_vit``, a multi-class-token ViT
+    (``variant`` v1 / v2) on ``backbone`` (a name or a ViT file; ``hybrid: true``: a convolutional
+    stem, trained from scratch, replaces the patch embedding; ``readout``: how the class logits are
+    read from the class tokens, the paper's ``mean`` or a per-class ``linear`` readout initialised
+    to it, see :class:`~labelwise.models.mctformer.MultiClassTokenViT`); ``cnn_cam``, a pooled
+    linear classifier on the pretrained CNN ``encoder`` (``encoder_weights``, dilated to
+    ``encoder_output_stride``) whose classifier weights give the CAMs; or ``hybrid``, the
+    multi-class-token Transformer of ``backbone`` on that CNN's features as tokens. It is trained
     in one stage (``stages: [{steps, lr}]``: a cosine from ``lr`` after a linear warm-up of
     ``warmup_steps``, at most a tenth of the stage) of ``batch_size`` images resized to
     ``image_size`` (``[H, W]``, multiples of the patch size) with ``optim`` (AdamW, weight decay
@@ -49,7 +53,11 @@ class WeakConfig(RunConfig, ScheduleConfig):
     images: list[str] = field(default_factory=list)
     tags: str | None = None
     tag_min_fraction: float = 0.01
+    method: Literal["mct_vit", "cnn_cam", "hybrid"] = "mct_vit"
     backbone: str = "labelwise_default"
+    encoder: str = "mobilenet_v2"
+    encoder_weights: str | None = "imagenet"
+    encoder_output_stride: int = 16
     variant: Literal["v1", "v2"] = "v2"
     hybrid: bool = False
     readout: Literal["mean", "linear"] = "linear"
@@ -84,6 +92,13 @@ class WeakConfig(RunConfig, ScheduleConfig):
             raise ConfigError(f"new_lr_scale: must be > 0, got {self.new_lr_scale}")
         if not 0 < self.tag_min_fraction <= 1:
             raise ConfigError(f"tag_min_fraction: must be in (0, 1], got {self.tag_min_fraction}")
+        if self.method not in ("mct_vit", "cnn_cam", "hybrid"):
+            raise ConfigError(f"method: must be mct_vit, cnn_cam or hybrid, got {self.method!r}")
+        if self.encoder_output_stride not in (8, 16):
+            raise ConfigError(f"encoder_output_stride: must be 8 or 16, got {self.encoder_output_stride}")
+        if self.hybrid and self.method != "mct_vit":
+            raise ConfigError(f"hybrid: the scratch convolutional stem applies to method mct_vit only, not "
+                              f"{self.method!r} (method: hybrid uses the pretrained encoder)")
         if self.readout not in ("mean", "linear"):
             raise ConfigError(f"readout: must be 'mean' or 'linear', got {self.readout!r}")
         if not 0 <= self.hflip <= 1:
@@ -93,7 +108,5 @@ class WeakConfig(RunConfig, ScheduleConfig):
         if self.images and not self.tags:
             raise ConfigError("tags: a tag file is required with images (or leave images empty to derive tags "
                               "from the masks of data)")
-        try:
-            self.cams.validate()
-        except ConfigError as exc:
-            raise ConfigError(str(exc)) from exc
+        self.cams.validate()
+        self.pseudo_masks.par.validate("pseudo_masks.par")

@@ -2,6 +2,10 @@
 
 Rule for each pixel of an image, given its CAMs ``[K, H, W]`` in ``[0, 1]`` and its tags:
 
+- with ``refine: par``, the CAMs are first refined along the image's colours
+  (:func:`~labelwise.eval.pixel_adaptive.pixel_adaptive_refine`, parameters ``par``); the
+  refined maps stay in ``[0, 1]`` and untagged classes stay 0;
+
 - the candidates are the tagged classes, plus the background class (``background_class``) when
   the dataset has one; the background's score is the constant ``background_threshold``, so a
   pixel is background when no tagged class's CAM exceeds it. Datasets where every pixel belongs
@@ -12,8 +16,9 @@ Rule for each pixel of an image, given its CAMs ``[K, H, W]`` in ``[0, 1]`` and 
   the refined marginals;
 - confidence is the margin between the best and the second-best candidate (infinite with one
   candidate); the ``ignore_fraction`` least-confident pixels of each image (at least that
-  many when margins tie; never a pixel with a single candidate) become ``ignore_index``, so that the second stage learns from the confident part only. An image with
-  no candidate at all is ignored entirely.
+  many when margins tie; never a pixel with a single candidate) become ``ignore_index``, so that
+  the second stage learns from the confident part only. An image with no candidate at all is
+  ignored entirely.
 
 The thresholds are fixed numbers, not fitted to any labels (the benchmark splits included):
 ``background_threshold`` 0.4 and ``ignore_fraction`` 0.2 by default.
@@ -22,7 +27,8 @@ The thresholds are fixed numbers, not fitted to any labels (the benchmark splits
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,8 +36,9 @@ from torch import Tensor
 
 from labelwise.errors import ConfigError
 from labelwise.eval.crf import CRFParams, crf_refine_batch
+from labelwise.eval.pixel_adaptive import PixelAdaptiveConfig, pixel_adaptive_refine
 
-__all__ = ["PseudoMaskConfig", "pseudo_masks"]
+__all__ = ["PseudoMaskConfig", "pseudo_masks", "refine_cams"]
 
 
 @dataclass
@@ -40,6 +47,8 @@ class PseudoMaskConfig:
 
     background_class: int | None = None
     background_threshold: float = 0.4
+    refine: Literal["none", "par"] = "none"
+    par: PixelAdaptiveConfig = field(default_factory=PixelAdaptiveConfig)
     ignore_fraction: float = 0.2
     crf: bool = False
     crf_scale: float = 10.0
@@ -56,6 +65,18 @@ class PseudoMaskConfig:
             raise ConfigError(f"pseudo_masks.ignore_fraction: must be in [0, 1), got {self.ignore_fraction}")
         if self.crf_scale <= 0:
             raise ConfigError(f"pseudo_masks.crf_scale: must be > 0, got {self.crf_scale}")
+        if self.refine not in ("none", "par"):
+            raise ConfigError(f"pseudo_masks.refine: must be 'none' or 'par', got {self.refine!r}")
+        self.par.validate("pseudo_masks.par")
+
+
+def refine_cams(cams: Tensor, tags: Tensor, images: Tensor, config: PseudoMaskConfig) -> Tensor:
+    """The CAMs ``[B, K, H, W]`` as the pseudo-mask rule sees them: refined along ``images [B, 3, H, W]``
+    when ``config.refine`` is ``par`` (untagged classes kept at 0), unchanged otherwise."""
+    if config.refine == "none":
+        return cams
+    refined = pixel_adaptive_refine(images, cams, config.par)
+    return refined * tags.to(refined.dtype)[:, :, None, None]
 
 
 def _candidate_scores(cams: Tensor, tags: Tensor, config: PseudoMaskConfig) -> Tensor:
@@ -70,7 +91,10 @@ def _candidate_scores(cams: Tensor, tags: Tensor, config: PseudoMaskConfig) -> T
 
 def _margin(scores: Tensor) -> Tensor:
     """Best minus second-best along dim 1 (``inf`` with one finite candidate)."""
-    top = scores.topk(2, dim=1).values if scores.shape[1] > 1 else torch.cat([scores, torch.full_like(scores, -math.inf)], 1)
+    if scores.shape[1] > 1:
+        top = scores.topk(2, dim=1).values
+    else:
+        top = torch.cat([scores, torch.full_like(scores, -math.inf)], 1)
     margin = top[:, 0] - top[:, 1]
     return torch.nan_to_num(margin, nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # no candidate: -inf - -inf
 

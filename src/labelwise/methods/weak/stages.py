@@ -6,16 +6,18 @@ image at its own size (consecutive images of the same size in batches of ``batch
 CAMs (:func:`~labelwise.methods.weak.cams.class_activation_maps`), then pseudo-masks
 (:func:`~labelwise.methods.weak.pseudo_masks.pseudo_masks`). It writes
 
-- ``out_dir/cams/<name>/<class>.png`` (with ``write_cams``): each tagged class's map, 8-bit;
+- ``out_dir/cams/<name>/<class>.png`` (with ``write_cams``): each tagged class's map (refined when
+  ``pseudo_masks.refine`` is on), 8-bit;
 - ``out_dir/pseudo/train/images/<name>.png`` and ``out_dir/pseudo/train/labels/<name>.png``
   (class ids, ``ignore_index`` where unsure) and ``out_dir/pseudo/classes.json``: a labelwise
   folder dataset, so the second stage is an ordinary ``labelwise train --set
   data.dataset=folder --set data.root=out_dir/pseudo``;
 
 and returns the scores when the items carry masks: ``cams`` (argmax of the CAMs over the tagged
-classes, plus the background rule when there is a background class, on every labeled pixel)
-and ``pseudo_masks`` (the pseudo-labels on the labeled pixels they keep; ``kept_fraction`` is
-the share of labeled pixels not ignored).
+classes, plus the background rule when there is a background class, on every labeled pixel),
+``cams_refined`` (the same of the refined CAMs, with ``pseudo_masks.refine: par``) and
+``pseudo_masks`` (the pseudo-labels on the labeled pixels they keep; ``kept_fraction`` is the
+share of labeled pixels not ignored).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from labelwise.data.classmap import ClassMap
 from labelwise.eval.metrics import ConfusionMatrix
 from labelwise.io.atomic import atomic_write_json
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps
-from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig, pseudo_masks
+from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig, pseudo_masks, refine_cams
 from labelwise.methods.weak.train import load_classifier
 from labelwise.report.png import write_gray_png, write_id_png, write_rgb_png
 
@@ -76,19 +78,24 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
         atomic_write_json(pseudo_root / "classes.json", {"classes": class_names})
     k = len(class_names)
     cam_matrix = ConfusionMatrix(k, mask_config.ignore_index)
+    refined_matrix = ConfusionMatrix(k, mask_config.ignore_index)
     pseudo_matrix = ConfusionMatrix(k, mask_config.ignore_index)
     labeled = kept = images_done = 0
     for batch in same_size_batches(items, batch_size):
         images = torch.stack([item["image"] for item in batch]).to(device)
         tags = torch.stack([torch.as_tensor(item["tags"]) for item in batch]).bool().to(device)
         cams = class_activation_maps(model, images, tags, cam_config)
-        labels = pseudo_masks(cams, tags, mask_config, images=images)
+        refined = refine_cams(cams, tags, images, mask_config)
+        labels = pseudo_masks(refined, tags, mask_config, images=images)
         if all("mask" in item for item in batch):
             target = torch.stack([torch.as_tensor(item["mask"]) for item in batch]).long().to(device)
             ignore = mask_config.ignore_index
-            cam_labels = _cam_labels(cams, tags, mask_config)
             # an image without any candidate class has no CAM label: scored as class 0
-            cam_matrix.update(cam_labels.masked_fill(cam_labels == ignore, 0), target)
+            for maps, matrix in ((cams, cam_matrix), (refined, refined_matrix)):
+                if matrix is refined_matrix and mask_config.refine == "none":
+                    continue
+                cam_labels = _cam_labels(maps, tags, mask_config)
+                matrix.update(cam_labels.masked_fill(cam_labels == ignore, 0), target)
             valid = target != ignore
             unsure = labels == ignore
             labeled += int(valid.sum())
@@ -103,13 +110,15 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
                              max(k - 1, mask_config.ignore_index))
             if write_cams:
                 for c in torch.nonzero(tags[index]).flatten().tolist():
-                    heat = (cams[index, c].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+                    heat = (refined[index, c].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
                     write_gray_png(heat, out / "cams" / name / f"{class_names[c]}.png")
         images_done += len(batch)
     report: dict[str, Any] = {"images": images_done, "classes": class_names,
                               "pseudo_root": str(pseudo_root) if write_pseudo else None}
     if labeled:
         report["cams"] = cam_matrix.compute().to_dict(class_map.names)
+        if mask_config.refine != "none":
+            report["cams_refined"] = refined_matrix.compute().to_dict(class_map.names)
         report["pseudo_masks"] = pseudo_matrix.compute().to_dict(class_map.names)
         report["pseudo_masks"]["kept_fraction"] = kept / labeled
     atomic_write_json(out / "pseudo_masks.json", {k_: (None if isinstance(v, float) and math.isnan(v) else v)

@@ -1,8 +1,8 @@
-"""Stage 1 of weak supervision: train the multi-class-token ViT classifier on image-level tags.
+"""Stage 1 of weak supervision: train the classifier on image-level tags.
 
-``train_classifier(config)`` builds the tagged training images (:mod:`.data`), the
-:class:`~labelwise.models.mctformer.MultiClassTokenViT` on the configured backbone (every
-parameter trained), and runs the project's :class:`~labelwise.engine.trainer.Trainer`
+``train_classifier(config)`` builds the tagged training images (:mod:`.data`), the classifier of
+``config.method`` (:mod:`.classifiers`: the multi-class-token ViT, the CNN CAM classifier or the
+hybrid; every parameter trained), and runs the project's :class:`~labelwise.engine.trainer.Trainer`
 (checkpoints, exact resume, bf16 autocast) with the multi-label soft-margin loss; batches are
 flipped horizontally per image with probability ``hflip``. The final model is exported to
 ``run_dir`` as the project's model artifact of kind ``classifier`` (``weights.safetensors`` +
@@ -32,12 +32,13 @@ from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainResult, trainer_options
 from labelwise.errors import CheckpointError, ConfigError
 from labelwise.io.jsonfile import read_json
+from labelwise.methods.weak.cams import WeakClassifier
+from labelwise.methods.weak.classifiers import build_classifier, classifier_architecture, classifier_from_architecture
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
 from labelwise.models.artifact import INFO_FILE, WEIGHTS_FILE, artifact_kind, read_artifact_files, save_artifact
-from labelwise.models.mctformer import MultiClassTokenViT, mct_loss
-from labelwise.models.vit import VisionTransformer, ViTConfig
-from labelwise.models.vit_loading import load_vit
+from labelwise.models.cnn_cam import CNNCAMOutput, cam_loss
+from labelwise.models.mctformer import mct_loss
 
 __all__ = ["WeakClassifierResult", "load_classifier", "save_classifier", "tagged_training_images",
            "train_classifier"]
@@ -82,18 +83,17 @@ def tagged_training_images(config: WeakConfig, whole: bool = False) -> tuple[Tag
                         ignore_index=ignore), splits.class_map
 
 
-def save_classifier(folder: str | Path, model: MultiClassTokenViT, class_map: ClassMap,
+def save_classifier(folder: str | Path, model: WeakClassifier, class_map: ClassMap,
                     record: dict[str, Any] | None = None) -> Path:
     """Export the classifier as an artifact of kind ``classifier`` (``weights.safetensors``, then
     ``model.json`` with the architecture, classes, the backbone it started from and ``record``)."""
-    architecture = {"vit": model.backbone.config.to_dict(), "num_classes": model.num_classes,
-                    "variant": model.variant, "hybrid": model.hybrid, "readout": model.readout}
+    architecture = classifier_architecture(model)
     record = dict(record or {})
     return save_artifact(folder, "classifier", model, architecture, class_map,
                          source={"backbone": record.get("backbone")}, extra={RECORD_KEY: record})
 
 
-def load_classifier(folder: str | Path) -> tuple[MultiClassTokenViT, dict[str, Any]]:
+def load_classifier(folder: str | Path) -> tuple[WeakClassifier, dict[str, Any]]:
     """The classifier exported by :func:`save_classifier` (eval mode) and its summary
     (architecture, ``class_names`` and the training record); older ``mct.*`` exports too.
     ``CheckpointError`` naming the file otherwise."""
@@ -118,12 +118,7 @@ def load_classifier(folder: str | Path) -> tuple[MultiClassTokenViT, dict[str, A
                        **(info.get(RECORD_KEY) or {})}
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{folder / INFO_FILE}: classifier description lacks {exc}") from exc
-    try:
-        backbone = VisionTransformer(ViTConfig.from_dict(summary["vit"]))
-        model = MultiClassTokenViT(backbone, summary["num_classes"], summary["variant"], bool(summary.get("hybrid")),
-                                   summary.get("readout", "mean"))
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{folder}: classifier description lacks {exc}") from exc
+    model = classifier_from_architecture(summary, str(folder))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -139,7 +134,7 @@ def _step_fn(config: WeakConfig) -> Callable[..., StepOutput]:
         flip = (torch.rand(images.shape[0], generator=generator) < config.hflip).to(images.device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         output = model(images)
-        loss = mct_loss(output, tags)
+        loss = cam_loss(output, tags) if isinstance(output, CNNCAMOutput) else mct_loss(output, tags)
         return StepOutput(loss, {"mlsm": float(loss.detach())}, images.shape[0])
 
     return step
@@ -151,6 +146,15 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def _started_from(config: WeakConfig) -> str:
+    """The pretrained weights the classifier started from (``model.json``'s ``source``)."""
+    if config.method == "cnn_cam":
+        return f"{config.encoder}:{config.encoder_weights}"
+    if config.method == "hybrid":
+        return f"{config.backbone}+{config.encoder}:{config.encoder_weights}"
+    return config.backbone
+
+
 def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool = False,
                      stop_at: int | None = None) -> WeakClassifierResult:
     """Train and export the classifier (module docstring); resumable from ``run_dir``."""
@@ -159,14 +163,8 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir)
     dataset, class_map = tagged_training_images(config)
-    backbone = load_vit(config.backbone)
-    config.cams.validate(backbone.depth)  # fail now, not after training, when cams.blocks exceeds the depth
-    patch = backbone.patch_size
-    if any(s % patch for s in config.image_size):
-        raise ConfigError(f"image_size: {config.image_size} must be multiples of the patch size {patch}")
     torch.manual_seed(config.seed)
-    model = MultiClassTokenViT(backbone, class_map.num_classes, config.variant, hybrid=config.hybrid,
-                               readout=config.readout)
+    model = build_classifier(config, class_map.num_classes)
     options = trainer_options(config, config.schedule(), device, batch_size=config.batch_size, run_dir=run_dir,
                               lr_scale=lambda name: config.new_lr_scale if model.is_new_parameter(name) else 1.0)
     trainer = Trainer(model, dataset, _step_fn(config), options, collate_fn=_collate)
@@ -176,6 +174,6 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
     result = trainer.fit(resume=resume, overwrite=overwrite, stop_at=stop_at)
     if trainer.dist.is_main and result.steps >= config.total_steps:
         save_classifier(run_dir, trainer.bare_model, class_map,  # type: ignore[arg-type]
-                        {"backbone": config.backbone, "steps": result.steps,
+                        {"method": config.method, "backbone": _started_from(config), "steps": result.steps,
                          "train_seconds": round(result.train_seconds, 2)})
     return WeakClassifierResult(run_dir, result)
