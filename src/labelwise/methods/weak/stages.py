@@ -91,9 +91,8 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
             target = torch.stack([torch.as_tensor(item["mask"]) for item in batch]).long().to(device)
             ignore = mask_config.ignore_index
             # an image without any candidate class has no CAM label: scored as class 0
-            for maps, matrix in ((cams, cam_matrix), (refined, refined_matrix)):
-                if matrix is refined_matrix and mask_config.refine == "none":
-                    continue
+            scored = [(cams, cam_matrix)] + ([(refined, refined_matrix)] if mask_config.refine != "none" else [])
+            for maps, matrix in scored:
                 cam_labels = _cam_labels(maps, tags, mask_config)
                 matrix.update(cam_labels.masked_fill(cam_labels == ignore, 0), target)
             valid = target != ignore
