@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labelwise.models.base import pad_to_multiple
+from labelwise.models.encoders import batchnorm_to_eval, build_encoder
 from labelwise.models.vit import VisionTransformer
 
 __all__ = ["ConvStem", "MCTOutput", "MultiClassTokenViT", "PretrainedCNNStem", "class_to_patch_attention",
@@ -93,8 +94,6 @@ class PretrainedCNNStem(nn.Module):
 
     def __init__(self, embed_dim: int, patch_size: int, input_mean: Sequence[float], input_std: Sequence[float],
                  encoder: str = "mobilenet_v2", weights: str | None = "imagenet") -> None:
-        from labelwise.models.encoders import build_encoder
-
         super().__init__()
         if patch_size not in (8, 16):
             raise ValueError(f"a pretrained CNN stem needs patch size 8 or 16, got {patch_size}")
@@ -107,8 +106,6 @@ class PretrainedCNNStem(nn.Module):
         self.proj = nn.Conv2d(int(self.encoder.channels[-1]), embed_dim, 1)
 
     def train(self, mode: bool = True) -> "PretrainedCNNStem":
-        from labelwise.models.encoders import batchnorm_to_eval
-
         super().train(mode)
         batchnorm_to_eval(self.encoder)
         return self
@@ -217,7 +214,8 @@ class MultiClassTokenViT(nn.Module):
         """``class_tokens [B, K, D]`` -> logits ``[B, K]`` by the configured readout."""
         if self.score_weight is None or self.score_bias is None:
             return class_tokens.mean(-1)
-        return (class_tokens * self.score_weight.to(class_tokens.dtype)).sum(-1) + self.score_bias.to(class_tokens.dtype)
+        weight, bias = self.score_weight.to(class_tokens.dtype), self.score_bias.to(class_tokens.dtype)
+        return (class_tokens * weight).sum(-1) + bias
 
 
 def mct_loss(output: MCTOutput, tags: Tensor) -> Tensor:

@@ -39,9 +39,7 @@ def build_classifier(config: WeakConfig, num_classes: int) -> WeakClassifier:
     config.cams.validate(vit.depth)  # fail now, not after training, when cams.blocks exceeds the depth
     if any(s % vit.patch_size for s in config.image_size):
         raise ConfigError(f"image_size: {config.image_size} must be multiples of the patch size {vit.patch_size}")
-    if config.method == "hybrid":
-        if config.hybrid:
-            raise ConfigError("hybrid: the scratch stem (hybrid: true) applies to method mct_vit only")
+    if config.method == "hybrid":  # WeakConfig.validate refuses hybrid: true with it
         return MultiClassTokenViT(vit, num_classes, config.variant, readout=config.readout,
                                   stem=_stem(vit, config.encoder, config.encoder_weights))
     return MultiClassTokenViT(vit, num_classes, config.variant, hybrid=config.hybrid, readout=config.readout)
