@@ -11,7 +11,7 @@ features) and `--refine` the CAM refinements (`none`, `par`); with `--random-flo
 pseudo-masks on the pixels they keep, with `kept_fraction`) and `final` (the segmenter trained on
 the pseudo-masks, scored on the validation split), each with `method`, `encoder` (the pretrained
 weights the classifier starts from), `refine`, `split`, `backbone`, `miou`, `pixel_acc`. Runs resume in
-`benchmarks/runs/weak_<dataset>/<row>/`.
+`benchmarks/runs/weak_<dataset><suffix>/<row>/`.
 """
 
 from __future__ import annotations
@@ -63,10 +63,13 @@ def main() -> None:
                         help="CAM refinements (pseudo_masks.refine) to run for each method")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override")
+    parser.add_argument("--suffix", default="",
+                        help="results file suffix (weak_<dataset><suffix>.json), so a run of other methods keeps "
+                             "the earlier file")
     args = parser.parse_args()
     data_root = require_data(DATA[args.dataset]) if DATA[args.dataset] else None
     backbone = ensure_default_backbone()
-    runs = ROOT / "benchmarks" / "runs" / f"weak_{args.dataset}"
+    runs = ROOT / "benchmarks" / "runs" / f"weak_{args.dataset}{args.suffix}"
     # (row folder, backbone label, ViT weights, method, refine); the earlier rows keep their folders
     plan = [(("pretrained" if method == "mct_vit" else method) + ("" if refine == "none" else f"_{refine}"),
              "pretrained", backbone, method, refine) for method in args.methods for refine in args.refine]
@@ -90,7 +93,8 @@ def main() -> None:
         rows.extend(new)
         print(f"{folder}: " + ", ".join(f"{r['stage']} {r['miou']:.4f}" for r in new), flush=True)
         write_results(f"weak_{args.dataset}", rows, device, extra={"config": str(config_path.relative_to(ROOT)),
-                                                                   "overrides": args.overrides})
+                                                                   "overrides": args.overrides},
+                      suffix=args.suffix)
 
 
 if __name__ == "__main__":
