@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from labelwise.errors import ConfigError
 from labelwise.eval.pixel_adaptive import PixelAdaptiveConfig, pixel_adaptive_refine
 from labelwise.methods.weak.cams import CAMConfig, class_activation_maps
 from labelwise.models.cnn_cam import CNNCAMClassifier, cam_loss
@@ -91,8 +92,10 @@ def test_pretrained_cnn_stem_sees_the_image_in_its_own_convention() -> None:
 
 
 def _literal_par(image: np.ndarray, maps: np.ndarray, dilations: list[int], iterations: int, w1: float,
-                 w2: float) -> np.ndarray:
-    """Pixel-adaptive refinement by loops over pixels and neighbours (borders: nearest pixel)."""
+                 w2: float, features: np.ndarray | None = None, w3: float = 0.0, temperature: float = 0.1
+                 ) -> np.ndarray:
+    """Pixel-adaptive refinement by loops over pixels and neighbours (borders: nearest pixel);
+    ``features [D, H, W]`` at the image size add the cosine-similarity term with weight ``w3``."""
     channels, height, width = image.shape
     offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
     lengths = np.array([math.hypot(*o) for o in offsets])
@@ -109,7 +112,14 @@ def _literal_par(image: np.ndarray, maps: np.ndarray, dilations: list[int], iter
             spread = values.std(axis=0, ddof=1) + 1e-8
             colour = -((np.abs(values - image[:, y, x]) / (spread * w1)) ** 2).mean(1)
             soft = np.exp(colour - colour.max()) / np.exp(colour - colour.max()).sum()
-            weights[y, x] = (soft + w2 * position_soft) / (1 + w2)
+            weights[y, x] = soft + w2 * position_soft
+            if features is not None:
+                here = features[:, y, x] / np.linalg.norm(features[:, y, x])
+                cosine = np.array([features[:, at(y + dy, x + dx)[0], at(y + dy, x + dx)[1]] @ here
+                                   / np.linalg.norm(features[:, at(y + dy, x + dx)[0], at(y + dy, x + dx)[1]])
+                                   for dy, dx in offsets]) / temperature
+                weights[y, x] += w3 * np.exp(cosine - cosine.max()) / np.exp(cosine - cosine.max()).sum()
+            weights[y, x] /= 1 + w2 + w3
     out = maps.copy()
     for _ in range(iterations):
         new = np.zeros_like(out)
@@ -134,6 +144,27 @@ def test_pixel_adaptive_refinement_matches_a_literal_loop() -> None:
     assert float(out.max()) <= 1.0 + 1e-6 and float(out.min()) >= 0.0  # convex weights keep [0, 1]
 
 
+def test_pixel_adaptive_feature_affinity_matches_a_literal_loop() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.random((3, 6, 8))
+    features = rng.standard_normal((5, 6, 8))
+    features[:, :, 4:] += 3.0  # two feature regions the colours do not show
+    maps = rng.random((2, 6, 8))
+    config = PixelAdaptiveConfig(dilations=[1, 2], iterations=2, color_scale=0.3, position_weight=0.01,
+                                 feature_weight=0.7, feature_temperature=0.2)
+    out = pixel_adaptive_refine(torch.from_numpy(image)[None].float(), torch.from_numpy(maps)[None].float(), config,
+                                features=torch.from_numpy(features)[None].float())
+    expected = _literal_par(image, maps, [1, 2], 2, 0.3, 0.01, features, 0.7, 0.2)
+    np.testing.assert_allclose(out[0].numpy(), expected, rtol=1e-4, atol=1e-5)
+    # features at a coarser grid are upsampled to the image; a weight without features is an error
+    coarse = pixel_adaptive_refine(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 8, 8), config, torch.rand(1, 5, 2, 2))
+    assert coarse.shape == (1, 2, 8, 8)
+    with pytest.raises(ValueError, match="feature map"):
+        pixel_adaptive_refine(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 8, 8), config)
+    with pytest.raises(ConfigError, match="feature_weight"):
+        PixelAdaptiveConfig(feature_weight=-1.0).validate()
+
+
 def test_pixel_adaptive_refinement_with_no_iterations_is_the_identity() -> None:
     maps = torch.rand(1, 2, 5, 6)
     out = pixel_adaptive_refine(torch.rand(1, 3, 5, 6), maps, PixelAdaptiveConfig(iterations=0))
@@ -142,10 +173,19 @@ def test_pixel_adaptive_refinement_with_no_iterations_is_the_identity() -> None:
         pixel_adaptive_refine(torch.rand(1, 3, 5, 6), torch.rand(1, 2, 4, 6))
 
 
-def test_encoder_batchnorm_stays_in_eval_mode_while_training() -> None:
-    model = _hand_built_classifier().train()
-    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert norms and not any(m.training for m in norms) and model.classifier.training
+def test_pretrained_encoder_batchnorm_stays_in_eval_mode_while_training() -> None:
+    from labelwise.models.encoders import skip_pretrained_weights
+
+    with skip_pretrained_weights():  # the pretrained layout and convention, without reading the file
+        pretrained = CNNCAMClassifier(3, weights="imagenet").train()
+        stem = PretrainedCNNStem(32, 16, [0.5] * 3, [0.5] * 3, weights="imagenet").train()
+    for encoder in (pretrained.encoder, stem.encoder):
+        norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert norms and not any(m.training for m in norms)
+    assert pretrained.classifier.training and stem.proj.training
+    # a random-init encoder has no statistics to keep: its BatchNorm trains
+    scratch = _hand_built_classifier().train()
+    assert all(m.training for m in scratch.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 @pytest.mark.parametrize("method", ["cnn_cam", "hybrid"])
@@ -173,3 +213,16 @@ def test_cnn_classifiers_train_export_and_reload(tmp_path, method: str) -> None:
     again, _ = load_classifier(tmp_path / "run")
     torch.testing.assert_close(class_activation_maps(again, images, torch.ones(2, model.num_classes, dtype=torch.bool),
                                                      CAMConfig(blocks=2)), cams)
+    # the pseudo-mask stage with feature affinity: the classifier's own features at the image size
+    from labelwise.methods.weak.cams import classifier_features
+    from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig
+    from labelwise.methods.weak.stages import make_pseudo_masks
+
+    features = classifier_features(model, images)
+    assert features.dim() == 4 and features.shape[0] == 2
+    items = [{"image": images[i], "tags": torch.ones(model.num_classes), "name": f"im{i}",
+              "mask": torch.zeros(32, 48, dtype=torch.long)} for i in range(2)]
+    par = PixelAdaptiveConfig(dilations=[1, 2], iterations=1, feature_weight=0.5)
+    report = make_pseudo_masks(tmp_path / "run", items, tmp_path / "pseudo", CAMConfig(blocks=2),
+                               PseudoMaskConfig(refine="par", par=par), write_cams=False)
+    assert report["images"] == 2 and "cams_refined" in report

@@ -13,10 +13,11 @@ positions.
 
 Train with :func:`cam_loss` (the multi-label soft-margin loss of the scores against ``[B, K]``
 tags); the encoder is pretrained, the classifier new (:meth:`CNNCAMClassifier.is_new_parameter`).
-The encoder's BatchNorm layers stay in eval mode through ``train()`` (their ImageNet statistics
-kept while the weights train): the TF-converted ``imagenet`` weights have folded BatchNorm, whose
-batch statistics in train mode differ wholly from the running ones (a classifier fine-tuned in
-train mode predicted every tag present in eval mode), and tag batches are small.
+A pretrained encoder's BatchNorm layers stay in eval mode through ``train()`` (their ImageNet
+statistics kept while the weights train; a random-init encoder, ``weights=None``, trains them):
+the TF-converted ``imagenet`` weights have folded BatchNorm, whose batch statistics in train mode
+differ wholly from the running ones (a classifier fine-tuned in train mode predicted every tag
+present in eval mode), and tag batches are small.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class CNNCAMClassifier(nn.Module):
 
     def train(self, mode: bool = True) -> "CNNCAMClassifier":
         super().train(mode)
-        batchnorm_to_eval(self.encoder)
+        if self.weights_name is not None:  # pretrained statistics are kept; a random-init encoder learns its own
+            batchnorm_to_eval(self.encoder)
         return self
 
     def forward(self, images: Tensor) -> CNNCAMOutput:

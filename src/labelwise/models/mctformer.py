@@ -81,8 +81,8 @@ class PretrainedCNNStem(nn.Module):
     Its input is the image as the ViT normalised it (``input_mean`` / ``input_std``); the stem
     maps it back to [0, 1] and normalises it by the CNN weights' own convention, runs the encoder
     at output stride ``p`` (dilated beyond) and projects its last stage to ``D`` with a 1x1
-    convolution (new, trained from scratch). ``p`` must be 8 or 16. The encoder's BatchNorm layers
-    stay in eval mode through ``train()`` (see :mod:`labelwise.models.cnn_cam`).
+    convolution (new, trained from scratch). ``p`` must be 8 or 16. A pretrained encoder's
+    BatchNorm layers stay in eval mode through ``train()`` (see :mod:`labelwise.models.cnn_cam`).
 
     Args:
         embed_dim: ``D``, the Transformer's width.
@@ -107,7 +107,8 @@ class PretrainedCNNStem(nn.Module):
 
     def train(self, mode: bool = True) -> "PretrainedCNNStem":
         super().train(mode)
-        batchnorm_to_eval(self.encoder)
+        if self.weights_name is not None:  # pretrained statistics are kept; a random-init encoder learns its own
+            batchnorm_to_eval(self.encoder)
         return self
 
     def describe(self) -> dict[str, object]:

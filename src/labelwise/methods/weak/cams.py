@@ -28,7 +28,7 @@ from labelwise.errors import ConfigError
 from labelwise.models.cnn_cam import CNNCAMClassifier
 from labelwise.models.mctformer import MultiClassTokenViT, class_to_patch_attention, patch_to_patch_attention
 
-__all__ = ["CAMConfig", "WeakClassifier", "class_activation_maps", "refine_with_affinity"]
+__all__ = ["CAMConfig", "WeakClassifier", "class_activation_maps", "classifier_features", "refine_with_affinity"]
 
 #: the classifiers CAMs are computed from
 WeakClassifier = MultiClassTokenViT | CNNCAMClassifier
@@ -87,6 +87,14 @@ def _view_maps(model: WeakClassifier, images: Tensor, config: CAMConfig) -> Tens
     if config.refine:
         cams = refine_with_affinity(cams, patch_to_patch_attention(output.attentions, blocks, prefix))
     return cams.reshape(cams.shape[0], cams.shape[1], h, w)
+
+
+@torch.no_grad()
+def classifier_features(model: WeakClassifier, images: Tensor) -> Tensor:
+    """The classifier's own feature map ``[B, D, h, w]`` of ``images [B, 3, H, W]`` (in [0, 1]) at
+    scale 1: a CNN's last stage, a class-token ViT's patch tokens (for feature affinity)."""
+    output = model(images)
+    return (output.features if isinstance(model, CNNCAMClassifier) else output.patch_tokens).float()
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Rule for each pixel of an image, given its CAMs ``[K, H, W]`` in ``[0, 1]`` and its tags:
 
-- with ``refine: par``, the CAMs are first refined along the image's colours
+- with ``refine: par``, the CAMs are first refined along the image's colours (and, with
+  ``par.feature_weight > 0``, the classifier's features at scale 1)
   (:func:`~labelwise.eval.pixel_adaptive.pixel_adaptive_refine`, parameters ``par``); the
   refined maps stay in ``[0, 1]`` and untagged classes stay 0;
 
@@ -70,12 +71,14 @@ class PseudoMaskConfig:
         self.par.validate("pseudo_masks.par")
 
 
-def refine_cams(cams: Tensor, tags: Tensor, images: Tensor, config: PseudoMaskConfig) -> Tensor:
+def refine_cams(cams: Tensor, tags: Tensor, images: Tensor, config: PseudoMaskConfig,
+                features: Tensor | None = None) -> Tensor:
     """The CAMs ``[B, K, H, W]`` as the pseudo-mask rule sees them: refined along ``images [B, 3, H, W]``
-    when ``config.refine`` is ``par`` (untagged classes kept at 0), unchanged otherwise."""
+    (and ``features [B, D, h, w]`` when ``par.feature_weight > 0``) when ``config.refine`` is ``par``
+    (untagged classes kept at 0), unchanged otherwise."""
     if config.refine == "none":
         return cams
-    refined = pixel_adaptive_refine(images, cams, config.par)
+    refined = pixel_adaptive_refine(images, cams, config.par, features)
     return refined * tags.to(refined.dtype)[:, :, None, None]
 
 

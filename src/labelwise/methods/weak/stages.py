@@ -31,7 +31,7 @@ import torch
 from labelwise.data.classmap import ClassMap
 from labelwise.eval.metrics import ConfusionMatrix
 from labelwise.io.atomic import atomic_write_json
-from labelwise.methods.weak.cams import CAMConfig, class_activation_maps
+from labelwise.methods.weak.cams import CAMConfig, class_activation_maps, classifier_features
 from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig, pseudo_masks, refine_cams
 from labelwise.methods.weak.train import load_classifier
 from labelwise.report.png import write_gray_png, write_id_png, write_rgb_png
@@ -85,7 +85,9 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
         images = torch.stack([item["image"] for item in batch]).to(device)
         tags = torch.stack([torch.as_tensor(item["tags"]) for item in batch]).bool().to(device)
         cams = class_activation_maps(model, images, tags, cam_config)
-        refined = refine_cams(cams, tags, images, mask_config)
+        features = (classifier_features(model, images)
+                    if mask_config.refine == "par" and mask_config.par.feature_weight > 0 else None)
+        refined = refine_cams(cams, tags, images, mask_config, features)
         labels = pseudo_masks(refined, tags, mask_config, images=images)
         if all("mask" in item for item in batch):
             target = torch.stack([torch.as_tensor(item["mask"]) for item in batch]).long().to(device)
