@@ -15,17 +15,18 @@ neighbour is the nearest border pixel, i.e. replicate padding). The affinity of 
 
 where ``I`` is the image in [0, 1], ``s_c(i)`` the standard deviation (``correction=1``) of channel
 ``c`` over ``i``'s neighbours (plus 1e-8), ``|o_j|`` the Euclidean length of the offset and ``s_o``
-the standard deviation of those lengths, and ``f`` a feature map (e.g. the classifier's last
-stage, ``[B, D, h, w]``) upsampled bilinearly to the image size; the feature term is used only
-when ``feature_weight > 0`` (then a feature map is required). The references use colour and
-position only; the feature term is this project's, for images whose objects share colours with
-their surroundings (aerial tiles, street scenes), where the classifier's own features tell them
-apart. Then, ``iterations`` times, every map is replaced by its
-affinity-weighted neighbour average: ``m(i) <- sum_j a(i, j) m(j)``. The references add the two
-softmaxes without the final division, so their maps grow by ``(1 + position_weight)`` per
-iteration; here the weights sum to 1, so maps in [0, 1] stay in [0, 1] and a fixed background
-threshold keeps its meaning. Defaults are ToCo's (dilations 1, 2, 4, 8, 12, 24; 10 iterations;
-0.3; 0.01).
+the standard deviation of those lengths, and ``f`` a feature map (e.g. the classifier's last stage,
+``[B, D, h, w]``) upsampled bilinearly to the image size; the feature term is used only when
+``feature_weight > 0`` (then a feature map is required). The references use colour and position
+only; the feature term is this project's, for images whose objects share colours with their
+surroundings (aerial tiles, street scenes), where the classifier's own features tell them apart; it
+is off by default (on the synthetic shapes, whose edges are exact colour edges, weight 1 cost 4-6
+mIoU points at every stage: BENCHMARKS.md, weak_synthetic). Then, ``iterations`` times, every map
+is replaced by its affinity-weighted neighbour average: ``m(i) <- sum_j a(i, j) m(j)``. The
+references add the two softmaxes without the final division, so their maps grow by ``(1 +
+position_weight)`` per iteration; here the weights sum to 1, so maps in [0, 1] stay in [0, 1] and a
+fixed background threshold keeps its meaning. Defaults are ToCo's (dilations 1, 2, 4, 8, 12, 24; 10
+iterations; 0.3; 0.01).
 """
 
 from __future__ import annotations
