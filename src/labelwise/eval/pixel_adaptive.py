@@ -23,8 +23,8 @@ surroundings (aerial tiles, street scenes), where the classifier's own features 
 is off by default (on the synthetic shapes, whose edges are exact colour edges, weight 1 cost 4-6
 mIoU points at every stage: BENCHMARKS.md, weak_synthetic). Then, ``iterations`` times, every map
 is replaced by its affinity-weighted neighbour average: ``m(i) <- sum_j a(i, j) m(j)``. The
-references add the two softmaxes without the final division, so their maps grow by ``(1 +
-position_weight)`` per iteration; here the weights sum to 1, so maps in [0, 1] stay in [0, 1] and a
+references add the two softmaxes without the final division, so their maps grow by
+``(1 + position_weight)`` per iteration; here the weights sum to 1, so maps in [0, 1] stay in [0, 1] and a
 fixed background threshold keeps its meaning. Defaults are ToCo's (dilations 1, 2, 4, 8, 12, 24; 10
 iterations; 0.3; 0.01).
 """
