@@ -10,7 +10,9 @@ features) and `--refine` the CAM refinements (`none`, `par`); with `--random-flo
 `cams_refined` with PAR) and `pseudo_masks` (scored on the training images whose tags were used;
 pseudo-masks on the pixels they keep, with `kept_fraction`) and `final` (the segmenter trained on
 the pseudo-masks, scored on the validation split), each with `method`, `encoder` (the pretrained
-weights the classifier starts from), `refine`, `split`, `backbone`, `miou`, `pixel_acc`. Runs resume in
+weights the classifier starts from), `refine`, `split`, `backbone`, `miou`, `pixel_acc` and
+`self_training_round` (0; with `--set self_training.rounds=R`, rounds 1..R add a `pseudo_masks` row, the
+segmenter's confident tag-restricted labels of the training images, and a `final` row each). Runs resume in
 `benchmarks/runs/weak_<dataset><suffix>/<row>/`.
 """
 
@@ -35,14 +37,21 @@ ENCODER = {"mct_vit": "labelwise_vit", "cnn_cam": "mobilenet_v2_imagenet",
 def rows_of(report: dict[str, Any], backbone: str, dataset: str, train_split: str, val_split: str, seconds: float,
             method: str = "mct_vit", encoder: str = "labelwise_vit", refine: str = "none") -> list[dict[str, Any]]:
     rows = []
-    for stage, split, scores in (("cams", train_split, report["pseudo_masks"].get("cams")),
-                                 ("cams_refined", train_split, report["pseudo_masks"].get("cams_refined")),
-                                 ("pseudo_masks", train_split, report["pseudo_masks"].get("pseudo_masks")),
-                                 ("final", val_split, report.get("final"))):
+    stages = [("cams", train_split, report["pseudo_masks"].get("cams"), 0),
+              ("cams_refined", train_split, report["pseudo_masks"].get("cams_refined"), 0),
+              ("pseudo_masks", train_split, report["pseudo_masks"].get("pseudo_masks"), 0),
+              ("final", val_split, report.get("final"), 0)]
+    for record in report.get("self_training") or []:
+        pseudo = record["pseudo_labels"].get("pseudo_labels")
+        if pseudo is not None:
+            pseudo = {**pseudo, "kept_fraction": record["pseudo_labels"]["kept_fraction"]}
+        stages += [("pseudo_masks", train_split, pseudo, record["round"]),
+                   ("final", val_split, record.get("final"), record["round"])]
+    for stage, split, scores, round_ in stages:
         if scores is None:
             continue
-        row = {"method": method, "stage": stage, "encoder": encoder, "refine": refine, "dataset": dataset,
-               "split": split, "backbone": backbone,
+        row = {"method": method, "stage": stage, "self_training_round": round_, "encoder": encoder,
+               "refine": refine, "dataset": dataset, "split": split, "backbone": backbone,
                "miou": round(scores["miou"], 4), "pixel_acc": round(scores["pixel_acc"], 4),
                "per_class_iou": {k: (None if v is None else round(v, 4)) for k, v in scores["per_class_iou"].items()},
                "total_seconds": round(seconds, 1)}
@@ -91,7 +100,8 @@ def main() -> None:
         new = rows_of(report, kind, args.dataset, config.data.train_split, config.data.val_split,
                       time.perf_counter() - start, method, "random" if kind == "random" else ENCODER[method], refine)
         rows.extend(new)
-        print(f"{folder}: " + ", ".join(f"{r['stage']} {r['miou']:.4f}" for r in new), flush=True)
+        print(f"{folder}: " + ", ".join(f"{r['stage']} (round {r['self_training_round']}) {r['miou']:.4f}"
+                                        for r in new), flush=True)
         write_results(f"weak_{args.dataset}", rows, device, extra={"config": str(config_path.relative_to(ROOT)),
                                                                    "overrides": args.overrides},
                       suffix=args.suffix)

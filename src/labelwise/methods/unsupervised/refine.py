@@ -11,7 +11,8 @@ cluster predictions:
    settings), optionally refined by a dense CRF (``crf``);
 2. per image and per predicted cluster, only the most confident ``keep_fraction`` of that
    cluster's pixels is kept (confidence: top-1 minus top-2 score, or CRF marginal, margin; a
-   per-cluster rank, so every cluster keeps pixels even where its scores are low overall);
+   per-cluster rank, so every cluster keeps pixels even where its scores are low overall;
+   :func:`labelwise.data.pseudo_labels.select_confident`, shared with ``weak run``'s self-training);
    every other pixel is ignored (255). The pseudo-labels are written as a labelwise folder
    dataset ``out/round{r}/pseudo/train/{images,labels}/*.png`` + ``classes.json``
    (``cluster_0 ... cluster_{K-1}``);
@@ -56,13 +57,19 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from labelwise.config import TrainConfig, config_from_mapping, load_config, read_yaml_mapping, to_dict
 from labelwise.data.classmap import ClassMap
 from labelwise.data.identity import dataset_names
-from labelwise.data.windows import TileWindows
+from labelwise.data.pseudo_labels import (
+    IGNORE_INDEX,
+    content_mask,
+    file_stems,
+    margin_confidence,
+    select_confident,
+    write_pseudo_label,
+)
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.segmenter import train_segmenter
 from labelwise.errors import CheckpointError, ConfigError
@@ -83,13 +90,10 @@ from labelwise.models.artifact import (
     provenance,
     write_artifact_info,
 )
-from labelwise.report.png import write_id_png, write_rgb_png
 
 __all__ = ["DEFAULT_SEGMENTER", "IGNORE_INDEX", "REFINE_FILE", "RefineConfig", "RefineResult", "margin_confidence",
            "pseudo_label_images", "refine", "segmenter_config", "select_confident"]
 
-#: Label value of the pixels a pseudo-label leaves out (the folder dataset's ignore index).
-IGNORE_INDEX = 255
 #: The summary of a refinement, in its output folder.
 REFINE_FILE = "refine.json"
 #: A round's record, written just before its ``model.json``.
@@ -173,84 +177,6 @@ class RefineResult:
 # ----------------------------------------------------------------------------- pseudo-labels
 
 
-def margin_confidence(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """``(ids [B, H, W] int64, margin [B, H, W] float32)`` of scores or probabilities
-    ``[B, K, H, W]``: the top-1 output and its lead over the second (0 when ``K == 1``)."""
-    if scores.shape[1] < 2:
-        return scores.argmax(1), torch.zeros(scores.shape[0], *scores.shape[2:], device=scores.device)
-    top = scores.float().topk(2, dim=1)
-    return top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
-
-
-def keep_counts(counts: Tensor, keep_fraction: float) -> Tensor:
-    """How many of ``counts`` pixels a cluster keeps: ``floor(keep_fraction * n + 0.5)`` (float64),
-    at least one of a cluster that is present. Same shape and device as ``counts``."""
-    kept = torch.floor(counts.double() * keep_fraction + 0.5).long()
-    return torch.where(counts > 0, kept.clamp(min=1), kept)
-
-
-def select_confident(ids: Tensor, confidence: Tensor, keep_fraction: float, num_clusters: int,
-                     valid: Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Pseudo-labels ``[B, H, W]`` int64: per image and per cluster ``k``, the
-    :func:`keep_counts` most confident of the ``n_k`` pixels predicted ``k`` keep ``k`` (ties:
-    the earlier pixel in raster order); the others, and pixels outside ``valid``, become
-    ``ignore_index``.
-
-    Args:
-        ids: int cluster ids ``[B, H, W]`` in ``[0, num_clusters)``.
-        confidence: float ``[B, H, W]`` (higher = surer), e.g. :func:`margin_confidence`'s margin.
-        keep_fraction: share in (0, 1] of each cluster's pixels kept.
-        num_clusters: K.
-        valid: optional bool ``[B, H, W]``; False pixels (padding) are never labeled nor counted.
-
-    Vectorised: one stable sort by confidence, then one stable sort by (image, cluster) puts
-    each group's pixels in decreasing confidence; a pixel is kept when its rank in its group is
-    below the group's count.
-    """
-    b = ids.shape[0]
-    groups = ids.reshape(b, -1).long()
-    if valid is not None:
-        groups = groups.masked_fill(~valid.reshape(b, -1), num_clusters)  # the group of excluded pixels
-    groups = (groups + torch.arange(b, device=ids.device)[:, None] * (num_clusters + 1)).reshape(-1)
-    order = torch.argsort(confidence.reshape(-1).float(), descending=True, stable=True)
-    order = order[torch.argsort(groups[order], stable=True)]
-    sorted_groups = groups[order]
-    counts = torch.bincount(groups, minlength=b * (num_clusters + 1))
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(groups.numel(), device=ids.device) - starts[sorted_groups]
-    kept_sorted = rank < keep_counts(counts, keep_fraction)[sorted_groups]
-    kept = torch.empty_like(kept_sorted)
-    kept[order] = kept_sorted
-    kept &= groups % (num_clusters + 1) != num_clusters
-    return torch.where(kept.reshape(ids.shape), ids.long(), torch.full_like(ids.long(), ignore_index))
-
-
-def _content_mask(source: Dataset, index: int, shape: tuple[int, int]) -> Tensor | None:
-    """Bool ``[H, W]``: the pixels of sample ``index`` that show the image (False: the padding of
-    a :class:`~labelwise.data.windows.TileWindows` window past the tile's end); None: all."""
-    if not isinstance(source, TileWindows):
-        return None
-    _, _, _, _, rows, _, cols = source.windows[index]
-    if rows >= shape[0] and cols >= shape[1]:
-        return None
-    valid = torch.zeros(shape, dtype=torch.bool)
-    valid[:rows, :cols] = True
-    return valid
-
-
-def _file_stems(names: list[str]) -> list[str]:
-    """File-name stems for the sample names: ``/`` and ``\\`` become ``__``; a repeated name gets
-    its index appended."""
-    stems, seen = [], set()
-    for index, name in enumerate(names):
-        stem = name.replace("/", "__").replace("\\", "__") or f"{index:06d}"
-        if stem in seen:
-            stem = f"{stem}_{index:06d}"
-        seen.add(stem)
-        stems.append(stem)
-    return stems
-
-
 def _matched_miou(confusion: ConfusionMatrix, class_map: ClassMap) -> float | None:
     counts = confusion.matrix.cpu().numpy()
     if counts.sum() == 0:
@@ -283,7 +209,7 @@ def pseudo_label_images(teacher: str | Path, source: Dataset, out_root: str | Pa
     if k >= IGNORE_INDEX:
         raise ConfigError(f"{teacher}: {k} clusters; pseudo-label PNGs hold at most {IGNORE_INDEX - 1} "
                           f"(value {IGNORE_INDEX} is ignore)")
-    names = _file_stems(dataset_names(source))
+    names = file_stems(dataset_names(source))
     class_map = getattr(source, "class_map", None)
     scored = isinstance(class_map, ClassMap)
     kept_matrix = all_matrix = None
@@ -304,7 +230,7 @@ def pseudo_label_images(teacher: str | Path, source: Dataset, out_root: str | Pa
                                          workers=0)[0]
             scores = torch.from_numpy(marginals)[None]
         ids, margin = margin_confidence(scores)
-        valid = _content_mask(source, index, tuple(ids.shape[-2:]))
+        valid = content_mask(source, index, tuple(ids.shape[-2:]))
         labels = select_confident(ids, margin, keep_fraction, k,
                                   None if valid is None else valid[None].to(ids.device))[0].cpu()
         ids = ids[0].cpu()
@@ -320,9 +246,7 @@ def pseudo_label_images(teacher: str | Path, source: Dataset, out_root: str | Pa
                 target = target.masked_fill(~valid, class_map.ignore_index)
             all_matrix.update(ids, target)
             kept_matrix.update(labels.masked_fill(~chosen, 0), target.masked_fill(~chosen, class_map.ignore_index))
-        rgb = (image.permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-        write_rgb_png(rgb, out / "train" / "images" / f"{names[index]}.png")
-        write_id_png(labels.numpy(), out / "train" / "labels" / f"{names[index]}.png", IGNORE_INDEX)
+        write_pseudo_label(image, labels, out, names[index])
         if progress and (index + 1 == total or (index + 1) % 50 == 0):
             print(f"pseudo-labels {index + 1}/{total}", flush=True)
     classes = cluster_class_map(k)

@@ -11,7 +11,33 @@ from labelwise.errors import ConfigError
 from labelwise.methods.weak.cams import CAMConfig
 from labelwise.methods.weak.pseudo_masks import PseudoMaskConfig
 
-__all__ = ["WeakConfig"]
+__all__ = ["SelfTrainingConfig", "WeakConfig"]
+
+
+@dataclass
+class SelfTrainingConfig:
+    """``self_training`` of :class:`WeakConfig` (:mod:`~labelwise.methods.weak.self_training`).
+
+    ``rounds``: self-training rounds after the segmenter trained on the CAM pseudo-masks (0: off).
+    ``keep_fraction`` in (0, 1]: per image and per predicted class, the share of that class's
+    pixels kept as labels (the most confident). ``segmenter_overrides``: ``KEY=VALUE`` applied
+    to the round segmenters after the run's own ``segmenter_overrides`` (e.g.
+    ``stages.0.steps=500``).
+    """
+
+    rounds: int = 0
+    keep_fraction: float = 0.5
+    segmenter_overrides: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str = "self_training") -> None:
+        """Range checks (errors name the dotted key)."""
+        if self.rounds < 0:
+            raise ConfigError(f"{prefix}.rounds: must be >= 0, got {self.rounds}")
+        if not 0 < self.keep_fraction <= 1:
+            raise ConfigError(f"{prefix}.keep_fraction: must be in (0, 1], got {self.keep_fraction}")
+        for index, item in enumerate(self.segmenter_overrides):
+            if "=" not in item:
+                raise ConfigError(f"{prefix}.segmenter_overrides.{index}: expected KEY=VALUE, got {item!r}")
 
 
 @dataclass
@@ -43,8 +69,11 @@ class WeakConfig(RunConfig, ScheduleConfig):
     ``labelwise train``'s segmenter on the pseudo-masks: the ``TrainConfig`` YAML ``segmenter``
     (default: the built-in U-Net defaults) with ``segmenter_overrides`` (``KEY=VALUE``), and with
     class-balanced cross-entropy weights from the pseudo-masks' class frequencies unless the
-    overrides set ``loss.class_weights``. Top-level ``steps`` / ``lr`` / ``weight_decay`` /
-    ``grad_clip`` (the earlier layout) are read at their new place with a warning.
+    overrides set ``loss.class_weights``. ``self_training``: rounds in which the segmenter relabels
+    its training images from its own confident, tag-restricted predictions and the same recipe is
+    trained again on them (:mod:`~labelwise.methods.weak.self_training`; off by default).
+    Top-level ``steps`` / ``lr`` / ``weight_decay`` / ``grad_clip`` (the earlier layout) are read
+    at their new place with a warning.
     """
 
     moved_keys: ClassVar[dict[str, str]] = FLAT_SCHEDULE_KEYS
@@ -74,6 +103,7 @@ class WeakConfig(RunConfig, ScheduleConfig):
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     segmenter: str | None = None
     segmenter_overrides: list[str] = field(default_factory=list)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
 
     def schedule(self) -> ScheduleConfig:
         """The classifier's schedule as trained: the stage's warm-up cut to a tenth of its steps."""
@@ -110,3 +140,4 @@ class WeakConfig(RunConfig, ScheduleConfig):
                               "from the masks of data)")
         self.cams.validate()
         self.pseudo_masks.par.validate("pseudo_masks.par")
+        self.self_training.validate()
