@@ -126,6 +126,25 @@ def test_a_weak_run_folder_loads_as_the_segmenter_trained_on_its_pseudo_masks(tm
         assert torch.equal(loaded.module.state_dict()[key], value), key
 
 
+def test_a_weak_run_with_self_training_loads_the_segmenter_its_report_names(tmp_path):
+    first, last = _unet(), _unet()
+    with torch.no_grad():
+        for parameter in last.parameters():
+            parameter.add_(1.0)
+    save_artifact(tmp_path / "run", "classifier", nn.Linear(2, 2), {"any": 1}, CLASSES)
+    export_model(tmp_path / "run" / "segmenter", first, CLASSES, EvalConfig())
+    export_model(tmp_path / "run" / "self_training" / "round1" / "segmenter", last, CLASSES, EvalConfig())
+    report = tmp_path / "run" / "weak_run.json"
+    for named in ("../elsewhere", str(tmp_path / "run" / "segmenter"), "self_training/round9/segmenter"):
+        report.write_text(json.dumps({"model_subfolder": named}))  # outside, absolute, unfinished: ignored
+        assert load_artifact(tmp_path / "run").folder == tmp_path / "run" / "segmenter"
+    report.write_text(json.dumps({"model_subfolder": "self_training/round1/segmenter"}))
+    loaded = load_artifact(tmp_path / "run")
+    assert loaded.folder == tmp_path / "run" / "self_training" / "round1" / "segmenter"
+    for key, value in last.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
+
+
 def test_a_crash_while_writing_weights_leaves_no_model_json(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -113,7 +113,9 @@ def test_rounds_label_from_the_teacher_restricted_to_tags_chain_and_resume(tmp_p
     again = run(config, resume=True)
     assert marker.stat().st_mtime_ns == before
     assert again["self_training"][1]["final"]["miou"] == pytest.approx(rounds[1]["final"]["miou"])
-    model = labelwise.load(again["model"], device="cpu")
+    model = labelwise.load(run_dir, device="cpu")  # the run folder loads as its last round's segmenter
+    assert model.folder.resolve() == Path(again["model"]).resolve() and again["model_subfolder"] == \
+        "self_training/round2/segmenter"
     assert list(model.class_map.names) == list(teacher.class_map.names)
 
 

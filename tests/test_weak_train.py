@@ -148,7 +148,7 @@ def test_run_chains_every_stage_and_scores_the_val_split(tiny_vit: Path, tmp_pat
                      "data.synthetic_val_images=3",
                      'segmenter_overrides=["stages.0.steps=2", "data.batch_size=2", "model.options={width: 8}"]')
     report = run(config, resume=True)  # nothing to resume yet: every stage starts fresh
-    assert set(report) == {"pseudo_masks", "segmenter", "final", "model"}
+    assert set(report) == {"pseudo_masks", "segmenter", "final", "model", "model_subfolder"}
     assert report["model"] == str(tmp_path / "run" / "segmenter")  # no self-training: the first segmenter
     assert report["segmenter"]["steps"] == 2 and report["final"]["split"] == "val"
     assert (tmp_path / "run" / "segmenter" / "weights.safetensors").is_file()

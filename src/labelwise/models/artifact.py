@@ -100,8 +100,23 @@ DESCRIPTIVE_KINDS: dict[str, str] = {
     "backbone": "a pretrained backbone, which predicts no classes: start a segmenter from it with `labelwise "
                 "train --init {folder}` or use it as the `features.backbone` of `labelwise unsupervised train`",
 }
-#: Where a weak run keeps the segmenter that loading the run folder gives.
+#: Where a weak run keeps the segmenter that loading the run folder gives (without self-training).
 SEGMENTER_SUBFOLDER = "segmenter"
+#: A weak run's report; its ``model_subfolder`` names the segmenter the run delivers (the last
+#: self-training round's), written when every stage has finished.
+WEAK_RUN_FILE = "weak_run.json"
+
+
+def weak_run_segmenter(folder: Path) -> Path:
+    """The segmenter folder a weak run folder loads as: the ``model_subfolder`` its finished
+    ``weak_run.json`` names (inside the run folder), else ``folder/segmenter``."""
+    report = folder / WEAK_RUN_FILE
+    if report.is_file():
+        subfolder = read_json(report, "weak run report").get("model_subfolder")
+        if isinstance(subfolder, str) and subfolder and not Path(subfolder).is_absolute() \
+                and ".." not in Path(subfolder).parts and artifact_kind(folder / subfolder) in KINDS:
+            return folder / subfolder
+    return folder / SEGMENTER_SUBFOLDER
 
 
 def cluster_class_map(clusters: int) -> ClassMap:
@@ -302,8 +317,8 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") ->
     if not (folder / INFO_FILE).is_file() and (folder / "unsupervised.json").is_file():
         return _legacy_clusters(folder, map_location)
     kind = artifact_kind(folder)
-    if kind == "classifier" and path.is_dir() and artifact_kind(folder / SEGMENTER_SUBFOLDER) in KINDS:
-        return load_artifact(folder / SEGMENTER_SUBFOLDER, map_location)  # a weak run: its final segmenter
+    if kind == "classifier" and path.is_dir() and artifact_kind(weak_run_segmenter(folder)) in KINDS:
+        return load_artifact(weak_run_segmenter(folder), map_location)  # a weak run: its final segmenter
     not_a_segmenter = _not_a_segmenter(folder)
     if not_a_segmenter is not None:
         raise not_a_segmenter

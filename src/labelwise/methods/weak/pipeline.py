@@ -17,7 +17,8 @@ The stage reports go to ``run_dir/weak_run.json``: ``pseudo_masks``, ``segmenter
 ``final`` (the segmenter trained on the CAM pseudo-masks and its validation scores),
 ``self_training`` (per round: ``pseudo_labels``, ``segmenter``, ``final``) and ``model``, the
 folder of the model the run delivers (the last round's segmenter; ``run_dir/segmenter`` without
-self-training). With ``resume``, finished pseudo-mask / pseudo-label folders are reused (their
+self-training), also as ``model_subfolder`` relative to ``run_dir``: ``labelwise.load(run_dir)``
+loads that segmenter. With ``resume``, finished pseudo-mask / pseudo-label folders are reused (their
 report file is written last) and segmenters continue from their checkpoints.
 """
 
@@ -137,6 +138,7 @@ def run(config: WeakConfig, resume: bool = False, overwrite: bool = False) -> di
     if rounds:
         report["self_training"] = rounds
     report["model"] = str(teacher)
+    report["model_subfolder"] = teacher.relative_to(run_dir).as_posix()  # what loading run_dir gives
     atomic_write_json(run_dir / "weak_run.json", report)
     return report
 
