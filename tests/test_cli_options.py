@@ -35,8 +35,9 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def test_every_command_is_found():
-    assert set(TRAINING) | set(INFERENCE) | {"demo", "attention", "semi split", "weak cams", "weak pseudo-masks",
-                                            "unsupervised probe", "unsupervised refine"} == set(LEAVES)
+    assert set(TRAINING) | set(INFERENCE) | {"demo", "attention", "report", "semi split", "weak cams",
+                                            "weak pseudo-masks", "unsupervised probe",
+                                            "unsupervised refine"} == set(LEAVES)
 
 
 @pytest.mark.parametrize("command", TRAINING)

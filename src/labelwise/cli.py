@@ -79,6 +79,27 @@ def _add_demo(commands) -> None:  # noqa: ANN001
     add(parser, "precision")
 
 
+def _add_report(commands) -> None:  # noqa: ANN001
+    parser = _subparser(commands, "report", "one self-contained HTML report of one or more run folders",
+                        "Write one HTML file (images and plots embedded, no scripts, nothing fetched) with each run's "
+                        "provenance, validation metrics with per-class IoU bars, confusion matrix, training curves "
+                        "and the best and worst predictions on its validation split; several runs add a "
+                        "comparison table.")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders of any regime")
+    add(parser, "out", default=Path("report.html"), metavar="HTML", help="the HTML file to write")
+    add(parser, "config", help="YAML config whose data section names the split to predict (default: each run's "
+                               "own config.yaml)")
+    add(parser, "set", help="data.* override of the split's data config (repeatable)")
+    add(parser, "split")
+    parser.add_argument("--grid-images", type=int, default=3, metavar="N",
+                        help="how many best and how many worst images the prediction grid shows")
+    parser.add_argument("--limit", type=int, default=None, help="predict at most this many images of the split")
+    parser.add_argument("--predictions", action=argparse.BooleanOptionalAction, default=True,
+                        help="run each model over the split for the confusion matrix and the image grid")
+    add(parser, "device")
+    add(parser, "precision")
+
+
 def _add_attention(commands) -> None:  # noqa: ANN001
     parser = _subparser(commands, "attention", "PNGs of a ViT's class-token attention (per head, mean, overlay)")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
@@ -176,6 +197,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from labelwise.report.html import ReportOptions, write_report
+
+    options = ReportOptions(predictions=args.predictions, data_config=args.config, data_overrides=args.overrides,
+                            split=args.split, images=args.grid_images, limit=args.limit, device=args.device or "auto",
+                            precision=args.precision or "bf16")
+    print(f"wrote {write_report(args.runs, args.out, options)}")
+    return 0
+
+
 def _attention(args: argparse.Namespace) -> int:
     from labelwise.models.vit_loading import load_vit
     from labelwise.report.attention import write_attention_figures
@@ -198,6 +229,7 @@ COMMANDS: list[tuple[str, Callable, Callable[[argparse.Namespace], int]]] = [
     ("pretrain", _add_pretrain, _pretrain),
     ("evaluate", _add_evaluate, _inference),
     ("predict", _add_predict, _inference),
+    ("report", _add_report, _report),
     ("attention", _add_attention, _attention),
 ]
 

@@ -24,8 +24,9 @@ Writes are crash-safe: the weights are written first and ``model.json`` last, ea
 temporary file and one rename, so a folder whose ``model.json`` exists holds complete weights.
 
 Only ``segmenter`` and ``clusters`` folders map images to per-pixel scores (:data:`KINDS`);
-:func:`load_artifact` of a ``classifier`` folder (a weak run) loads the segmenter trained on its
-pseudo-masks (``segmenter/``) when there is one, and a ``backbone`` folder fails with a message
+:func:`load_artifact` of a ``classifier`` folder (a weak run) loads the segmenter the run delivers
+when there is one (``segmenter/``, or the last self-training round's that ``weak_run.json``
+names), and a ``backbone`` folder fails with a message
 saying what it is for. Older folders (labelwise 0.1: ``model.json`` of format ``labelwise-model/1``
 + ``model.safetensors``; unsupervised ``unsupervised.json`` + ``head.safetensors``; weak
 ``mct.json`` + ``mct.safetensors``; pretraining ``pretrain.json`` + ``backbone.safetensors``) still

@@ -1,0 +1,169 @@
+"""``labelwise report``: the HTML is self-contained and shows the run's own numbers, the prediction
+pass agrees with ``evaluate`` (cluster mapping included) and with per-image confusion counts, the
+plots hold what they claim, and damaged logs are errors naming the file and line."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import labelwise
+from labelwise.cli import main
+from labelwise.config import load_config
+from labelwise.data.build import build_eval_dataset
+from labelwise.errors import ConfigError
+from labelwise.eval.metrics import ConfusionMatrix
+from labelwise.inference import evaluate
+from labelwise.methods import supervised
+from labelwise.methods.unsupervised.config import UnsupervisedConfig
+from labelwise.methods.unsupervised.train import train as train_unsupervised
+from labelwise.models import create_vit
+from labelwise.models.vit_loading import save_vit
+from labelwise.report.figures import confusion_svg, curve_keys, curves_svg
+from labelwise.report.html import ReportOptions, build_report, render_html, write_report
+from labelwise.report.predictions import image_miou, summarise_predictions
+from labelwise.report.run_record import read_log, read_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def supervised_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from labelwise.config import DataConfig, ModelConfig, StageConfig, TrainConfig
+
+    run_dir = tmp_path_factory.mktemp("report") / "sup"
+    config = TrainConfig(data=DataConfig(dataset="synthetic", batch_size=4, synthetic_train_images=12,
+                                         synthetic_val_images=6, synthetic_size=(32, 48), synthetic_classes=4),
+                         model=ModelConfig("unet", {"width": 8, "depth": 2}),
+                         stages=[StageConfig(steps=12, lr=3e-3, warmup_steps=2)], run_dir=str(run_dir),
+                         device="cpu", precision="fp32", checkpoint_every=6, log_every=3, progress=False)
+    supervised.train(config)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report_clusters")
+    torch.manual_seed(0)
+    vit = save_vit(create_vit("custom", 8, embed_dim=32, depth=1, num_heads=2), root / "tiny.safetensors")
+    config = load_config(UnsupervisedConfig, None, [
+        "data.dataset=synthetic", "data.synthetic_train_images=8", "data.synthetic_val_images=5",
+        "data.synthetic_size=[32, 48]", f"features.backbone={vit}", "features.crop_mode=whole",
+        "features.crop_size=32", f"features.cache_dir={root / 'cache'}", f"run_dir={root / 'run'}",
+        "method=kmeans", "eval.clusters=6", "device=cpu", "progress=false", "eval.linear_probe=false"])
+    return train_unsupervised(config).run_dir
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_image_miou_by_hand() -> None:
+    truth = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 3, 1]])
+    # class 0: tp 1, union 3 (truth 2 + pred 2 - 1); class 1: tp 3, union 4; class 2: tp 1, union 2;
+    # class 3: predicted only on the ignored pixel -> absent
+    assert image_miou(pred, truth, 4, 255) == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert np.isnan(image_miou(pred, np.full_like(truth, 255), 4, 255))
+
+
+def test_curve_keys_keep_numbers_and_skip_positions() -> None:
+    rows = [{"step": 1, "epoch": 0, "loss": 1.0, "lr": 0.1, "note": "x"},
+            {"step": 2, "loss": 0.5, "confident_share": 0.3, "flag": True, "elapsed_seconds": 4.0}]
+    assert curve_keys(rows) == ["loss", "lr", "confident_share"]
+    svg = curves_svg(rows)
+    titles = [t.text for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
+    assert {"loss", "lr", "confident_share"} <= set(titles)
+    assert curves_svg([{"step": 1}]) is None
+
+
+def test_confusion_heatmap_rows_are_normalised_and_named() -> None:
+    svg = confusion_svg(np.array([[3, 1, 0], [0, 0, 0], [1, 1, 2]]), ["road", "sky", "car"])
+    texts = [t.text for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
+    assert {"road", "sky", "car"} <= set(texts)
+    cells = sorted(t for t in texts if t and re.fullmatch(r"\d\.\d\d", t))
+    assert cells == sorted(["0.75", "0.25", "0.25", "0.25", "0.50"])  # the empty row writes nothing
+
+
+def test_a_damaged_log_names_the_file_and_line(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    assert [row["step"] for row in read_log(log)] == [1, 2]  # a torn last line: the crash point
+    log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ConfigError, match=r"metrics\.jsonl:2"):
+        read_log(log)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not a run folder"):
+        read_run(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- the prediction pass
+
+
+def test_cluster_pass_matches_evaluate_and_per_image_counts(cluster_run: Path) -> None:
+    predictor = labelwise.load(cluster_run, device="cpu", precision="fp32")
+    dataset, _ = build_eval_dataset(load_config(UnsupervisedConfig, cluster_run / "config.yaml").data)
+    summary = summarise_predictions(predictor, dataset, count=2)
+    reference = evaluate(labelwise.load(cluster_run, device="cpu", precision="fp32"), dataset)
+    assert summary.mapping == reference["mapping"]
+    assert summary.metrics["miou"] == pytest.approx(reference["miou"], abs=1e-9)
+    assert summary.confusion.sum() == reference["num_pixels"]
+    panels = summary.best + summary.worst
+    assert len(summary.best) == len(summary.worst) == 2
+    for panel in panels:  # each panel's score, recomputed from its own pixels with the metrics module
+        matrix = ConfusionMatrix(dataset.class_map.num_classes, dataset.class_map.ignore_index)
+        matrix.update(torch.from_numpy(panel.prediction).long()[None], torch.from_numpy(panel.truth).long()[None])
+        assert panel.miou == pytest.approx(float(matrix.compute().miou), abs=1e-9)
+        expected = np.asarray(summary.mapping)[predictor.output_ids(dataset[panel.index]["image"][None])[0].numpy()]
+        np.testing.assert_array_equal(panel.prediction, expected)
+    assert summary.best[0].miou >= summary.best[1].miou >= summary.worst[1].miou >= summary.worst[0].miou
+
+
+# ----------------------------------------------------------------------------- the document
+
+
+def _attributes(document: str, name: str) -> list[str]:
+    return re.findall(rf"""\b{name}=['"]([^'"]*)['"]""", document)
+
+
+def test_report_is_self_contained_and_shows_the_runs_numbers(supervised_run: Path, cluster_run: Path,
+                                                             tmp_path: Path) -> None:
+    out = write_report([supervised_run, cluster_run], tmp_path / "report.html", ReportOptions(device="cpu"))
+    document = out.read_text()
+    assert "<script" not in document.lower() and "@import" not in document and "url(" not in document
+    assert all(src.startswith("data:") for src in _attributes(document, "src"))
+    assert all(href.startswith("#") for href in _attributes(document, "href"))
+    assert "<h2>Comparison</h2>" in document and "Cluster &rarr; class mapping" in document
+    for section in ("Provenance", "Metrics", "Confusion matrix", "Training curves", "Best images", "Worst images"):
+        assert f"<h3>{section}" in document, section
+    evaluation = json.loads((supervised_run / "eval.json").read_text())
+    sections = re.findall(r"<section .*?</section>", document, flags=re.S)
+    assert len(sections) == 2
+    section = next(text for text in sections if str(supervised_run) in text)
+    shown = dict(re.findall(r"data-metric='(\w+)'>([^<]+)<", section))
+    assert float(shown["miou"]) == pytest.approx(evaluation["miou"], abs=5e-5)
+    assert float(shown["pixel_acc"]) == pytest.approx(evaluation["pixel_acc"], abs=5e-5)
+    per_class = dict(re.findall(r"data-class-iou='([^']+)'>([^<]+)<", section))
+    for name, value in evaluation["per_class_iou"].items():
+        assert per_class[name] == ("n/a" if value is None else f"{value:.4f}")
+    command = json.loads((supervised_run / "model.json").read_text())["training"]["command"]
+    assert command.split()[0] in document
+
+
+def test_without_predictions_only_the_folder_is_read(supervised_run: Path) -> None:
+    reports = build_report([supervised_run], ReportOptions(predictions=False))
+    assert reports[0].predictions is None and reports[0].record.regime == "supervised"
+    document = render_html(reports)
+    assert "Confusion matrix" not in document and "<h3>Training curves" in document
+
+
+def test_cli_writes_the_report(supervised_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.html"
+    assert main(["report", str(supervised_run), "--out", str(out), "--grid-images", "1", "--device", "cpu"]) == 0
+    assert out.is_file() and str(out) in capsys.readouterr().out
+    assert out.read_text().count("mIoU ") >= 2  # one best and one worst image
