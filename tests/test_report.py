@@ -20,11 +20,7 @@ from labelwise.data.build import build_eval_dataset
 from labelwise.errors import ConfigError
 from labelwise.eval.metrics import ConfusionMatrix
 from labelwise.inference import evaluate
-from labelwise.methods import supervised
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
-from labelwise.methods.unsupervised.train import train as train_unsupervised
-from labelwise.models import create_vit
-from labelwise.models.vit_loading import save_vit
 from labelwise.report.figures import confusion_svg, curve_keys, curves_svg
 from labelwise.report.html import ReportOptions, build_report, render_html, write_report
 from labelwise.report.predictions import image_miou, summarise_predictions
@@ -33,31 +29,14 @@ from labelwise.report.run_record import read_log, read_run
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def supervised_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from labelwise.config import DataConfig, ModelConfig, StageConfig, TrainConfig
-
-    run_dir = tmp_path_factory.mktemp("report") / "sup"
-    config = TrainConfig(data=DataConfig(dataset="synthetic", batch_size=4, synthetic_train_images=12,
-                                         synthetic_val_images=6, synthetic_size=(32, 48), synthetic_classes=4),
-                         model=ModelConfig("unet", {"width": 8, "depth": 2}),
-                         stages=[StageConfig(steps=12, lr=3e-3, warmup_steps=2)], run_dir=str(run_dir),
-                         device="cpu", precision="fp32", checkpoint_every=6, log_every=3, progress=False)
-    supervised.train(config)
-    return run_dir
+@pytest.fixture
+def supervised_run(tiny_supervised_run: Path) -> Path:
+    return tiny_supervised_run
 
 
-@pytest.fixture(scope="module")
-def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("report_clusters")
-    torch.manual_seed(0)
-    vit = save_vit(create_vit("custom", 8, embed_dim=32, depth=1, num_heads=2), root / "tiny.safetensors")
-    config = load_config(UnsupervisedConfig, None, [
-        "data.dataset=synthetic", "data.synthetic_train_images=8", "data.synthetic_val_images=5",
-        "data.synthetic_size=[32, 48]", f"features.backbone={vit}", "features.crop_mode=whole",
-        "features.crop_size=32", f"features.cache_dir={root / 'cache'}", f"run_dir={root / 'run'}",
-        "method=kmeans", "eval.clusters=6", "device=cpu", "progress=false", "eval.linear_probe=false"])
-    return train_unsupervised(config).run_dir
+@pytest.fixture
+def cluster_run(tiny_cluster_run: Path) -> Path:
+    return tiny_cluster_run
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -138,7 +117,7 @@ def test_report_is_self_contained_and_shows_the_runs_numbers(supervised_run: Pat
     assert "<script" not in document.lower() and "@import" not in document and "url(" not in document
     assert all(src.startswith("data:") for src in _attributes(document, "src"))
     assert all(href.startswith("#") for href in _attributes(document, "href"))
-    assert "<h2>Comparison</h2>" in document and "Cluster &rarr; class mapping" in document
+    assert "<h2>Comparison</h2>" in document and "Cluster → class mapping" in document
     for section in ("Provenance", "Metrics", "Confusion matrix", "Training curves", "Best images", "Worst images"):
         assert f"<h3>{section}" in document, section
     evaluation = json.loads((supervised_run / "eval.json").read_text())

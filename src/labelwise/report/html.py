@@ -4,7 +4,8 @@ Everything is inside the file: plots are SVG documents and images PNGs, both emb
 ``data:`` URIs; the styling is one inline stylesheet; there is no script and nothing is fetched.
 Per run: provenance (command, commit, date, data, encoder / backbone and its weights, the config),
 the validation metrics the run wrote with per-class IoU bars, the confusion matrix (rows
-normalised), the training curves of every log, the stage scores of a weak or refined run, and a
+normalised), the training curves of every log, the stage scores of a weak run with the CAMs of
+each tagged class and the pseudo-masks of its first training images, and a
 prediction grid (image / ground truth / prediction / overlay) of the best and worst images by
 their own mIoU, with the cluster -> class mapping for unsupervised runs. Several runs add a
 comparison table first.
@@ -44,7 +45,9 @@ table{border-collapse:collapse;margin:8px 0;font-size:0.9em}td,th{border:1px sol
 text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:0.8em;max-height:400px}
 img.plot{max-width:100%;height:auto}figure{margin:8px 0}.grid img{width:100%;height:auto;image-rendering:pixelated}
-.grid td{width:24%}.note{color:#666;font-size:0.9em}.swatch{display:inline-block;width:12px;height:12px;
+.grid td{width:24%}
+.cams img{max-width:200px;height:auto}figcaption{font-size:0.8em;color:#555}.note{color:#666;font-size:0.9em}
+.swatch{display:inline-block;width:12px;height:12px;
 margin-right:4px;border:1px solid #555;vertical-align:middle}
 """
 
@@ -114,9 +117,21 @@ def _describe_source(source: Any) -> str:
     return ", ".join(f"{_esc(k)}: {_esc(v)}" for k, v in source.items() if v is not None) or "n/a"
 
 
+def _config_data(text: str | None) -> dict[str, Any]:
+    """The ``data`` section of a run's ``config.yaml`` text ({} when there is none)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return {}
+    data = loaded.get("data") if isinstance(loaded, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
 def _provenance(record: RunRecord) -> str:
     prov = record.provenance
-    data = prov.get("data") or {}
+    data = prov.get("data") or _config_data(record.config_text)
     data_text = ", ".join(f"{k}: {data[k]}" for k in ("dataset", "root", "train_split", "val_split", "images")
                           if isinstance(data, dict) and data.get(k) not in (None, [], ""))
     architecture = prov.get("architecture") or {}
@@ -202,6 +217,49 @@ def _stages_section(record: RunRecord) -> str:
             f"{body}</table>")
 
 
+def _heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """A grey heat map ``[H, W]`` uint8 in the ``jet`` colormap blended over ``image``."""
+    import matplotlib
+
+    colored = (matplotlib.colormaps["jet"](heat.astype(np.float64) / 255.0)[..., :3] * 255).astype(np.uint8)
+    if colored.shape[:2] != image.shape[:2]:
+        colored = np.asarray(Image.fromarray(colored).resize((image.shape[1], image.shape[0]), Image.BILINEAR))
+    return overlay(image, colored, alpha)
+
+
+def _weak_cams_section(record: RunRecord) -> str:
+    """The CAMs a weak run kept (``pseudo_masks/cams/<image>/<class>.png``) next to each image and
+    its pseudo-mask (``pseudo_masks/pseudo/train/{images,labels}``)."""
+    root = record.folder / "pseudo_masks"
+    cams = sorted(p for p in (root / "cams").glob("*") if p.is_dir()) if (root / "cams").is_dir() else []
+    if record.regime != "weak" or not cams:
+        return ""
+    try:
+        class_map = ClassMap.from_dict(record.info.get("class_map") or {}, where=str(record.folder / "model.json"))
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return ""
+    rows = ""
+    for folder in cams[:4]:
+        image_path = root / "pseudo" / "train" / "images" / f"{folder.name}.png"
+        labels_path = root / "pseudo" / "train" / "labels" / f"{folder.name}.png"
+        if not image_path.is_file():
+            continue
+        image = np.asarray(Image.open(image_path).convert("RGB"))
+        cells = [("image", image)]
+        if labels_path.is_file():
+            cells.append(("pseudo-mask (black: ignored)", class_map.colorize(np.asarray(Image.open(labels_path)))))
+        for heat_path in sorted(folder.glob("*.png")):
+            heat = np.asarray(Image.open(heat_path).convert("L"))
+            cells.append((f"CAM: {heat_path.stem}", _heat_overlay(image, heat)))
+        images = "".join(f"<td><figure><img alt='{_esc(label)} {_esc(folder.name)}' src='{_png_uri(array)}'>"
+                         f"<figcaption>{_esc(label)}</figcaption></figure></td>" for label, array in cells)
+        rows += f"<tr><th>{_esc(folder.name)}</th>{images}</tr>"
+    if not rows:
+        return ""
+    return ("<h3>CAMs and pseudo-masks</h3><p class='note'>first training images; each tagged class's activation map "
+            f"(refined when the run refines them) over the image</p><table class='cams'>{rows}</table>")
+
+
 def _curves_section(record: RunRecord) -> str:
     parts = []
     for log in record.logs:
@@ -236,7 +294,7 @@ def _predictions_section(report: RunReport) -> str:
     if summary.mapping is not None:
         rows = "".join(f"<tr><td>{_esc(cluster)}</td><td>{_esc(names[c])}</td></tr>"
                        for cluster, c in zip(summary.output_names, summary.mapping))
-        out += ("<h3>Cluster &rarr; class mapping</h3><p class='note'>Hungarian matching on this split's pixels "
+        out += ("<h3>Cluster → class mapping</h3><p class='note'>Hungarian matching on this split's pixels "
                 f"(evaluation only)</p><table><tr><th>cluster</th><th>class</th></tr>{rows}</table>")
     legend = "".join(f"<span><span class='swatch' style='background:rgb{tuple(color)}'></span>{_esc(name)}</span> "
                      for name, color in zip(names, class_map.colors))
@@ -279,10 +337,11 @@ def render_html(reports: Sequence[RunReport], title: str = "labelwise report") -
     if len(reports) > 1:
         sections.append(_comparison(reports))
     for report in reports:
-        sections.append(f"<section id='{_anchor(report)}' class='run'><h2>{_esc(report.record.name)} "
-                        f"<small>({_esc(report.record.regime)})</small></h2>"
-                        + _provenance(report.record) + _metrics_section(report) + _stages_section(report.record)
-                        + _predictions_section(report) + _curves_section(report.record) + "</section>")
+        record = report.record
+        body = (_provenance(record) + _metrics_section(report) + _stages_section(record)
+                + _weak_cams_section(record) + _predictions_section(report) + _curves_section(record))
+        sections.append(f"<section id='{_anchor(report)}' class='run'><h2>{_esc(record.name)} "
+                        f"<small>({_esc(record.regime)})</small></h2>{body}</section>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{_esc(title)}</title><style>{STYLE}</style></head><body><h1>{_esc(title)}</h1>"

@@ -3,7 +3,8 @@
 1. the multi-class-token ViT classifier on the tags (:func:`~.train.train_classifier`; skipped
    when ``run_dir`` already holds its export);
 2-3. CAMs and pseudo-masks of every training image (:func:`~.stages.make_pseudo_masks`) into
-   ``run_dir/pseudo_masks`` (scored against the masks when the training images have them);
+   ``run_dir/pseudo_masks`` (scored against the masks when the training images have them; the
+   CAM PNGs of the first :data:`REPORT_CAM_IMAGES` images are kept for the report);
 4. the segmenter trained on the pseudo-masks with ``labelwise train``'s pipeline
    (:func:`labelwise.engine.segmenter.train_segmenter`) in ``run_dir/segmenter``;
 5. when the training images come from a labeled ``data`` config, the segmenter evaluated on
@@ -44,7 +45,11 @@ from labelwise.methods.weak.stages import make_pseudo_masks
 from labelwise.methods.weak.train import tagged_training_images, train_classifier
 from labelwise.models.artifact import artifact_kind
 
-__all__ = ["run", "segmenter_config"]
+__all__ = ["REPORT_CAM_IMAGES", "run", "segmenter_config"]
+
+#: CAM PNGs kept (``run_dir/pseudo_masks/cams/<image>/<class>.png``) for the first training images,
+#: which ``labelwise report`` shows next to their pseudo-masks.
+REPORT_CAM_IMAGES = 4
 
 
 def segmenter_config(config: WeakConfig, pseudo_root: Path, run_dir: Path, self_training: bool = False
@@ -108,7 +113,8 @@ def run(config: WeakConfig, resume: bool = False, overwrite: bool = False) -> di
         report["pseudo_masks"] = read_json(masks_report, "pseudo-mask report")
     else:
         report["pseudo_masks"] = make_pseudo_masks(run_dir, items, run_dir / "pseudo_masks", config.cams,
-                                                   config.pseudo_masks, write_cams=False, device=device)
+                                                   config.pseudo_masks, write_cams=True, device=device,
+                                                   cam_limit=REPORT_CAM_IMAGES)
     seg = train_segmenter(segmenter_config(config, run_dir / "pseudo_masks" / "pseudo", run_dir / "segmenter"),
                           resume=reuse and has_checkpoint(run_dir / "segmenter"), overwrite=overwrite)
     report["segmenter"] = _segmenter_record(seg)

@@ -62,10 +62,12 @@ def _cam_labels(cams: torch.Tensor, tags: torch.Tensor, config: PseudoMaskConfig
 def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]], out_dir: str | Path,
                       cam_config: CAMConfig | None = None, mask_config: PseudoMaskConfig | None = None,
                       batch_size: int = 8, write_cams: bool = True, write_pseudo: bool = True,
-                      device: torch.device | str = "cpu") -> dict[str, Any]:
+                      device: torch.device | str = "cpu", cam_limit: int | None = None) -> dict[str, Any]:
     """Stages 2-3 (module docstring). ``items``: ``{"image" [3, H, W], "tags" [K], "name"}``
     (+ ``"mask"`` to be scored), e.g. :class:`~labelwise.methods.weak.data.TaggedImages` with
-    ``size=None``. ``write_cams`` / ``write_pseudo`` switch the two kinds of PNG output."""
+    ``size=None``. ``write_cams`` / ``write_pseudo`` switch the two kinds of PNG output;
+    ``cam_limit``: CAM PNGs of the first ``cam_limit`` images only (``weak run`` keeps a few for
+    its report)."""
     cam_config = cam_config or CAMConfig()
     mask_config = mask_config or PseudoMaskConfig()
     model, summary = load_classifier(classifier_dir)
@@ -109,7 +111,7 @@ def make_pseudo_masks(classifier_dir: str | Path, items: Iterable[dict[str, Any]
                 write_rgb_png(rgb, pseudo_root / "train" / "images" / f"{name}.png")
                 write_id_png(labels[index].cpu().numpy(), pseudo_root / "train" / "labels" / f"{name}.png",
                              max(k - 1, mask_config.ignore_index))
-            if write_cams:
+            if write_cams and (cam_limit is None or images_done + index < cam_limit):
                 for c in torch.nonzero(tags[index]).flatten().tolist():
                     heat = (refined[index, c].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
                     write_gray_png(heat, out / "cams" / name / f"{class_names[c]}.png")
