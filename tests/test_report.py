@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from labelwise.errors import ConfigError
 from labelwise.eval.metrics import ConfusionMatrix
 from labelwise.inference import evaluate
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
+from labelwise.report.evaluations import read_evaluations
 from labelwise.report.figures import confusion_svg, curve_keys, curves_svg
 from labelwise.report.html import ReportOptions, build_report, render_html, write_report
 from labelwise.report.predictions import image_miou, summarise_predictions
@@ -146,3 +148,41 @@ def test_cli_writes_the_report(supervised_run: Path, tmp_path: Path, capsys: pyt
     assert main(["report", str(supervised_run), "--out", str(out), "--grid-images", "1", "--device", "cpu"]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
     assert out.read_text().count("mIoU ") >= 2  # one best and one worst image
+
+
+# ----------------------------------------------------------------------------- training commands and evaluate
+
+
+TINY_TRAIN = ["--set", "data.dataset=synthetic", "--set", "data.synthetic_train_images=8", "--set",
+              "data.synthetic_val_images=3", "--set", "data.synthetic_size=[32, 48]", "--set",
+              "model.options={width: 8, depth: 2}", "--set", "data.batch_size=4", "--set", "log_every=2",
+              "--set", "checkpoint_every=4", "--set", "stages.0.steps=4", "--set", "stages.0.warmup_steps=1",
+              "--device", "cpu", "--precision", "fp32"]
+
+
+def test_training_commands_write_a_report_unless_told_not_to(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", *TINY_TRAIN, "--run-dir", str(tmp_path / "with")]) == 0
+    json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # stdout stays the metrics JSON
+    page = (tmp_path / "with" / "report.html").read_text()
+    evaluation = json.loads((tmp_path / "with" / "eval.json").read_text())
+    assert re.search(r"data-metric='miou'>([^<]+)<", page).group(1) == f"{evaluation['miou']:.4f}"
+    assert main(["train", *TINY_TRAIN, "--run-dir", str(tmp_path / "without"), "--no-report"]) == 0
+    assert (tmp_path / "without" / "eval.json").is_file() and not (tmp_path / "without" / "report.html").exists()
+
+
+def test_evaluate_adds_its_scores_to_the_report(tiny_supervised_run: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_supervised_run, run)
+    for split in ("train", "train", "val"):  # the same split twice: one entry, the latest
+        assert main(["evaluate", str(run), "--split", split, "--report", "--device", "cpu",
+                     "--precision", "fp32"]) == 0
+    printed = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    entries = read_evaluations(run)
+    assert [e["split"] for e in entries] == ["train", "val"]
+    assert entries[-1]["metrics"]["miou"] == pytest.approx(printed["miou"])
+    page = (run / "report.html").read_text()
+    assert "<h3>Evaluations" in page
+    shown = re.findall(r"data-evaluation='miou'>([^<]+)<", page)
+    assert shown == [f"{e['metrics']['miou']:.4f}" for e in entries]

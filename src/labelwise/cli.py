@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from labelwise.cli_options import HelpFormatter, add, add_run_options, config_overrides
+from labelwise.cli_report import add_report, report_after_training, run_report
 from labelwise.cli_semi import add_semi, run_semi
 from labelwise.cli_unsupervised import add_unsupervised, run_unsupervised
 from labelwise.cli_weak import add_weak, run_weak
@@ -57,6 +58,8 @@ def _add_evaluate(commands) -> None:  # noqa: ANN001
     add(parser, "split")
     for name in ("device", "precision", "window", "overlap", "flip", "crf", "match_with", "class_map", "metrics"):
         add(parser, name)
+    add(parser, "report", default=False, help="MODEL a run folder: add these scores to its evaluations.json and "
+                                              "rewrite MODEL/report.html with them")
 
 
 def _add_predict(commands) -> None:  # noqa: ANN001
@@ -75,27 +78,6 @@ def _add_demo(commands) -> None:  # noqa: ANN001
     add(parser, "run_dir", default=Path("runs/demo"), help="output folder")
     add(parser, "steps", default=300, help="training steps")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add(parser, "device")
-    add(parser, "precision")
-
-
-def _add_report(commands) -> None:  # noqa: ANN001
-    parser = _subparser(commands, "report", "one self-contained HTML report of one or more run folders",
-                        "Write one HTML file (images and plots embedded, no scripts, nothing fetched) with each run's "
-                        "provenance, validation metrics with per-class IoU bars, confusion matrix, training curves "
-                        "and the best and worst predictions on its validation split; several runs add a "
-                        "comparison table.")
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders of any regime")
-    add(parser, "out", default=Path("report.html"), metavar="HTML", help="the HTML file to write")
-    add(parser, "config", help="YAML config whose data section names the split to predict (default: each run's "
-                               "own config.yaml)")
-    add(parser, "set", help="data.* override of the split's data config (repeatable)")
-    add(parser, "split")
-    parser.add_argument("--grid-images", type=int, default=3, metavar="N",
-                        help="how many best and how many worst images the prediction grid shows")
-    parser.add_argument("--limit", type=int, default=None, help="predict at most this many images of the split")
-    parser.add_argument("--predictions", action=argparse.BooleanOptionalAction, default=True,
-                        help="run each model over the split for the confusion matrix and the image grid")
     add(parser, "device")
     add(parser, "precision")
 
@@ -137,6 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     result = supervised.train(config, resume=args.resume, overwrite=args.overwrite)
     if result.metrics:
         print(json.dumps({k: result.metrics[k] for k in ("miou", "pixel_acc", "mean_acc") if k in result.metrics}))
+        report_after_training(args, result.run_dir)
     return 0
 
 
@@ -150,6 +133,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if result.summary:
         keys = ("method", "steps", "images_seen", "epochs", "train_seconds", "images_per_second", "backbone_path")
         print(json.dumps({k: result.summary[k] for k in keys}))
+        report_after_training(args, result.run_dir)
     return 0
 
 
@@ -178,7 +162,8 @@ def _inference(args: argparse.Namespace) -> int:
     path = args.config
     if path is None and (args.model / "config.yaml").is_file():
         path = args.model / "config.yaml"
-    dataset, _ = build_eval_dataset(load_data_config(path, args.overrides), args.split)
+    data = load_data_config(path, args.overrides)
+    dataset, _ = build_eval_dataset(data, args.split)
     report = evaluate(predictor, dataset, options, crf=bool(args.crf))
     text = json.dumps(report, indent=2)
     print(text)
@@ -186,6 +171,12 @@ def _inference(args: argparse.Namespace) -> int:
         from labelwise.io.atomic import atomic_write_text
 
         atomic_write_text(args.metrics, text + "\n")
+    if args.report:
+        from labelwise.config import to_dict
+        from labelwise.report.evaluations import add_evaluation
+
+        add_evaluation(args.model, report, args.split or data.val_split, to_dict(data), crf=bool(args.crf))
+        report_after_training(args, args.model)
     return 0
 
 
@@ -194,16 +185,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     supervised.demo(args.run_dir, steps=args.steps, device=args.device or "auto", precision=args.precision or "bf16",
                     progress=not args.no_progress)
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from labelwise.report.html import ReportOptions, write_report
-
-    options = ReportOptions(predictions=args.predictions, data_config=args.config, data_overrides=args.overrides,
-                            split=args.split, images=args.grid_images, limit=args.limit, device=args.device or "auto",
-                            precision=args.precision or "bf16")
-    print(f"wrote {write_report(args.runs, args.out, options)}")
     return 0
 
 
@@ -229,7 +210,7 @@ COMMANDS: list[tuple[str, Callable, Callable[[argparse.Namespace], int]]] = [
     ("pretrain", _add_pretrain, _pretrain),
     ("evaluate", _add_evaluate, _inference),
     ("predict", _add_predict, _inference),
-    ("report", _add_report, _report),
+    ("report", add_report, run_report),
     ("attention", _add_attention, _attention),
 ]
 

@@ -66,6 +66,9 @@ OPTIONS: dict[str, Option] = {
     "precision": Option(("--precision",), {"choices": PRECISIONS, "default": None,
                                            "help": "bf16 autocast (fast on AMX CPUs and GPUs) or full fp32 (default: "
                                                    "the config's precision, or bf16)"}, key="precision"),
+    "report": Option(("--report",), {"action": argparse.BooleanOptionalAction, "default": True,
+                                     "help": "write RUN_DIR/report.html (metrics, curves, predictions) when training "
+                                             "ends; --no-report skips it"}),
     # -- what a run starts from / trains on ---------------------------------------------------
     "init": Option(("--init",), {"type": str, "default": None, "metavar": "WEIGHTS",
                                  "help": "initialise the encoder / backbone from a model folder, a pretraining run, a "
@@ -73,8 +76,8 @@ OPTIONS: dict[str, Option] = {
                                          "(default: the config's init, none); ignored with --resume"},
                    key="model.init"),
     "backbone": Option(("--backbone",), {"default": None, "metavar": "VIT",
-                                         "help": "ViT backbone: labelwise_default, a DINO / DINOv2 name or a checkpoint "
-                                                 "path (default: the config's backbone, labelwise_default)"},
+                                         "help": "ViT backbone: labelwise_default, a DINO / DINOv2 name or a "
+                                                 "checkpoint path (default: the config's backbone, labelwise_default)"},
                        key="backbone"),
     "images": Option(("--images",), {"nargs": "+", "type": Path, "default": None, "metavar": "DIR",
                                      "help": "folders of training images, searched recursively (default: the "
@@ -117,7 +120,7 @@ OPTIONS: dict[str, Option] = {
 }
 
 #: Options every training command has.
-RUN_OPTIONS = ("config", "set", "run_dir", "resume", "overwrite", "device", "precision")
+RUN_OPTIONS = ("config", "set", "run_dir", "resume", "overwrite", "device", "precision", "report")
 #: Options every inference command (evaluate, predict) has.
 INFERENCE_OPTIONS = ("device", "precision", "window", "overlap", "flip", "crf", "match_with", "class_map")
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from labelwise.cli_options import HelpFormatter, add, add_run_options, config_overrides
+from labelwise.cli_report import report_after_training
 
 #: ``labelwise.methods.semi.METHODS``, spelled out so that building the parser imports no torch.
 SEMI_METHODS = ("supervised_only", "fixmatch", "unimatch", "self_training")
@@ -80,4 +81,5 @@ def run_semi(args: argparse.Namespace) -> int:
     result = semi.train(config, resume=args.resume, overwrite=args.overwrite)
     if result.metrics:
         print(json.dumps({k: result.metrics[k] for k in ("miou", "pixel_acc", "mean_acc") if k in result.metrics}))
+        report_after_training(args, result.run_dir)
     return 0

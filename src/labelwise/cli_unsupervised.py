@@ -7,6 +7,7 @@ import argparse
 import json
 
 from labelwise.cli_options import HelpFormatter, add, add_run_options, config_overrides
+from labelwise.cli_report import report_after_training
 
 #: ``labelwise.methods.unsupervised.METHODS``, spelled out so that building the parser imports no torch.
 UNSUPERVISED_METHODS = ("hp", "stego", "picie", "kmeans", "primaps")
@@ -83,6 +84,7 @@ def run_unsupervised(args: argparse.Namespace) -> int:
         config = load_config(unsupervised.UnsupervisedConfig, args.config, config_overrides(args))
         result = unsupervised.train(config, resume=args.resume, overwrite=args.overwrite)
         print(json.dumps({"run_dir": str(result.run_dir), **result.summary}))
+        report_after_training(args, result.run_dir)
         return 0
     if args.action == "probe":
         config = load_config(unsupervised.UnsupervisedConfig, args.model / "config.yaml", config_overrides(args))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from labelwise.cli_options import HelpFormatter, add, add_run_options, config_overrides
+from labelwise.cli_report import report_after_training
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def add_weak(commands) -> None:  # noqa: ANN001 - argparse's private subparsers 
                          "its score on the data's validation split when the data is labeled",
                          formatter_class=HelpFormatter)
     for stage in (train, run):
-        add_run_options(stage, "config", "run_dir", "resume", "overwrite", "device", "precision")
+        add_run_options(stage, "config", "run_dir", "resume", "overwrite", "device", "precision", "report")
         _add_data_options(stage)
         add(stage, "method", choices=("mct_vit", "cnn_cam", "hybrid"),
             help="classifier: mct_vit (multi-class-token ViT), cnn_cam (CNN + pooled classifier) or hybrid "
@@ -72,10 +73,15 @@ def run_weak(args: argparse.Namespace) -> int:
         result = weak.train_classifier(config, resume=args.resume, overwrite=args.overwrite)
         print(json.dumps({"run_dir": str(result.run_dir), "steps": result.train.steps,
                           "train_seconds": round(result.train.train_seconds, 2)}))
+        if result.train.steps >= config.total_steps:
+            report_after_training(args, result.run_dir)
         return 0
     if args.action == "run":
         config = load_config(weak.WeakConfig, args.config, _overrides(args))
-        print(json.dumps(weak.run(config, resume=args.resume, overwrite=args.overwrite), indent=2))
+        report = weak.run(config, resume=args.resume, overwrite=args.overwrite)
+        print(json.dumps(report, indent=2))
+        if "stopped_at" not in report:
+            report_after_training(args, config.run_dir)
         return 0
     config = load_config(weak.WeakConfig, args.model / "config.yaml", _overrides(args))
     report = weak.write_stage(args.model, config, args.out, pseudo=args.action == "pseudo-masks",

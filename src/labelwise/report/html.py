@@ -186,6 +186,32 @@ def _metrics_section(report: RunReport) -> str:
     return out
 
 
+def _evaluations_section(record: RunRecord) -> str:
+    """The scores ``labelwise evaluate --report`` added to the run folder."""
+    if not record.evaluations:
+        return ""
+    names: list[str] = []
+    for entry in record.evaluations:
+        for name in (entry.get("metrics") or {}).get("per_class_iou") or {}:
+            if name not in names:
+                names.append(name)
+    head = "".join(f"<th>{_esc(n)}</th>" for n in ["split", "dataset", "root", "CRF", "date", "mIoU", "pixel acc",
+                                                    *names])
+    body = ""
+    for entry in record.evaluations:
+        metrics = entry.get("metrics") or {}
+        per_class = metrics.get("per_class_iou") or {}
+        cells = [_esc(entry.get(k) if entry.get(k) is not None else "n/a") for k in ("split", "dataset", "root")]
+        cells += [_esc("yes" if entry.get("crf") else "no"), _esc(entry.get("date") or "n/a")]
+        row = "".join(f"<td>{c}</td>" for c in cells)
+        row += "".join(f"<td class='num' data-evaluation='{_esc(k)}'>{_number(metrics.get(k))}</td>"
+                       for k in ("miou", "pixel_acc"))
+        row += "".join(f"<td class='num'>{_number(per_class.get(n))}</td>" for n in names)
+        body += f"<tr>{row}</tr>"
+    return (f"<h3>Evaluations</h3><p class='note'>added by <code>labelwise evaluate --report</code></p>"
+            f"<table class='evaluations'><tr>{head}</tr>{body}</table>")
+
+
 def _stages_section(record: RunRecord) -> str:
     stages = record.stages
     if not stages or record.regime != "weak":
@@ -338,7 +364,7 @@ def render_html(reports: Sequence[RunReport], title: str = "labelwise report") -
         sections.append(_comparison(reports))
     for report in reports:
         record = report.record
-        body = (_provenance(record) + _metrics_section(report) + _stages_section(record)
+        body = (_provenance(record) + _metrics_section(report) + _evaluations_section(record) + _stages_section(record)
                 + _weak_cams_section(record) + _predictions_section(report) + _curves_section(record))
         sections.append(f"<section id='{_anchor(report)}' class='run'><h2>{_esc(record.name)} "
                         f"<small>({_esc(record.regime)})</small></h2>{body}</section>")

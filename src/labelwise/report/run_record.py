@@ -20,6 +20,7 @@ from typing import Any
 from labelwise.errors import ConfigError
 from labelwise.io.jsonfile import read_json
 from labelwise.models.artifact import INFO_FILE
+from labelwise.report.evaluations import read_evaluations
 
 __all__ = ["RunRecord", "TrainingLog", "read_log", "read_run", "regime_of"]
 
@@ -50,6 +51,7 @@ class RunRecord:
         metrics_source: the file ``metrics`` came from.
         logs: the training logs (the run's own first).
         stages: the stage report of a weak (``weak_run.json``) or refined unsupervised run.
+        evaluations: scores added by ``labelwise evaluate --report`` (``evaluations.json``).
     """
 
     folder: Path
@@ -60,6 +62,7 @@ class RunRecord:
     metrics_source: str | None
     logs: list[TrainingLog] = field(default_factory=list)
     stages: dict[str, Any] | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -153,5 +156,5 @@ def read_run(folder: str | Path) -> RunRecord:
                 continue
             seen.add(path.parent.resolve())
             logs.append(TrainingLog(path.parent.relative_to(folder).as_posix(), read_log(path)))
-    return RunRecord(folder, regime, info, config_text, metrics, source, logs, stages)
+    return RunRecord(folder, regime, info, config_text, metrics, source, logs, stages, read_evaluations(folder))
 
