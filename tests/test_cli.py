@@ -27,17 +27,27 @@ def test_help_explains_every_option_with_default(command, capsys):
 
 
 def test_demo_end_to_end_then_evaluate_and_predict(tmp_path, capsys):
-    run_dir = tmp_path / "demo"
-    assert main(["demo", "--run-dir", str(run_dir), "--steps", "40", "--device", "cpu", "--no-progress"]) == 0
+    """Every regime at a few steps: each run folder is complete, the comparison report lists them,
+    and the supervised model is evaluated and predicts through the ordinary commands."""
+    root = tmp_path / "demo"
+    assert main(["demo", "--run-dir", str(root), "--steps", "12", "--device", "cpu", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["miou"]) == {"supervised", "semi", "weak", "unsupervised"}
+    assert all(0.0 <= value <= 1.0 for value in summary["miou"].values())
+    for regime in summary["miou"]:
+        assert (root / regime / "model.json").is_file() and (root / regime / "report.html").is_file(), regime
+    comparison = (root / "report.html").read_text()
+    assert "<h2>Comparison</h2>" in comparison and comparison.count("<section ") == 4
+    run_dir = root / "supervised"
     metrics = json.loads((run_dir / "eval.json").read_text())
-    assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["pixel_acc"] <= 1.0
+    assert summary["miou"]["supervised"] == metrics["miou"]
+    assert json.loads((root / "weak" / "weak_run.json").read_text())["final"]["miou"] == summary["miou"]["weak"]
     for kind in ("ids", "color", "overlay"):
         files = sorted((run_dir / "predictions" / kind).glob("*.png"))
         assert len(files) == 16, kind
     ids = np.asarray(Image.open(sorted((run_dir / "predictions" / "ids").glob("*.png"))[0]))
     assert ids.ndim == 2 and ids.max() < 5
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "config.yaml").exists()
-    capsys.readouterr()
 
     out = tmp_path / "m.json"
     assert main(["evaluate", str(run_dir), "--device", "cpu", "--metrics", str(out)]) == 0

@@ -61,12 +61,13 @@ def demo_config(run_dir: str = "runs/demo", steps: int = 300, device: str = "aut
 
 
 def demo(run_dir: str | Path = "runs/demo", steps: int = 300, device: str = "auto", precision: str = "bf16",
-         progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate a small U-Net on synthetic data, then predict its val images.
+         progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Train and evaluate a small U-Net on synthetic data, then predict its val images (the
+    supervised part of ``labelwise demo``, :mod:`labelwise.demo`).
 
     Writes under ``run_dir``: the trained model, ``eval.json`` (val metrics), the val images as
     PNGs in ``images/`` and their predictions in ``predictions/{ids,color,overlay}/``. Returns the
-    metrics.
+    metrics (and prints a summary unless ``quiet``).
     """
     config = demo_config(str(run_dir), steps, device, precision)
     config.progress = progress
@@ -78,7 +79,8 @@ def demo(run_dir: str | Path = "runs/demo", steps: int = 300, device: str = "aut
         array = (sample["image"].permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
         write_rgb_png(array, image_dir / f"{sample['name']}.png")
     predict(run_dir, [image_dir], Path(run_dir) / "predictions", device=device, precision=precision)
-    summary = {"run_dir": str(run_dir), "miou": result.metrics.get("miou"), "pixel_acc": result.metrics.get("pixel_acc"),
-               "train_seconds": result.train.train_seconds}
-    print(json.dumps(summary, indent=2))
+    if not quiet:
+        summary = {"run_dir": str(run_dir), "miou": result.metrics.get("miou"),
+                   "pixel_acc": result.metrics.get("pixel_acc"), "train_seconds": result.train.train_seconds}
+        print(json.dumps(summary, indent=2))
     return result.metrics

@@ -52,6 +52,12 @@ margin-right:4px;border:1px solid #555;vertical-align:middle}
 """
 
 
+#: What each regime learns from, for the comparison table.
+SUPERVISION = {"supervised": "every training mask", "semi": "a labeled subset + unlabeled images",
+               "weak": "image-level tags", "unsupervised": "none (clusters matched for scoring only)",
+               "pretrain": "none"}
+
+
 @dataclass
 class ReportOptions:
     """What :func:`build_report` adds beyond the files of the run folders.
@@ -340,13 +346,15 @@ def _comparison(reports: Sequence[RunReport]) -> str:
 
     per_class_names = [list((metric_of(r).get("per_class_iou") or {}).keys()) for r in reports]
     shared = per_class_names[0] if per_class_names and all(n == per_class_names[0] for n in per_class_names) else []
-    head = "".join(f"<th>{_esc(n)}</th>" for n in ["run", "regime", "mIoU", "pixel acc", "mean acc", *shared])
+    head = "".join(f"<th>{_esc(n)}</th>" for n in ["run", "regime", "labels used", "mIoU", "pixel acc", "mean acc",
+                                                    *shared])
     body = ""
     for report in reports:
         metrics = metric_of(report)
         per_class = metrics.get("per_class_iou") or {}
         cells = [f"<td><a href='#{_anchor(report)}'>{_esc(report.record.name)}</a></td>",
-                 f"<td>{_esc(report.record.regime)}</td>"]
+                 f"<td>{_esc(report.record.regime)}</td>",
+                 f"<td>{_esc(SUPERVISION.get(report.record.regime, 'n/a'))}</td>"]
         cells += [f"<td class='num'>{_number(metrics.get(k))}</td>" for k in ("miou", "pixel_acc", "mean_acc")]
         cells += [f"<td class='num'>{_number(per_class.get(n))}</td>" for n in shared]
         body += f"<tr>{''.join(cells)}</tr>"
