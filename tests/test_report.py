@@ -103,6 +103,12 @@ def test_cluster_pass_matches_evaluate_and_per_image_counts(cluster_run: Path) -
         expected = np.asarray(summary.mapping)[predictor.output_ids(dataset[panel.index]["image"][None])[0].numpy()]
         np.testing.assert_array_equal(panel.prediction, expected)
     assert summary.best[0].miou >= summary.best[1].miou >= summary.worst[1].miou >= summary.worst[0].miou
+    sizes = np.zeros(predictor.outputs.num_classes, dtype=np.int64)  # labeled pixels per cluster, by hand
+    for index in range(len(dataset)):
+        ids = predictor.output_ids(dataset[index]["image"][None])[0].numpy()
+        labeled = dataset[index]["mask"].numpy() != dataset.class_map.ignore_index
+        sizes += np.bincount(ids[labeled], minlength=len(sizes))
+    assert summary.output_pixels == sizes.tolist()
 
 
 # ----------------------------------------------------------------------------- the document

@@ -87,10 +87,10 @@ def curves_svg(rows: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = N
 
 
 def iou_bars_svg(per_class: Mapping[str, float | None], colors: Sequence[Sequence[int]] | None = None,
-                 reference: float | None = None) -> str:
-    """Horizontal bars of per-class IoU in [0, 1] (classes with no value drawn empty, marked
-    "n/a"), each bar in its class's display color (``colors``, RGB 0-255) and labelled with its
-    value; ``reference`` (e.g. the mIoU) as a dashed line."""
+                 reference: float | None = None, label: str = "IoU", reference_label: str = "mIoU") -> str:
+    """Horizontal bars of per-class values in [0, 1] (IoU by default; classes with no value drawn
+    empty, marked "n/a"), each bar in its class's display color (``colors``, RGB 0-255) and
+    labelled with its value; ``reference`` (e.g. the mIoU) as a dashed line."""
     plt = _pyplot()
     names = list(per_class)
     figure, ax = plt.subplots(figsize=(5.5, 0.32 * len(names) + 0.8))
@@ -104,10 +104,10 @@ def iou_bars_svg(per_class: Mapping[str, float | None], colors: Sequence[Sequenc
     ax.set_yticks(positions, names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.12)
-    ax.set_xlabel("IoU", fontsize=8)
+    ax.set_xlabel(label, fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     if reference is not None and math.isfinite(reference):
-        ax.axvline(reference, color="#d62728", linestyle="--", linewidth=1, label=f"mIoU {reference:.3f}")
+        ax.axvline(reference, color="#d62728", linestyle="--", linewidth=1, label=f"{reference_label} {reference:.3f}")
         ax.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     return _svg(figure)

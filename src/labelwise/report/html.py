@@ -324,10 +324,18 @@ def _predictions_section(report: RunReport) -> str:
            f"mIoU of this pass {_number(summary.metrics.get('miou'))}</p>")
     out += _svg_img(confusion_svg(summary.confusion, names), "confusion matrix")
     if summary.mapping is not None:
-        rows = "".join(f"<tr><td>{_esc(cluster)}</td><td>{_esc(names[c])}</td></tr>"
-                       for cluster, c in zip(summary.output_names, summary.mapping))
+        total = max(1, sum(summary.output_pixels or []))
+        sizes = summary.output_pixels or [0] * len(summary.mapping)
+        rows = "".join(f"<tr><td>{_esc(cluster)}</td><td>{_esc(names[c])}</td><td class='num'>{size / total:.3f}</td>"
+                       "</tr>" for cluster, c, size in zip(summary.output_names, summary.mapping, sizes))
         out += ("<h3>Cluster → class mapping</h3><p class='note'>Hungarian matching on this split's pixels "
-                f"(evaluation only)</p><table><tr><th>cluster</th><th>class</th></tr>{rows}</table>")
+                "(evaluation only); share: the cluster's size, as a share of the split's labeled pixels</p>"
+                f"<table><tr><th>cluster</th><th>class</th><th>share</th></tr>{rows}</table>")
+        shares = {f"{cluster} → {names[c]}": size / total
+                  for cluster, c, size in zip(summary.output_names, summary.mapping, sizes)}
+        out += _svg_img(iou_bars_svg(shares, [class_map.colors[c] for c in summary.mapping],
+                                     reference=1.0 / len(shares), label="share of pixels",
+                                     reference_label="uniform"), "cluster sizes")
     legend = "".join(f"<span><span class='swatch' style='background:rgb{tuple(color)}'></span>{_esc(name)}</span> "
                      for name, color in zip(names, class_map.colors))
     header = "<tr><th>image</th><th>ground truth</th><th>prediction</th><th>overlay</th></tr>"

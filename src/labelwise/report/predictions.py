@@ -43,7 +43,8 @@ class PredictionSummary:
     """Outcome of :func:`summarise_predictions`: ``confusion`` ``[C, C]`` pixel counts in class
     space (rows: ground truth), the ``metrics`` dict computed from it, ``mapping`` (cluster ->
     class id, cluster models only), the ``best`` and ``worst`` images (best first / worst first),
-    and how many ``images`` were scored."""
+    how many ``images`` were scored, and ``output_pixels`` (labeled pixels each output channel
+    predicted, before matching: the cluster sizes of a cluster model)."""
 
     class_map: ClassMap
     confusion: np.ndarray
@@ -53,6 +54,7 @@ class PredictionSummary:
     best: list[ImagePanel]
     worst: list[ImagePanel]
     images: int
+    output_pixels: list[int] | None = None
 
 
 def image_miou(prediction: np.ndarray, truth: np.ndarray, num_classes: int, ignore_index: int) -> float:
@@ -99,6 +101,7 @@ def summarise_predictions(predictor: Predictor, dataset: Dataset, count: int = 3
         truths.append(mask.numpy().astype(np.int32))
         names.append(str(sample.get("name", index)))
     counts = raw.matrix.cpu().numpy()
+    output_pixels = [int(v) for v in counts.sum(axis=0)]
     mapping = None
     if clusters:
         table = hungarian_match(counts)
@@ -120,4 +123,4 @@ def summarise_predictions(predictor: Predictor, dataset: Dataset, count: int = 3
     best = [panel(i) for i in order[:count]]
     worst = [panel(i) for i in reversed(order[len(order) - count:])] if count else []
     return PredictionSummary(class_map, np.asarray(counts), metrics, mapping, list(predictor.outputs.names), best,
-                             worst, total)
+                             worst, total, output_pixels)

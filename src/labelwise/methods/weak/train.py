@@ -135,7 +135,9 @@ def _step_fn(config: WeakConfig) -> Callable[..., StepOutput]:
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         output = model(images)
         loss = cam_loss(output, tags) if isinstance(output, CNNCAMOutput) else mct_loss(output, tags)
-        return StepOutput(loss, {"mlsm": float(loss.detach())}, images.shape[0])
+        # share of (image, class) tag decisions the classifier gets right at logit 0
+        tag_accuracy = float(((output.scores.detach() > 0) == tags.bool()).float().mean())
+        return StepOutput(loss, {"mlsm": float(loss.detach()), "tag_accuracy": tag_accuracy}, images.shape[0])
 
     return step
 
