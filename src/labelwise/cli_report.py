@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -52,9 +53,10 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def report_after_training(args: argparse.Namespace, run_dir: str | Path) -> Path | None:
-    """Write ``run_dir/report.html`` unless ``--no-report`` was given. The model is already saved
-    when this runs, so a report that cannot be made is a warning on stderr, not a failure."""
-    if not getattr(args, "report", True):
+    """Write ``run_dir/report.html`` unless ``--no-report`` was given (under ``torchrun``: rank 0
+    only). The model is already saved when this runs, so a report that cannot be made is a warning
+    on stderr, not a failure."""
+    if not getattr(args, "report", True) or int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 only
         return None
     from labelwise.report.html import ReportOptions, write_report
 
