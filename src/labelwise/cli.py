@@ -78,7 +78,7 @@ def _add_demo(commands) -> None:  # noqa: ANN001
     parser = _subparser(commands, "demo", "every regime on built-in synthetic data, one comparison report",
                         "Segment one synthetic dataset (no download) four ways: supervised (every mask), semi "
                         "(8 masks + unlabeled images), weak (image tags only) and unsupervised (no labels); writes "
-                        "RUN_DIR/<regime>/ and the comparison report RUN_DIR/report.html (about 4 minutes on 2 CPU "
+                        "RUN_DIR/<regime>/ and the comparison report RUN_DIR/report.html (under 5 minutes on 2 CPU "
                         "cores).")
     add(parser, "run_dir", default=Path("runs/demo"), help="output folder")
     add(parser, "steps", default=300, help="training steps of each segmenter (the weak classifier: a third)")

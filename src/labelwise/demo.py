@@ -1,19 +1,21 @@
 """``labelwise demo``: every regime on the embedded synthetic data, one comparison report.
 
-The same synthetic set (96 training and 16 validation images of 96 x 128 pixels, 5 classes,
+The same synthetic set (256 training and 16 validation images of 96 x 128 pixels, 5 classes,
 generated from a seed: no download) is segmented four ways, each from less supervision:
 
 - ``supervised``: a small U-Net on every training mask (:func:`labelwise.methods.supervised.demo`,
   which also writes the validation images and their predictions as PNGs);
-- ``semi``: the same U-Net from the masks of 8 training images plus the other 88 images
+- ``semi``: the same U-Net from the masks of 8 training images plus the other 248 images
   unlabeled (FixMatch);
 - ``weak``: only each training image's tags (which classes it shows): the multi-class-token ViT
-  on the packaged default backbone, its CAMs -> pseudo-masks -> the U-Net;
+  on the packaged default backbone (``steps / 2`` steps at 224 x 304, the ``weak_synthetic``
+  recipe's resolution and learning rates), its CAMs -> pseudo-masks -> the U-Net;
 - ``unsupervised``: no label at all: k-means on the default backbone's patch features, clusters
   matched to classes for scoring only.
 
 Then ``run_dir/report.html`` compares them (:mod:`labelwise.report.html`) and each run folder
-gets its own ``report.html``. About 4 minutes on 2 CPU cores at the default 300 steps.
+gets its own ``report.html``. 4 min 41 s on 2 CPU cores at the default 300 steps (measured:
+BENCHMARKS.md, ``demo``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ __all__ = ["REGIMES", "DemoResult", "run_demo"]
 
 REGIMES = ("supervised", "semi", "weak", "unsupervised")
 #: The synthetic data every regime of the demo uses (``data.*`` overrides).
-DATA = ["data.dataset=synthetic", "data.synthetic_train_images=96", "data.synthetic_val_images=16"]
+DATA = ["data.dataset=synthetic", "data.synthetic_train_images=256", "data.synthetic_val_images=16"]
 #: Masks the semi-supervised run may read: this many training images.
 SEMI_LABELED = 8
 
@@ -62,7 +64,7 @@ def _semi(run_dir: Path, steps: int, device: str, precision: str, progress: bool
     labeled, unlabeled = write_split(run_dir / "split", split_labeled(names, count=SEMI_LABELED, seed=0))
     config = load_config(semi.SemiConfig, None, [
         *DATA, f"data.train_list={labeled}", f"semi.unlabeled_list={unlabeled}", "semi.method=fixmatch",
-        "semi.threshold=0.9", "data.batch_size=8", "model.options={width: 16, depth: 3}", "loss.terms=[{name: ce}, "
+        "semi.threshold=0.9", "data.batch_size=4", "model.options={width: 16, depth: 3}", "loss.terms=[{name: ce}, "
         "{name: dice, weight: 0.5}]", f"stages=[{{steps: {steps}, lr: 0.003, schedule: poly, warmup_steps: "
         f"{min(20, steps // 10)}, augment: {{hflip: 0.5, scale: [0.8, 1.25], brightness: 0.2, contrast: 0.2}}}}]",
         f"run_dir={run_dir}", f"device={device}", f"precision={precision}", f"progress={str(progress).lower()}",
@@ -73,10 +75,10 @@ def _semi(run_dir: Path, steps: int, device: str, precision: str, progress: bool
 def _weak(run_dir: Path, steps: int, device: str, precision: str, progress: bool) -> dict[str, Any]:
     from labelwise.methods import weak
 
-    classifier_steps = max(steps // 3, 1)
+    classifier_steps = max(steps // 2, 1)
     config = load_config(weak.WeakConfig, None, [
         *DATA, "data.synthetic_size=[96, 128]", "backbone=labelwise_default", "image_size=[224, 304]",
-        f"stages=[{{steps: {classifier_steps}}}]", "batch_size=16", "cams.scales=[2.34]", "cams.flip=false",
+        f"stages.0.steps={classifier_steps}", "batch_size=16", "cams.scales=[2.34]", "cams.flip=false",
         "pseudo_masks.background_class=0",
         f"segmenter_overrides=[\"stages.0.steps={steps}\", \"data.batch_size=8\", \"model.options={{width: 16}}\", "
         f"\"checkpoint_every={max(steps // 2, 1)}\", \"log_every=10\"]",

@@ -108,7 +108,7 @@ def iou_bars_svg(per_class: Mapping[str, float | None], colors: Sequence[Sequenc
     ax.tick_params(axis="x", labelsize=7)
     if reference is not None and math.isfinite(reference):
         ax.axvline(reference, color="#d62728", linestyle="--", linewidth=1, label=f"{reference_label} {reference:.3f}")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)  # above the bars
     figure.tight_layout()
     return _svg(figure)
 
