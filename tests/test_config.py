@@ -60,6 +60,21 @@ def test_overrides(tmp_path):
         load_config(TrainConfig, None, ["optim.name"])
 
 
+def test_a_whole_stage_list_override_keeps_the_config_defaults_as_yaml_does(tmp_path):
+    """``--set stages=[{steps: 180}]`` once reset the weak classifier's lr to the bare StageConfig's
+    1e-3 (the YAML ``stages: [{steps: 180}]`` kept 6.25e-5): both now merge onto the default stage."""
+    from labelwise.methods.weak.config import WeakConfig
+
+    default = WeakConfig().stages[0]
+    by_override = load_config(WeakConfig, None, ["stages=[{steps: 180}]"]).stages
+    by_yaml = load_config(WeakConfig, write_yaml(tmp_path / "w.yaml", {"stages": [{"steps": 180}]})).stages
+    assert by_override == by_yaml
+    assert [(s.steps, s.lr, s.schedule, s.warmup_steps) for s in by_override] == \
+        [(180, default.lr, default.schedule, default.warmup_steps)]
+    two = load_config(TrainConfig, None, ["stages=[{steps: 5}, {steps: 6, lr: 0.5}]"]).stages
+    assert [(s.steps, s.lr) for s in two] == [(5, TrainConfig().stages[0].lr), (6, 0.5)]
+
+
 def test_save_and_reload_round_trip(tmp_path):
     config = load_config(TrainConfig, None, ["stages.0.augment.crop_size=[64, 96]", "loss.class_weights=balanced"])
     save_config(config, tmp_path / "saved.yaml")

@@ -426,7 +426,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML.
 
     List items are addressed by index (``stages.1.lr=0.01``); a new stage index one past the end
-    appends a copy of the previous stage.
+    appends a copy of the previous stage. A whole list of mappings (``stages=[{steps: 300}]``)
+    merges each item onto the current first one, as a YAML file's list does, so keys it leaves
+    out keep the config's defaults (not the bare dataclass's).
     """
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. optim.name=sgd")
@@ -455,6 +457,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         else:
             node[index] = value
     elif isinstance(node, dict):
+        current = node.get(last)
+        if isinstance(value, list) and isinstance(current, list) and current and all(isinstance(c, dict)
+                                                                                     for c in current):
+            value = _merge(current, value)  # a list of stages / terms: each item over the default one, as in YAML
         node[last] = value
     else:
         raise ConfigError(f"{dotted}: parent is not a section")
