@@ -14,7 +14,7 @@ generated from a seed: no download) is segmented four ways, each from less super
   matched to classes for scoring only.
 
 Then ``run_dir/report.html`` compares them (:mod:`labelwise.report.html`) and each run folder
-gets its own ``report.html``. 4 min 41 s on 2 CPU cores at the default 300 steps (measured:
+gets its own ``report.html``. 278 s on 2 CPU cores at the default 300 steps (measured:
 BENCHMARKS.md, ``demo``).
 """
 
