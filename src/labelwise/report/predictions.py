@@ -97,8 +97,8 @@ def summarise_predictions(predictor: Predictor, dataset: Dataset, count: int = 3
         ids = ids.cpu()
         mask = torch.as_tensor(sample["mask"]).long()
         raw.update(ids[None], mask[None])
-        outputs.append(ids.numpy().astype(np.int32))
-        truths.append(mask.numpy().astype(np.int32))
+        outputs.append(ids.numpy().astype(np.int16))  # int16: a whole split of large tiles stays small
+        truths.append(mask.numpy().astype(np.int16))
         names.append(str(sample.get("name", index)))
     counts = raw.matrix.cpu().numpy()
     output_pixels = [int(v) for v in counts.sum(axis=0)]
@@ -107,7 +107,7 @@ def summarise_predictions(predictor: Predictor, dataset: Dataset, count: int = 3
         table = hungarian_match(counts)
         mapping = [int(c) for c in table]
         counts = matched_confusion(counts, table)
-        outputs = [table[ids] for ids in outputs]
+        outputs = [table[ids].astype(np.int16) for ids in outputs]
     metrics = metrics_from_confusion(counts).to_dict(list(class_map.names))
     scores = [image_miou(pred, truth, class_map.num_classes, class_map.ignore_index)
               for pred, truth in zip(outputs, truths)]

@@ -99,6 +99,8 @@ def run(config: WeakConfig, resume: bool = False, overwrite: bool = False) -> di
     ``overwrite``: train every stage again, discarding what the run folder holds."""
     config.validate()
     run_dir = Path(config.run_dir)
+    if overwrite:  # an earlier run's report would name its segmenter until this run writes its own
+        (run_dir / "weak_run.json").unlink(missing_ok=True)
     report: dict[str, Any] = {}
     if overwrite or artifact_kind(run_dir) != "classifier":  # stage 1 not finished
         stage1 = train_classifier(config, resume=resume and not overwrite and has_checkpoint(run_dir),
