@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The package as a user installs it: build the wheel, install it into a clean venv (no source tree
-# on the path, run from an empty folder) and run the demo and the default backbone from it.
+# on the path, run from an empty folder) and run the demo (every regime + its report) and the default
+# backbone from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
@@ -21,7 +22,10 @@ assert "site-packages" in source, f"labelwise imported from {source}, not from t
 path = resolve_backbone("labelwise_default")
 assert path.is_file() and "site-packages" in str(path), path
 vit = load_vit("labelwise_default")
-predictor = labelwise.load("demo")
+predictor = labelwise.load("demo/supervised")
+from pathlib import Path
+
+assert Path("demo/report.html").is_file(), "the demo's comparison report is missing"
 print(f"wheel check: labelwise from {source}; default backbone {path} ({vit.config.arch}); "
-      f"demo model predicts {list(predictor.class_map.names)}")
+      f"demo model predicts {list(predictor.class_map.names)}; demo/report.html written")
 PY
