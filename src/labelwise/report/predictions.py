@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from labelwise.config import EvalConfig
 from labelwise.data.classmap import ClassMap
 from labelwise.eval.matching import hungarian_match, matched_confusion
-from labelwise.eval.metrics import ConfusionMatrix, metrics_from_confusion
+from labelwise.eval.metrics import ConfusionMatrix, confusion_matrix, metrics_from_confusion
 from labelwise.inference import Predictor
 
 __all__ = ["ImagePanel", "PredictionSummary", "image_miou", "summarise_predictions"]
@@ -59,17 +59,11 @@ class PredictionSummary:
 
 def image_miou(prediction: np.ndarray, truth: np.ndarray, num_classes: int, ignore_index: int) -> float:
     """Mean IoU of one image over the classes present in its labeled pixels or predicted there
-    (NaN when it has no labeled pixel)."""
-    labeled = truth != ignore_index
-    if not labeled.any():
-        return float("nan")
-    pred, target = prediction[labeled].astype(np.int64), truth[labeled].astype(np.int64)
-    counts = np.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
-    matrix = counts.reshape(num_classes, num_classes).astype(np.float64)
-    tp = np.diag(matrix)
-    union = matrix.sum(0) + matrix.sum(1) - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean())
+    (NaN when it has no labeled pixel): the split-level metric of :mod:`labelwise.eval.metrics`
+    on one image's confusion matrix."""
+    counts = confusion_matrix(torch.from_numpy(prediction.astype(np.int64)), torch.from_numpy(truth.astype(np.int64)),
+                              num_classes, ignore_index)
+    return float(metrics_from_confusion(counts).miou)
 
 
 @torch.no_grad()
