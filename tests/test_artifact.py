@@ -81,7 +81,7 @@ def test_unknown_format_and_missing_files_are_named(tmp_path):
     info_path.write_text(json.dumps(info))
     weights = tmp_path / "run" / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"weights\.safetensors: weights file is truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"weights\.safetensors: weights file is (truncated or )?corrupt"):
         load_model(tmp_path / "run")
     weights.unlink()
     with pytest.raises(CheckpointError, match=r"weights\.safetensors: weights file is missing"):

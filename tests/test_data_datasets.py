@@ -119,14 +119,18 @@ def test_size_mismatch_names_both_sizes(tmp_path: Path) -> None:
     assert "30x20" in message and "30x21" in message
 
 
-def test_bad_pixels_fail_at_load_time(tmp_path: Path) -> None:
+def test_preflight_finds_bad_files_at_construction_and_load_still_checks(tmp_path: Path) -> None:
     _make_folder(tmp_path, 2)
     Image.fromarray(np.full((20, 30), 9, np.uint8)).save(tmp_path / "labels" / "img1.png")
     (tmp_path / "images" / "img0.png").write_bytes(b"garbage")
-    with pytest.raises(DataError, match=r"img0\.png"):  # construction reads every header
-        FolderDataset(tmp_path, _ids_map())
+    with pytest.raises(DataError, match=r"img0\.png.*\(and 1 more problem\(s\)\).*on_error=skip"):
+        FolderDataset(tmp_path, _ids_map())  # every file is checked before anything is trained
     _write_pair(tmp_path, "img0")
+    with pytest.raises(DataError, match=r"img1\.png: invalid class id\(s\) 9 \(600 px\)"):
+        FolderDataset(tmp_path, _ids_map())  # label values are part of the pre-flight check
+    _write_pair(tmp_path, "img1")
     ds = FolderDataset(tmp_path, _ids_map())
+    Image.fromarray(np.full((20, 30), 9, np.uint8)).save(tmp_path / "labels" / "img1.png")  # changed after
     with pytest.raises(DataError) as info:
         ds[1]
     assert "img1.png" in str(info.value) and "9 (600 px)" in str(info.value)

@@ -89,9 +89,11 @@ def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", exploding_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"step_0000002: cannot write the checkpoint \(disk full\); the "
+                                              r"previous checkpoint step_0000001 is intact.*--resume"):
         ckpt.save_training_checkpoint(tmp_path, replace(first, step=2))
     monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step_0000001"]
     folder = ckpt.latest_checkpoint_dir(tmp_path)
     loaded = ckpt.load_training_checkpoint(folder)
     assert loaded.step == 1

@@ -89,14 +89,13 @@ def test_unreadable_image_named_or_skipped(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path, on_error="ignore")  # type: ignore[arg-type]
 
 
-def test_truncated_image_fails_on_load_or_is_skipped(tmp_path: Path) -> None:
+def test_truncated_image_fails_at_construction_or_is_skipped(tmp_path: Path) -> None:
     _write(tmp_path / "a.png", size=(64, 64), seed=1)
     data = (tmp_path / "a.png").read_bytes()
     _write(tmp_path / "b.png", size=(64, 64), seed=2)
     (tmp_path / "a.png").write_bytes(data[: len(data) // 2])  # the header survives, the pixels do not
-    ds = ImageFolderDataset(tmp_path)  # header checks pass
-    with pytest.raises(DataError, match="a.png"):
-        ds[0]
+    with pytest.raises(DataError, match=r"a\.png: .*truncated"):  # the pre-flight check finds it
+        ImageFolderDataset(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         skipping = ImageFolderDataset(tmp_path, on_error="skip")

@@ -9,8 +9,12 @@ and call the API.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -236,12 +240,32 @@ def run(args: argparse.Namespace) -> int:
     return entry(args)
 
 
+#: Operating-system errors reported as one line (the file and the reason) instead of a traceback.
+USER_FACING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
+                      errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EMFILE}
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001, ARG001
+    return f"labelwise: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        # past a file-size limit (ulimit -f) a write then fails with EFBIG, which is reported
+        # like a full disk, instead of the signal killing the process mid-write
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    warnings.formatwarning = _one_line_warning
     try:
         return run(args)
     except LabelwiseError as exc:
         print(f"labelwise {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in USER_FACING_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"labelwise {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ its allowed choices raises :class:`~labelwise.errors.ConfigError` naming the dot
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -22,6 +23,12 @@ from labelwise.errors import ConfigError
 
 T = TypeVar("T")
 # a float in exponent notation without a dot, which YAML 1.1 leaves a string (1e-3, -2E5)
+#: Largest magnitude of an integer setting: seeds, steps and sizes all fit a 32-bit int, and
+#: larger values overflow the RNG seeding or allocate without bound.
+MAX_CONFIG_INT = 2**31 - 1
+#: Largest image side (pixels) of a size setting (resize, crops, synthetic images).
+MAX_IMAGE_SIDE = 16384
+
 _YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
 
 
@@ -69,6 +76,8 @@ class AugmentConfig:
         if self.crop_size is not None:
             if len(self.crop_size) != 2 or min(self.crop_size) <= 0:
                 raise ConfigError(f"augment.crop_size: need two positive ints (h, w), got {self.crop_size}")
+            if max(self.crop_size) > MAX_IMAGE_SIDE:
+                raise ConfigError(f"augment.crop_size: at most {MAX_IMAGE_SIDE} pixels a side, got {self.crop_size}")
             self.crop_size = (int(self.crop_size[0]), int(self.crop_size[1]))
 
     @property
@@ -133,6 +142,20 @@ class DataConfig:
     synthetic_size: tuple[int, int] = (96, 128)
     synthetic_classes: int = 5
     synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("tile_crop", "samples_per_epoch", "batch_size", "synthetic_train_images", "synthetic_val_images",
+                    "synthetic_classes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        for key in ("resize", "synthetic_size"):
+            size = getattr(self, key)
+            if size is not None and not all(1 <= side <= MAX_IMAGE_SIDE for side in size):
+                raise ConfigError(f"data.{key}: need two sides in [1, {MAX_IMAGE_SIDE}] pixels (H, W), got {size}")
+        if self.tile_crop > MAX_IMAGE_SIDE:
+            raise ConfigError(f"data.tile_crop: at most {MAX_IMAGE_SIDE} pixels, got {self.tile_crop}")
 
 
 @dataclass
@@ -377,15 +400,25 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_CONFIG_INT:
+                raise ConfigError(f"{key}: {value} is out of range (at most {MAX_CONFIG_INT} in magnitude)")
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
-            # YAML 1.1 (PyYAML) reads 1e-3 (no dot) as a string; every user means the number
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number: float | None = None
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = float(value)
+            elif isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+                # YAML 1.1 (PyYAML) reads 1e-3 (no dot) as a string; every user means the number
+                number = float(value)
+        except OverflowError:
+            number = math.inf
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -406,7 +439,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        if not prefix:
+        if not prefix or str(exc).startswith(prefix):  # already names the full key
             raise
         raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from exc
 

@@ -17,3 +17,8 @@ class ConfigError(LabelwiseError):
 
 class CheckpointError(LabelwiseError):
     """A checkpoint is missing, truncated or does not match the model."""
+
+
+class WriteError(LabelwiseError):
+    """A file could not be written (disk full, read-only folder, file-size limit); the previous
+    version of the file is intact."""

@@ -33,8 +33,9 @@ from labelwise.config import EvalConfig, from_dict
 from labelwise.data.classmap import ClassMap
 from labelwise.data.images import list_images
 from labelwise.data.io import read_image
+from labelwise.data.preflight import check_image_file
 from labelwise.engine.runtime import resolve_device
-from labelwise.errors import ConfigError
+from labelwise.errors import ConfigError, DataError
 from labelwise.eval.crf import CRFParams, crf_refine_batch
 from labelwise.eval.evaluate import evaluate_model, make_logits_fn, predict_batch
 from labelwise.eval.matching import hungarian_match, matched_confusion
@@ -232,8 +233,16 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | Path], out_dir: s
                               for name, c in zip(predictor.outputs.names, predictor.mapping)}}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / MAPPING_FILE, record)
+    paths = list_images(inputs)
+    stems: dict[str, Path] = {}
+    for path in paths:  # every input checked before the first output is written
+        check_image_file(path)
+        if path.stem in stems:
+            raise DataError(f"{path}: has the same name as {stems[path.stem]}, and both would be written to "
+                            f"{out}/ids/{path.stem}.png; segment them into different --out folders")
+        stems[path.stem] = path
     written = []
-    for path in list_images(inputs):
+    for path in paths:
         image = read_image(path)
         tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255)
         ids = predictor.output_ids(tensor, options, crf)[0]

@@ -21,6 +21,7 @@ from PIL import Image
 from labelwise.data.base import Sample, SegmentationDataset
 from labelwise.data.classmap import ClassMap
 from labelwise.data.io import image_size, read_image, read_label
+from labelwise.data.preflight import check_image_file
 from labelwise.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -164,13 +165,18 @@ def to_sample(image: np.ndarray, mask: np.ndarray, name: str) -> Sample:
 # ----------------------------------------------------------------------------- datasets
 
 
+def _mask_problem_kind(exc: DataError) -> str:
+    return "invalid label" if ("invalid class id" in str(exc) or "unknown color" in str(exc)) else "unreadable mask"
+
+
 class PairedFilesDataset(SegmentationDataset):
     """A dataset of (image file, mask file) pairs; yields :class:`Sample` items.
 
-    Subclasses call :meth:`_setup` with the discovered pairs. Pairing problems are errors
-    (``on_error="raise"``) or, with ``on_error="skip"``, every pair is fully validated
-    (readable, same size, valid labels), bad ones are dropped and one warning counts them.
-    Pixel validity is otherwise checked when a sample is loaded.
+    Subclasses call :meth:`_setup` with the discovered pairs. With ``on_error="raise"`` every
+    pair gets the fast pre-flight check (:meth:`preflight_pair`: image header and end marker,
+    mask labels, sizes) and any problem is an error naming the first bad file and the count;
+    with ``on_error="skip"`` every pair is fully decoded, bad ones are dropped and one warning
+    names them.
     """
 
     pairs: list[Pair]
@@ -201,10 +207,11 @@ class PairedFilesDataset(SegmentationDataset):
         self._sizes: dict[int, tuple[int, int]] = {}
         self._label_cache: dict[int, torch.Tensor] = {}
         if on_error == "raise":
+            problems = problems + [p for i in range(len(self.pairs)) if (p := self.preflight_pair(i)) is not None]
             if problems:
-                raise DataError(problems[0].message + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
-            for index in range(len(self.pairs)):
-                self._check_sizes(index)
+                more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+                raise DataError(f"{problems[0].message}{more}; fix the file(s), or set data.on_error=skip to leave "
+                                "the bad pairs out")
         else:
             self._drop_bad(problems)
         if not self.pairs:
@@ -225,6 +232,29 @@ class PairedFilesDataset(SegmentationDataset):
         self._sizes[index] = image_hw
         return image_hw
 
+    def preflight_pair(self, index: int) -> Problem | None:
+        """The fast check of pair ``index`` run before training: the image's header and end
+        marker (:func:`~labelwise.data.preflight.check_image_file`, no pixel decoding), the
+        mask decoded with its label values checked, and equal sizes."""
+        image_path, mask_path = self.pairs[index]
+        try:
+            image_hw = check_image_file(image_path)
+        except DataError as exc:
+            return Problem(image_path, "unreadable image", str(exc))
+        try:
+            mask_hw = read_label(mask_path, self.class_map).shape
+        except DataError as exc:
+            return Problem(mask_path, _mask_problem_kind(exc), str(exc))
+        if image_hw != mask_hw:
+            return Problem(
+                image_path,
+                "size mismatch",
+                f"{image_path} and {mask_path}: size mismatch, image is {image_hw[1]}x{image_hw[0]} "
+                f"(WxH) but mask is {mask_hw[1]}x{mask_hw[0]}",
+            )
+        self._sizes[index] = image_hw
+        return None
+
     def check_pair(self, index: int) -> Problem | None:
         """Fully validate pair ``index`` (decode both files, compare sizes, check labels)."""
         image_path, mask_path = self.pairs[index]
@@ -235,8 +265,7 @@ class PairedFilesDataset(SegmentationDataset):
         try:
             mask = read_label(mask_path, self.class_map)
         except DataError as exc:
-            kind = "invalid label" if ("invalid class id" in str(exc) or "unknown color" in str(exc)) else "unreadable mask"
-            return Problem(mask_path, kind, str(exc))
+            return Problem(mask_path, _mask_problem_kind(exc), str(exc))
         if image.shape[:2] != mask.shape:
             return Problem(
                 image_path,

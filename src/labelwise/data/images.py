@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from labelwise.data.folder import IMAGE_EXTENSIONS, LABEL_DIR_NAMES, Problem
 from labelwise.data.io import image_size, read_image
+from labelwise.data.preflight import check_image_file, exif_orientation, open_header, upright
 from labelwise.errors import DataError
 
 OnError = Literal["raise", "skip"]
@@ -99,15 +100,17 @@ def read_image_max_side(path: str | Path, max_side: int | None = None) -> np.nda
     if max(height, width) <= max_side:
         return read_image(path)
     scale = max_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     try:
-        with Image.open(path) as img:
+        with open_header(path) as img:
+            orientation = exif_orientation(img)
+            stored_w, stored_h = img.size
+            size = (max(1, round(stored_w * scale)), max(1, round(stored_h * scale)))
             if img.format == "JPEG":
                 img.draft("RGB", size)  # DCT-domain downscale by 1/2, 1/4 or 1/8, never below size
             img.load()
             rgb = img.convert("RGB") if img.mode != "RGB" else img
-            out = np.array(rgb.resize(size, Image.BILINEAR), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            out = np.array(upright(rgb.resize(size, Image.BILINEAR), orientation), dtype=np.uint8)
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types on corrupt data
         raise DataError(f"{path}: cannot decode image ({exc}); the file is truncated or corrupt") from exc
     return np.ascontiguousarray(out)
 
@@ -125,9 +128,9 @@ class ImageFolderDataset(Dataset):
     Args:
         folders: one folder or a list of folders, searched recursively (see :func:`find_images`).
         max_side: shrink images on load so the longer side is at most this (``None``: as stored).
-        on_error: ``"raise"`` (default) checks every file's header at construction and raises
-            :class:`DataError` naming the first bad file (a file whose pixels turn out corrupt
-            later raises when it is loaded); ``"skip"`` decodes every image at construction,
+        on_error: ``"raise"`` (default) checks every file at construction (header and end
+            marker, :func:`~labelwise.data.preflight.check_image_file`) and raises
+            :class:`DataError` naming the first bad file and the count; ``"skip"`` decodes every image at construction,
             drops the bad ones and warns once with their count.
 
     ``load(i)`` gives the uint8 ``[H, W, 3]`` array (what multi-crop augmentation crops from);
@@ -154,8 +157,16 @@ class ImageFolderDataset(Dataset):
                 self.paths.append(path)
                 self.names.append(path.relative_to(folder).with_suffix("").as_posix())
         if on_error == "raise":
+            problems = []
             for path in self.paths:
-                image_size(path)  # header only: cheap, catches non-images and unreadable files
+                try:
+                    check_image_file(path)  # header + end marker: cheap, catches truncated files too
+                except DataError as exc:
+                    problems.append(str(exc))
+            if problems:
+                more = f" (and {len(problems) - 1} more bad file(s))" if len(problems) > 1 else ""
+                raise DataError(f"{problems[0]}{more}; fix or remove the file(s), or set on_error=skip to leave "
+                                "them out")
         else:
             self._drop_bad()
 

@@ -23,9 +23,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from labelwise.data.classmap import ClassMap
+from labelwise.data.preflight import exif_orientation, open_header, oriented_size, upright
 from labelwise.errors import DataError
 
 #: Largest number of distinct offending values / colors spelled out in an error message.
@@ -35,34 +36,27 @@ _ID_MODES = {"L", "I;16", "I;16L", "I;16B", "I", "1"}
 
 
 def _open(path: Path) -> Image.Image:
-    """Open ``path`` and decode its pixels fully; any failure becomes a :class:`DataError`."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
+    """Open ``path``, decode its pixels fully and apply its EXIF orientation; any failure becomes
+    a :class:`DataError`."""
+    img = open_header(path)
     try:
-        img = Image.open(path)
         img.load()  # decode now, so truncated or corrupt data fails here and not later
-    except UnidentifiedImageError as exc:
-        raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        orientation = exif_orientation(img)
+        if orientation != 1:
+            turned = upright(img, orientation)
+            img.close()
+            img = turned
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types on corrupt data
+        img.close()
         raise DataError(f"{path}: cannot decode image ({exc}); the file is truncated or corrupt") from exc
     return img
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """``(H, W)`` of an image file from its header only (cheap; pixels are not decoded)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except UnidentifiedImageError as exc:
-        raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image header ({exc})") from exc
-    return height, width
+    """Displayed ``(H, W)`` of an image file from its header only (EXIF orientation applied;
+    pixels are not decoded)."""
+    with open_header(Path(path)) as img:
+        return oriented_size(img)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -85,7 +79,7 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.repeat(grey[..., None], 3, axis=2)
         rgb = img.convert("RGB") if img.mode != "RGB" else img
         out = np.array(rgb, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types on corrupt data
         raise DataError(f"{path}: cannot convert image to RGB ({exc})") from exc
     finally:
         img.close()

@@ -19,6 +19,7 @@ at least ``min_fraction`` of the image's labeled pixels.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -77,10 +78,21 @@ class ImageTags:
         return path
 
 
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark is allowed); DataError naming the file otherwise."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                        "save the tag file as UTF-8") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the tag file ({exc.strerror})") from exc
+
+
 def _entries_from_json(path: Path) -> list[tuple[str, str, Any]]:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise DataError(f"{path}: not valid JSON: {exc}") from exc
     if isinstance(data, dict) and set(data) == {"images"} and isinstance(data["images"], dict):
         data = data["images"]
@@ -90,8 +102,10 @@ def _entries_from_json(path: Path) -> list[tuple[str, str, Any]]:
 
 
 def _entries_from_csv(path: Path) -> list[tuple[str, str, Any]]:
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        rows = list(csv.reader(io.StringIO(_read_text(path), newline="")))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from exc
     if not rows:
         raise DataError(f"{path}: empty tag file")
     header = [cell.strip().lower() for cell in rows[0]]

@@ -22,6 +22,7 @@ from labelwise.engine.trainer import trainer_options as engine_trainer_options
 from labelwise.errors import ConfigError
 from labelwise.eval.evaluate import evaluate_model
 from labelwise.io.atomic import atomic_write_json
+from labelwise.io.run_lock import locks_run_folder
 from labelwise.losses import WeightedSumLoss, build_loss
 from labelwise.models import create
 from labelwise.models.export import export_model
@@ -85,6 +86,7 @@ def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], chan
     return step
 
 
+@locks_run_folder
 def train_segmenter(config: TrainConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None,
                     splits: DataSplits | None = None) -> SupervisedResult:
     """Train ``config.model`` on ``config.data``; export it and its val metrics to ``run_dir``.

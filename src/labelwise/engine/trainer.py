@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,7 +26,8 @@ from labelwise.config import OptimConfig, RunConfig, ScheduleConfig, StageConfig
 from labelwise.engine.runtime import DistInfo, autocast, barrier, init_distributed
 from labelwise.engine.sampler import ResumableBatchSampler
 from labelwise.engine.schedule import locate_stage, lr_at
-from labelwise.errors import CheckpointError, ConfigError
+from labelwise.errors import CheckpointError, ConfigError, DataError, WriteError
+from labelwise.io.atomic import atomic_write_text
 from labelwise.io.checkpoint import (
     TrainingCheckpoint,
     capture_rng_state,
@@ -76,6 +78,8 @@ class TrainerOptions:
     channels_last: bool = False
     seed: int = 0
     batch_size: int = 8
+    batch_size_key: str = "data.batch_size"
+    """The config key ``batch_size`` comes from, named when the training set is too small."""
     num_workers: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -194,15 +198,21 @@ class Trainer:
         self.images_seen = 0
         self.run_dir = Path(options.run_dir)
         self.log_path = self.run_dir / "metrics.jsonl"
+        self._check_batches_fit()  # before a regime writes anything into the run folder
 
     # -- set-up ---------------------------------------------------------------------------------
 
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         existing = latest_checkpoint_dir(self.run_dir) if checkpoint_root(self.run_dir).exists() else None
-        if resume:
-            if existing is None:
-                raise CheckpointError(f"--resume: {checkpoint_root(self.run_dir)} holds no checkpoint to resume from")
+        if resume and existing is not None:
             self._restore(existing)
+            self._trim_log()
+        elif resume and self.dist.is_main:
+            # killed before its first checkpoint: nothing to continue, the same command starts over
+            warnings.warn(f"--resume: {checkpoint_root(self.run_dir)} holds no checkpoint yet; training starts at "
+                          "step 0", stacklevel=2)
+            if self.log_path.exists():
+                self.log_path.unlink()
         elif existing is not None and not overwrite:
             raise CheckpointError(
                 f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
@@ -214,6 +224,21 @@ class Trainer:
             if self.log_path.exists():
                 self.log_path.unlink()
         barrier(self.dist)
+
+    def _check_batches_fit(self) -> None:
+        """Refuse, before anything is written, a training set smaller than one batch of a stage."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        world = self.dist.world_size
+        for index, stage in enumerate(self.options.stages):
+            batch = stage.batch_size or self.options.batch_size
+            if size < batch * world:
+                processes = f" x {world} processes" if world > 1 else ""
+                key = f"stages.{index}.batch_size" if stage.batch_size else self.options.batch_size_key
+                named = repr(self.dataset) if type(self.dataset).__repr__ is not object.__repr__ else "the training set"
+                raise DataError(
+                    f"{named}: {size} training sample(s), fewer than one batch ({key} {batch}{processes}); "
+                    f"lower {key} (e.g. --set {key}={max(1, size // world)}) or add images"
+                )
 
     def _restore(self, folder: Path) -> None:
         checkpoint = load_training_checkpoint(folder)
@@ -264,8 +289,27 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as handle:
-            handle.write(json.dumps(dict(record)) + "\n")
+        try:
+            with open(self.log_path, "a") as handle:
+                handle.write(json.dumps(dict(record)) + "\n")
+        except OSError as exc:
+            raise WriteError(f"{self.log_path}: cannot write the training log ({exc.strerror}); the checkpoints "
+                             "are intact: free disk space, then continue with --resume") from exc
+
+    def _trim_log(self) -> None:
+        """Keep the log records of the steps up to the restored checkpoint: the steps after it
+        are trained again, and a line cut short by a killed process is dropped."""
+        if not self.dist.is_main or not self.log_path.is_file():
+            return
+        kept = []
+        for line in self.log_path.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if line.endswith("\n") and isinstance(record, dict) and int(record.get("step", 0)) <= self.step:
+                kept.append(line)
+        atomic_write_text(self.log_path, "".join(kept))
 
     def _run_eval(self) -> dict[str, float]:
         if self.eval_fn is None or not self.dist.is_main:

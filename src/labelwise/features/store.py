@@ -4,6 +4,7 @@ layout is described in :mod:`labelwise.features.cache`."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -19,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from labelwise import __version__
-from labelwise.errors import DataError
+from labelwise.errors import DataError, WriteError
 from labelwise.features.key import FORMAT
 from labelwise.io.atomic import atomic_write_json
 from labelwise.io.jsonfile import read_json
@@ -147,26 +148,39 @@ class FeatureCache:
         manifest_path = path / MANIFEST
         manifest = read_json(manifest_path, "feature-cache manifest", DataError,
                              missing="not a feature cache (manifest missing)")
-        if manifest.get("format") != FORMAT or not manifest.get("complete"):
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("complete"):
             raise DataError(f"{manifest_path}: not a complete {FORMAT} cache")
 
-        def load(name: str, shape: Sequence[int]) -> np.ndarray:
+        def load(name: Any, shape: Any) -> np.ndarray:
+            if not isinstance(name, str) or Path(name).name != name or name.startswith(".") or not name.endswith(
+                    ".npy"):
+                raise DataError(f"{manifest_path}: array file {name!r} is not a .npy file name inside the cache "
+                                "folder; the manifest is corrupt: delete the folder to rebuild the cache")
             file = path / name
             try:
-                array = np.load(file, mmap_mode="r")
+                array = np.load(file, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as exc:
                 raise DataError(f"{file}: cannot open cached array: {exc}") from exc
             if list(array.shape) != list(shape):
-                raise DataError(f"{file}: shape {list(array.shape)}, the manifest says {list(shape)}")
+                raise DataError(f"{file}: shape {list(array.shape)}, the manifest says {shape}; delete the cache "
+                                "folder to rebuild it")
             return array
 
-        features = load("features.npy", manifest["features"]["shape"])
-        labels_info = manifest.get("labels")
-        labels = load(labels_info["file"], labels_info["shape"]) if labels_info else None
-        attention = {key: load(info["file"], info["shape"]) for key, info in manifest.get("attention", {}).items()}
-        names = list(manifest["names"])
-        if len(names) != features.shape[0]:
-            raise DataError(f"{manifest_path}: {len(names)} names for {features.shape[0]} feature rows")
+        try:
+            features = load("features.npy", manifest["features"]["shape"])
+            labels_info = manifest.get("labels")
+            labels = load(labels_info["file"], labels_info["shape"]) if labels_info else None
+            attention = {key: load(info["file"], info["shape"]) for key, info in manifest.get("attention", {}).items()}
+            names = [str(name) for name in manifest["names"]]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"{manifest_path}: corrupt feature-cache manifest (missing or mistyped {exc}); delete "
+                            "the cache folder to rebuild it") from exc
+        rows = {"names": len(names), **({"labels.npy": labels.shape[0]} if labels is not None else {}),
+                **{key: array.shape[0] for key, array in attention.items()}}
+        for what, count in rows.items():
+            if count != features.shape[0]:
+                raise DataError(f"{manifest_path}: {count} {what} rows for {features.shape[0]} feature rows; delete "
+                                "the cache folder to rebuild it")
         return cls(path, manifest, features, names, labels, attention)
 
 
@@ -181,8 +195,14 @@ class CacheWriter:
 
     def _array(self, key: str, file: str, shape: Sequence[int], dtype: Any) -> np.ndarray:
         if key not in self.arrays:
-            self.arrays[key] = np.lib.format.open_memmap(self.folder / file, mode="w+", dtype=dtype,
-                                                         shape=(self.num_samples, *shape))
+            path = self.folder / file
+            try:
+                array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(self.num_samples, *shape))
+                _reserve_disk_space(path)
+            except OSError as exc:
+                raise WriteError(f"{path}: cannot allocate the feature cache ({exc.strerror}); free disk space or "
+                                 "point LABELWISE_CACHE / features.cache_dir at a larger disk") from exc
+            self.arrays[key] = array
             self.files[key] = file
         return self.arrays[key]
 
@@ -199,6 +219,22 @@ class CacheWriter:
             with open(self.folder / file, "rb") as handle:
                 os.fsync(handle.fileno())
         self.arrays.clear()
+
+
+def _reserve_disk_space(path: Path) -> None:
+    """Allocate the blocks of the sparse file ``path`` now: writing through a memory map into a
+    full disk kills the process with SIGBUS, where allocating first fails with ENOSPC."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without fallocate
+            return
+        raise
+    finally:
+        os.close(fd)
 
 
 def label_dtype(ignore_index: int, num_classes: int | None) -> Any:

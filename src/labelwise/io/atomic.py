@@ -9,25 +9,53 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from labelwise.errors import WriteError
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed write of the operating system (disk full, read-only folder,
+    file-size limit...), as opposed to a bug in the code writing."""
+    # safetensors reports its I/O errors as SafetensorError("... I/O error: ...")
+    return isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc))
+
+
+def write_failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return text.split("I/O error: ", 1)[1] if "I/O error: " in text else text
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
     A crash or exception leaves the previous ``path`` untouched and removes the temporary file.
+
+    Raises:
+        WriteError: the write failed in the operating system (disk full, read-only folder,
+            file-size limit); the message names ``path`` and says the previous file is kept.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    existed = path.exists()
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        kept = "the previous version is kept" if existed else "nothing was written"
+        raise WriteError(f"{path}: cannot write ({write_failure_reason(exc)}); {kept}. Free disk space or make "
+                         "the folder writable, then run the command again (with --resume for training)") from exc
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 

@@ -16,8 +16,10 @@ checkpoint loadable. Nothing is unpickled: tensors go through safetensors, the r
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,9 @@ import torch
 from safetensors.torch import save_file
 
 from labelwise.errors import CheckpointError
-from labelwise.io.atomic import atomic_write_json
+from labelwise.io.atomic import atomic_write_json, is_write_failure, write_failure_reason
 from labelwise.io.jsonfile import read_json
-from labelwise.io.tensors import read_safetensors
+from labelwise.io.tensors import file_sha256, read_safetensors
 
 # ---------------------------------------------------------------------------------------------
 # RNG state
@@ -116,27 +118,62 @@ def save_training_checkpoint(run_dir: Path, checkpoint: TrainingCheckpoint, keep
     name = f"step_{checkpoint.step:07d}"
     final = root / name
     staging = root / f".{name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in checkpoint.model_state.items()}, str(staging / "model.safetensors"))
-    optim_tensors, optim_plain = _flatten_optimizer(checkpoint.optimizer_state)
-    rng_plain = []
-    for rank, (rng_tensors, plain) in enumerate(checkpoint.rng):
-        for key, value in rng_tensors.items():
-            optim_tensors[f"rank{rank}.{key}"] = value
-        rng_plain.append(plain)
-    save_file(optim_tensors, str(staging / "optimizer.safetensors"))
-    state = {"step": checkpoint.step, "optimizer": optim_plain, "rng": rng_plain, "extra": checkpoint.extra}
-    (staging / "state.json").write_text(json.dumps(state))
-
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        model_tensors = {k: v.detach().contiguous().cpu() for k, v in checkpoint.model_state.items()}
+        tensors_of = {"model.safetensors": model_tensors}
+        optim_tensors, optim_plain = _flatten_optimizer(checkpoint.optimizer_state)
+        rng_plain = []
+        for rank, (rng_tensors, plain) in enumerate(checkpoint.rng):
+            for key, value in rng_tensors.items():
+                optim_tensors[f"rank{rank}.{key}"] = value
+            rng_plain.append(plain)
+        tensors_of["optimizer.safetensors"] = optim_tensors
+        digests = {}
+        for file_name, tensors in tensors_of.items():
+            save_file(tensors, str(staging / file_name))
+            digests[file_name] = file_sha256(staging / file_name)
+        state = {"step": checkpoint.step, "optimizer": optim_plain, "rng": rng_plain, "extra": checkpoint.extra,
+                 "sha256": digests}
+        (staging / "state.json").write_text(json.dumps(state))
+        _fsync_folder(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        _fsync_folder(root)
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = latest_checkpoint_dir(run_dir) if (root / "latest.json").is_file() else None
+        then = ("the previous checkpoint {} is intact. Free disk space or make the folder writable, then continue "
+                "with --resume".format(previous.name) if previous else "no earlier checkpoint exists. Free disk space "
+                "or make the folder writable, then run the command again")
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({write_failure_reason(exc)}); {then}") from exc
     atomic_write_json(root / "latest.json", {"step": checkpoint.step, "dir": name})
     _prune(root, keep, protect=name)
     return final
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s files and its entry list, so a power cut cannot leave a renamed but
+    empty checkpoint (a killed process needs none of this: the kernel still writes its data)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some systems (Windows)
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:
@@ -153,22 +190,36 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 
 
 def latest_checkpoint_dir(run_dir: Path) -> Path | None:
-    """The folder named by ``latest.json``, or None when the run has no checkpoint yet."""
-    pointer = checkpoint_root(run_dir) / "latest.json"
-    if not pointer.exists():
-        return None
-    info = read_json(pointer, "checkpoint pointer")
+    """The newest checkpoint folder: the one ``latest.json`` names, or, when that pointer is
+    missing or corrupt, the newest ``step_*`` folder (folders appear only once complete, by
+    rename); None when the run has no checkpoint yet."""
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest.json"
+    folders = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    if pointer.exists():
+        try:
+            info = read_json(pointer, "checkpoint pointer")
+        except CheckpointError:
+            info = None
+        name = info.get("dir") if isinstance(info, dict) else None
+        if isinstance(name, str) and name.startswith("step_") and Path(name).name == name and (root / name).is_dir():
+            return root / name
+        if not folders:
+            raise CheckpointError(f"{pointer}: names no checkpoint folder ({str(info)[:80]}) and {root} holds none; "
+                                  "start again with --overwrite")
+        warnings.warn(f"{pointer}: corrupt or stale pointer; resuming from the newest checkpoint folder "
+                      f"{folders[-1].name}", stacklevel=2)
+    return folders[-1] if folders else None
+
+
+def _load_safetensors(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
     try:
-        folder = checkpoint_root(run_dir) / info["dir"]
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{pointer}: unreadable checkpoint pointer: {exc}") from exc
-    if not folder.is_dir():
-        raise CheckpointError(f"{pointer}: names {folder}, which does not exist")
-    return folder
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    return read_safetensors(path, "checkpoint file")
+        return read_safetensors(path, "checkpoint file", sha256)
+    except CheckpointError as exc:
+        others = sorted(p.name for p in path.parent.parent.glob("step_*") if p.is_dir() and p != path.parent)
+        hint = (f"; delete {path.parent} to resume from {others[-1]}" if others
+                else "; no earlier checkpoint is kept: start again with --overwrite")
+        raise CheckpointError(f"{exc}{hint}") from exc
 
 
 def load_training_checkpoint(folder: Path) -> TrainingCheckpoint:
@@ -176,8 +227,11 @@ def load_training_checkpoint(folder: Path) -> TrainingCheckpoint:
     folder = Path(folder)
     state_path = folder / "state.json"
     state = read_json(state_path, "checkpoint state", missing="checkpoint state file is missing")
-    model_state = _load_safetensors(folder / "model.safetensors")
-    tensors = _load_safetensors(folder / "optimizer.safetensors")
+    if not isinstance(state, dict) or not isinstance(state.get("rng"), list) or "optimizer" not in state:
+        raise CheckpointError(f"{state_path}: corrupt checkpoint state (expected step, optimizer, rng)")
+    digests = state.get("sha256") or {}  # absent in checkpoints written before checksums were recorded
+    model_state = _load_safetensors(folder / "model.safetensors", digests.get("model.safetensors"))
+    tensors = _load_safetensors(folder / "optimizer.safetensors", digests.get("optimizer.safetensors"))
     rng = []
     for rank, plain in enumerate(state["rng"]):
         prefix = f"rank{rank}."

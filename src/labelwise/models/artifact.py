@@ -51,7 +51,7 @@ from labelwise.data.classmap import ClassMap, default_palette
 from labelwise.errors import CheckpointError
 from labelwise.io.atomic import atomic_path, atomic_write_json
 from labelwise.io.jsonfile import read_json
-from labelwise.io.tensors import read_safetensors
+from labelwise.io.tensors import file_sha256, read_safetensors
 
 __all__ = ["DESCRIPTIVE_KINDS", "FORMAT", "INFO_FILE", "KINDS", "WEIGHTS_FILE", "Artifact", "artifact_kind",
            "backbone_weights_file", "cluster_class_map", "is_artifact", "load_artifact", "provenance",
@@ -182,6 +182,8 @@ def write_artifact_info(folder: str | Path, kind: str, architecture: Mapping[str
             "class_map": class_map.to_dict() if class_map is not None else None,
             "preprocessing": dict(preprocessing or {}), "source": dict(source or {}), "eval": dict(eval_config or {}),
             "training": dict(training or provenance()), **dict(extra or {})}
+    if (folder / WEIGHTS_FILE).is_file():
+        info["weights_sha256"] = file_sha256(folder / WEIGHTS_FILE)
     atomic_write_json(folder / INFO_FILE, info)
     return folder
 
@@ -252,7 +254,8 @@ def read_artifact_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Ten
         raise CheckpointError(
             f"{info_path}: unknown model format {info.get('format')!r} (this labelwise {__version__} reads "
             f"{FORMAT} and {LEGACY_FORMAT}); export it again with the labelwise version that trained it, or retrain")
-    return info, _load_weights(weights_path)
+    digest = info.get("weights_sha256") if weights_path.parent == folder and weights_path.name == WEIGHTS_FILE else None
+    return info, read_safetensors(weights_path, "weights file", digest if isinstance(digest, str) else None)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from labelwise.data.multicrop import MultiCropAugment, MultiCropConfig, MultiCro
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.schedule import cosine_schedule
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainResult, trainer_options, unwrap
+from labelwise.io.run_lock import locks_run_folder
 from labelwise.methods.pretrain.backbone import UNetBackbone, ViTBackbone, build_backbone, export_backbone, make_teacher
 from labelwise.methods.pretrain.config import PretrainConfig
 from labelwise.methods.pretrain.dino import DINOObjective
@@ -112,6 +113,7 @@ def make_step_fn(augment: MultiCropAugment, seed: int, channels_last: bool = Fal
     return step
 
 
+@locks_run_folder
 def train(config: PretrainConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None
           ) -> PretrainResult:
     """Pretrain ``config.backbone`` with ``config.method`` on the images of ``config.data``.

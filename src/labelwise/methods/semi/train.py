@@ -52,7 +52,8 @@ from labelwise.engine.segmenter import (
 from labelwise.engine.trainer import Trainer, TrainResult
 from labelwise.errors import ConfigError
 from labelwise.eval.evaluate import evaluate_model, make_logits_fn, predict_batch
-from labelwise.io.atomic import atomic_write_json
+from labelwise.io.atomic import atomic_path, atomic_write_json
+from labelwise.io.run_lock import locks_run_folder
 from labelwise.losses import build_loss
 from labelwise.methods.semi.config import SemiConfig
 from labelwise.methods.semi.data import LabeledUnlabeledPairs, pair_collate, unlabeled_images
@@ -77,6 +78,7 @@ class SemiResult:
     metrics: dict[str, Any]
 
 
+@locks_run_folder
 def train(config: SemiConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None
           ) -> SemiResult:
     """Train by ``config.semi.method`` (module docstring)."""
@@ -271,8 +273,9 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
         rounds.append(info)
         atomic_write_json(run_dir / "self_training.json", {"rounds": rounds})
     last = run_dir / f"round{config.semi.rounds}"
-    for path in _model_files(last):
-        shutil.copyfile(path, run_dir / path.name)
+    for path in _model_files(last):  # each file whole (atomic), model.json after the weights
+        with atomic_path(run_dir / path.name) as tmp:
+            shutil.copyfile(path, tmp)
     atomic_write_json(run_dir / "self_training.json", {"rounds": rounds})
     metrics = json.loads((run_dir / "eval.json").read_text())
     # the row's cost is every round's training, the given teacher's included

@@ -80,6 +80,7 @@ from labelwise.inference import load
 from labelwise.io.atomic import atomic_path, atomic_write_json
 from labelwise.io.checkpoint import has_checkpoint
 from labelwise.io.jsonfile import read_json
+from labelwise.io.run_lock import run_folder_lock
 from labelwise.methods.unsupervised.config import UnsupervisedConfig
 from labelwise.methods.unsupervised.train import SELECTION_RULE, training_source
 from labelwise.models.artifact import (
@@ -398,58 +399,61 @@ def refine(run_dir: str | Path, config: RefineConfig | None = None, *, resume: b
     run = Path(run_dir)
     source_info, run_config = _source_run(run)
     out = Path(config.out_dir) if config.out_dir else run / "refine"
-    segmenter_config(config, out / "round1" / "pseudo", out / "round1" / "segmenter")  # fail early on bad settings
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    source: Dataset | None = None
-    source_record = dict(source_info.get("unsupervised") or {})
-    rounds: list[dict[str, Any]] = []
-    for r in range(1, config.rounds + 1):
-        round_dir = out / f"round{r}"
-        teacher = run if r == 1 else out / f"round{r - 1}"
-        refine_record = {"round": r, "rounds": config.rounds, "keep_fraction": config.keep_fraction,
-                         "crf": config.crf, "teacher": str(teacher), "source_run": str(run)}
-        if overwrite:
-            _clear_round(round_dir)
-        elif (round_dir / INFO_FILE).is_file():
-            rounds.append(_check_finished_round(round_dir, refine_record))
-            continue
-        elif round_dir.exists() and any(round_dir.iterdir()) and not resume:
-            raise CheckpointError(f"{round_dir}: an unfinished round of an earlier refinement; pass --resume to "
-                                  f"continue it, --overwrite to redo the rounds, or choose another --out")
-        pseudo_root = round_dir / "pseudo"
-        if resume and (pseudo_root / PSEUDO_FILE).is_file():
-            pseudo = read_json(pseudo_root / PSEUDO_FILE, "pseudo-label report")
-        else:
-            if pseudo_root.exists():
-                shutil.rmtree(pseudo_root)
-            if source is None:
-                source = training_source(run_config)
-            pseudo = pseudo_label_images(teacher, source, pseudo_root, config.keep_fraction, config.crf, device,
-                                         config.precision, config.progress)
-        segmenter_dir = round_dir / "segmenter"
-        seg_config = segmenter_config(config, pseudo_root, segmenter_dir)
-        seg = train_segmenter(seg_config, resume=resume and has_checkpoint(segmenter_dir))
-        report = {"round": r, "teacher": str(teacher), "model": str(round_dir),
-                  "pseudo_labels": {key: pseudo.get(key) for key in ("images", "pixels", "kept_fraction",
-                                                                     "pseudo_label_miou", "teacher_miou", "seconds")
-                                    if key in pseudo},
-                  "segmenter": {"run_dir": str(segmenter_dir), "steps": seg.train.steps,
-                                "train_seconds": round(seg.train.train_seconds, 2)}}
-        record = {**source_record, "selection": SELECTION_RULE, "refine": refine_record}
-        _write_round_model(round_dir, segmenter_dir, record, source_info, report)
-        rounds.append(report)
-    final = out / f"round{config.rounds}"
-    last = rounds[-1].get("pseudo_labels") or {}
-    summary: dict[str, Any] = {
-        "source_run": str(run), "out_dir": str(out), "final_model": str(final), "rounds": config.rounds,
-        "keep_fraction": config.keep_fraction, "crf": config.crf, "selection": SELECTION_RULE,
-        "pseudo_label_kept_fraction": last.get("kept_fraction"),
-        "train_seconds": round(sum((r_.get("segmenter") or {}).get("train_seconds") or 0.0 for r_ in rounds), 2),
-        "pseudo_label_seconds": round(sum((r_.get("pseudo_labels") or {}).get("seconds") or 0.0 for r_ in rounds), 2),
-        "per_round": rounds, "config": to_dict(config),
-    }
-    if last.get("pseudo_label_miou") is not None:
-        summary["pseudo_label_miou"] = last["pseudo_label_miou"]
-    atomic_write_json(out / REFINE_FILE, summary)
-    return RefineResult(out, final, summary)
+    with run_folder_lock(out):  # one refinement at a time writes into out
+        segmenter_config(config, out / "round1" / "pseudo", out / "round1" / "segmenter")  # fail early on bad settings
+        seed_everything(config.seed)
+        device = resolve_device(config.device)
+        source: Dataset | None = None
+        source_record = dict(source_info.get("unsupervised") or {})
+        rounds: list[dict[str, Any]] = []
+        for r in range(1, config.rounds + 1):
+            round_dir = out / f"round{r}"
+            teacher = run if r == 1 else out / f"round{r - 1}"
+            refine_record = {"round": r, "rounds": config.rounds, "keep_fraction": config.keep_fraction,
+                             "crf": config.crf, "teacher": str(teacher), "source_run": str(run)}
+            if overwrite:
+                _clear_round(round_dir)
+            elif (round_dir / INFO_FILE).is_file():
+                rounds.append(_check_finished_round(round_dir, refine_record))
+                continue
+            elif round_dir.exists() and any(round_dir.iterdir()) and not resume:
+                raise CheckpointError(f"{round_dir}: an unfinished round of an earlier refinement; pass --resume to "
+                                      f"continue it, --overwrite to redo the rounds, or choose another --out")
+            pseudo_root = round_dir / "pseudo"
+            if resume and (pseudo_root / PSEUDO_FILE).is_file():
+                pseudo = read_json(pseudo_root / PSEUDO_FILE, "pseudo-label report")
+            else:
+                if pseudo_root.exists():
+                    shutil.rmtree(pseudo_root)
+                if source is None:
+                    source = training_source(run_config)
+                pseudo = pseudo_label_images(teacher, source, pseudo_root, config.keep_fraction, config.crf, device,
+                                             config.precision, config.progress)
+            segmenter_dir = round_dir / "segmenter"
+            seg_config = segmenter_config(config, pseudo_root, segmenter_dir)
+            seg = train_segmenter(seg_config, resume=resume and has_checkpoint(segmenter_dir))
+            report = {"round": r, "teacher": str(teacher), "model": str(round_dir),
+                      "pseudo_labels": {key: pseudo.get(key) for key in ("images", "pixels", "kept_fraction",
+                                                                         "pseudo_label_miou", "teacher_miou", "seconds")
+                                        if key in pseudo},
+                      "segmenter": {"run_dir": str(segmenter_dir), "steps": seg.train.steps,
+                                    "train_seconds": round(seg.train.train_seconds, 2)}}
+            record = {**source_record, "selection": SELECTION_RULE, "refine": refine_record}
+            _write_round_model(round_dir, segmenter_dir, record, source_info, report)
+            rounds.append(report)
+        final = out / f"round{config.rounds}"
+        last = rounds[-1].get("pseudo_labels") or {}
+        summary: dict[str, Any] = {
+            "source_run": str(run), "out_dir": str(out), "final_model": str(final), "rounds": config.rounds,
+            "keep_fraction": config.keep_fraction, "crf": config.crf, "selection": SELECTION_RULE,
+            "pseudo_label_kept_fraction": last.get("kept_fraction"),
+            "train_seconds": round(sum((r_.get("segmenter") or {}).get("train_seconds") or 0.0
+                                       for r_ in rounds), 2),
+            "pseudo_label_seconds": round(sum((r_.get("pseudo_labels") or {}).get("seconds") or 0.0
+                                              for r_ in rounds), 2),
+            "per_round": rounds, "config": to_dict(config),
+        }
+        if last.get("pseudo_label_miou") is not None:
+            summary["pseudo_label_miou"] = last["pseudo_label_miou"]
+        atomic_write_json(out / REFINE_FILE, summary)
+        return RefineResult(out, final, summary)

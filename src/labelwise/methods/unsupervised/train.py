@@ -32,6 +32,7 @@ from labelwise.eval.kmeans import kmeans
 from labelwise.features.attention import affinity_local_weights
 from labelwise.features.cache import FeatureCache, extract_features
 from labelwise.io.atomic import atomic_write_json
+from labelwise.io.run_lock import locks_run_folder
 from labelwise.losses.clustering import clustering_loss, fit_prototypes
 from labelwise.losses.hidden_positives import (
     HiddenPositiveLoss,
@@ -365,6 +366,7 @@ def _num_clusters(config: UnsupervisedConfig) -> int:
     return int(build_eval_dataset(config.data)[1].num_classes)
 
 
+@locks_run_folder
 def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None
           ) -> UnsupervisedResult:
     """Train the head of ``config.method`` on cached features of the training views and export
@@ -406,7 +408,7 @@ def train(config: UnsupervisedConfig, resume: bool = False, overwrite: bool = Fa
         if local_weights_rule(config, backbone) == "attention":
             local_key = next(k for k in cache.attention if k.startswith(LOCAL_KIND + "@"))
         dataset = CachedViews(cache, aug, local_key)
-        options = trainer_options(config, config, device, batch_size=config.batch_size)
+        options = trainer_options(config, config, device, batch_size=config.batch_size, batch_size_key="batch_size")
         def momentum_update(model: nn.Module, step: int) -> None:  # noqa: ARG001
             bare: UnsupervisedHead = unwrap(model)  # type: ignore[assignment]
             ema_update(bare.momentum_head, bare.head, config.hp.momentum)

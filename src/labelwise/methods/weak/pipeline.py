@@ -38,6 +38,7 @@ from labelwise.inference import load, segmenter_metrics
 from labelwise.io.atomic import atomic_write_json
 from labelwise.io.checkpoint import has_checkpoint
 from labelwise.io.jsonfile import read_json
+from labelwise.io.run_lock import locks_run_folder
 from labelwise.methods.weak.config import WeakConfig
 from labelwise.methods.weak.data import TaggedImages
 from labelwise.methods.weak.self_training import PSEUDO_FILE, self_training_labels
@@ -93,6 +94,7 @@ def write_stage(classifier_dir: str | Path, config: WeakConfig, out_dir: str | P
     return {**report, "out": str(out)}
 
 
+@locks_run_folder
 def run(config: WeakConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """All stages (module docstring); returns the report also written to ``weak_run.json``.
     ``resume``: continue the stages that have checkpoints (a stage without one starts fresh);

@@ -32,6 +32,7 @@ from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainResult, trainer_options
 from labelwise.errors import CheckpointError, ConfigError
 from labelwise.io.jsonfile import read_json
+from labelwise.io.run_lock import locks_run_folder
 from labelwise.methods.weak.cams import WeakClassifier
 from labelwise.methods.weak.classifiers import build_classifier, classifier_architecture, classifier_from_architecture
 from labelwise.methods.weak.config import WeakConfig
@@ -157,6 +158,7 @@ def _started_from(config: WeakConfig) -> str:
     return config.backbone
 
 
+@locks_run_folder
 def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool = False,
                      stop_at: int | None = None) -> WeakClassifierResult:
     """Train and export the classifier (module docstring); resumable from ``run_dir``."""
@@ -167,7 +169,8 @@ def train_classifier(config: WeakConfig, resume: bool = False, overwrite: bool =
     dataset, class_map = tagged_training_images(config)
     torch.manual_seed(config.seed)
     model = build_classifier(config, class_map.num_classes)
-    options = trainer_options(config, config.schedule(), device, batch_size=config.batch_size, run_dir=run_dir,
+    options = trainer_options(config, config.schedule(), device, batch_size=config.batch_size,
+                              batch_size_key="batch_size", run_dir=run_dir,
                               lr_scale=lambda name: config.new_lr_scale if model.is_new_parameter(name) else 1.0)
     trainer = Trainer(model, dataset, _step_fn(config), options, collate_fn=_collate)
     if trainer.dist.is_main:  # under torchrun, rank 0 writes the run folder
