@@ -397,15 +397,20 @@ def checkpoint_cases(work: Path, finished: Path, rng: np.random.Generator) -> li
         damaged(f"truncated_export_{i}", lambda r: truncate(r / "weights.safetensors") or "weights.safetensors",
                 resume=False)
         damaged(f"bitflip_export_{i}", lambda r: flip(r / "weights.safetensors") or "weights.safetensors", resume=False)
-    damaged("empty_model", lambda r: (r / latest / "model.safetensors").write_bytes(b"") or "model.safetensors")
-    damaged("state_garbage", lambda r: (r / latest / "state.json").write_bytes(b"\x00\xff{") or "state.json")
-    damaged("state_not_object", lambda r: (r / latest / "state.json").write_text("[1]") or "state.json")
-    damaged("pointer_garbage", lambda r: (r / "checkpoints" / "latest.json").write_text("{") or "", must_fail=False)
-    damaged("pointer_escape", lambda r: (r / "checkpoints" / "latest.json").write_text(
-        json.dumps({"step": 2, "dir": "../../../../tmp"})) or "", must_fail=False)
-    damaged("model_json_garbage", lambda r: (r / "model.json").write_bytes(b"\x89garbage") or "model.json",
-            resume=False)
-    damaged("model_json_list", lambda r: (r / "model.json").write_text("[]") or "model.json", resume=False)
+    def replace_with(relative: str, data: bytes) -> Callable[[Path], str]:
+        def damage(run: Path) -> str:
+            (run / relative).write_bytes(data)
+            return Path(relative).name
+        return damage
+
+    damaged("empty_model", replace_with(f"{latest}/model.safetensors", b""))
+    damaged("state_garbage", replace_with(f"{latest}/state.json", b"\x00\xff{"))
+    damaged("state_not_object", replace_with(f"{latest}/state.json", b"[1]"))
+    damaged("pointer_garbage", replace_with("checkpoints/latest.json", b"{"), must_fail=False)
+    damaged("pointer_escape", replace_with("checkpoints/latest.json", b'{"step": 2, "dir": "../../../../tmp"}'),
+            must_fail=False)
+    damaged("model_json_garbage", replace_with("model.json", b"\x89garbage"), resume=False)
+    damaged("model_json_list", replace_with("model.json", b"[]"), resume=False)
 
     def wrong_architecture(run: Path) -> str:
         info = json.loads((run / "model.json").read_text())

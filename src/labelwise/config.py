@@ -520,19 +520,38 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of YAML file ``path``; ``ConfigError`` naming the file otherwise."""
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_bytes().decode("utf-8-sig")) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: config file not found") from exc
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "save the config as UTF-8") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: not a usable config (nested too deeply)") from exc
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return loaded
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load dataclass ``cls`` from YAML file ``path`` (defaults where absent) plus overrides."""
-    return config_from_mapping(cls, read_yaml_mapping(path) if path is not None else {}, overrides)
+    """Load dataclass ``cls`` from YAML file ``path`` (defaults where absent) plus overrides.
+
+    A ``ConfigError`` about a key the overrides do not set names the file too."""
+    loaded = read_yaml_mapping(path) if path is not None else {}
+    try:
+        return config_from_mapping(cls, loaded, overrides)
+    except ConfigError as exc:
+        overridden = [o.split("=", 1)[0].strip() for o in overrides]
+        if path is None or any(str(exc).startswith(key) for key in overridden) or str(exc).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 def config_from_mapping(cls: type[T], loaded: dict[str, Any], overrides: Sequence[str] = ()) -> T:

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from labelwise import __version__
 from labelwise.data.classmap import ClassMap, default_palette
-from labelwise.errors import CheckpointError
+from labelwise.errors import CheckpointError, ConfigError, DataError
 from labelwise.io.atomic import atomic_path, atomic_write_json
 from labelwise.io.jsonfile import read_json
 from labelwise.io.tensors import file_sha256, read_safetensors
@@ -336,6 +336,8 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") ->
         module = KINDS[kind](info["architecture"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{where}: model description lacks {exc}") from exc
+    except (ConfigError, DataError, ValueError) as exc:
+        raise CheckpointError(f"{where}: the model it describes cannot be built ({exc})") from exc
     _strict_load(module, weights, str(folder))
     module.to(map_location).eval()
     return Artifact(folder, kind, module, class_map, info)

@@ -255,7 +255,7 @@ def model_options(name: str) -> dict[str, Any]:
 def _lookup(name: str) -> tuple[ModelFactory, dict[str, Any]]:
     if name not in _REGISTRY:
         raise ConfigError(
-            f"unknown model {name!r}; available models: {', '.join(available_models())}"
+            f"model.name: unknown model {name!r}; available models: {', '.join(available_models())}"
         )
     return _REGISTRY[name]
 
