@@ -2,7 +2,7 @@
 
 For every regime a tiny synthetic run is trained once without interruption (the reference).
 Then, per trial, the same command is started in a fresh folder and sent SIGKILL at a random
-moment (uniform over the reference's wall time, imports included), the folder is inspected for
+moment (uniform between interpreter start-up and the reference's wall time), the folder is inspected for
 half-written artifacts taken as complete, and the command is run again with ``--resume`` to the
 end. A trial is ``recovered`` when that resume exits 0 with the final model written,
 ``identical`` when the final weights equal the reference's bit for bit (CPU), ``lost`` when it is
@@ -99,10 +99,10 @@ def regimes(assets: dict[str, Path]) -> dict[str, Regime]:
     unet = "model.options={width: 8, depth: 2}"
     return {
         "supervised": Regime("supervised", lambda trial: [
-            "train", *_sets([*SYNTHETIC, *RUN, unet, "stages.0.steps=10", "data.batch_size=4", "checkpoint_every=2"])],
+            "train", *_sets([*SYNTHETIC, *RUN, unet, "stages.0.steps=16", "data.batch_size=4", "checkpoint_every=2"])],
             "weights.safetensors"),
         "pretrain": Regime("pretrain", lambda trial: [
-            "pretrain", "--images", str(assets["images"]), "--method", "dino", "--steps", "8",
+            "pretrain", "--images", str(assets["images"]), "--method", "dino", "--steps", "12",
             *_sets([*RUN, "checkpoint_every=2", "data.batch_size=4", "backbone.arch=custom", "backbone.patch_size=8",
                     "backbone.options={embed_dim: 32, depth: 2, num_heads: 2}", "multicrop.global_size=32",
                     "multicrop.local_size=16", "multicrop.local_crops=2", "dino.out_dim=64", "dino.hidden_dim=32",
@@ -111,21 +111,21 @@ def regimes(assets: dict[str, Path]) -> dict[str, Regime]:
         "unsupervised": Regime("unsupervised", lambda trial: [
             "unsupervised", "train", *_sets([
                 *SYNTHETIC, *RUN, f"features.backbone={assets['vit1']}", "features.crop_mode=whole",
-                "features.crop_size=32", f"features.cache_dir={trial / 'cache'}", "method=stego", "stages.0.steps=10",
+                "features.crop_size=32", f"features.cache_dir={trial / 'cache'}", "method=stego", "stages.0.steps=16",
                 "batch_size=4", "checkpoint_every=2", "eval.clusters=4", "eval.linear_probe=false"])],
             "weights.safetensors"),
         "weak": Regime("weak", lambda trial: [
             "weak", "run", *_sets([
-                *SYNTHETIC, *RUN, f"backbone={assets['vit2']}", "image_size=[32, 48]", "stages.0.steps=6",
+                *SYNTHETIC, *RUN, f"backbone={assets['vit2']}", "image_size=[32, 48]", "stages.0.steps=8",
                 "batch_size=4", "checkpoint_every=2", "cams.blocks=2", "pseudo_masks.background_class=0",
-                'segmenter_overrides=["stages.0.steps=6", "data.batch_size=2", "model.options={width: 8}", '
+                'segmenter_overrides=["stages.0.steps=8", "data.batch_size=2", "model.options={width: 8}", '
                 '"checkpoint_every=2"]'])],
             "segmenter/weights.safetensors"),
         "semi_self_training": Regime("semi_self_training", lambda trial: [
             "semi", "train", *_sets([
                 *SYNTHETIC, *RUN, unet, f"data.train_list={assets['labeled']}",
                 f"semi.unlabeled_list={assets['unlabeled']}", "semi.method=self_training", "semi.rounds=2",
-                "stages.0.steps=4", "data.batch_size=2", "checkpoint_every=2"])],
+                "stages.0.steps=6", "data.batch_size=2", "checkpoint_every=2"])],
             "weights.safetensors"),
     }
 
@@ -218,18 +218,45 @@ def _one_error_line(stderr: str) -> list[str]:
 # ----------------------------------------------------------------------------- faults
 
 
-def sigkill_trials(regime: Regime, work: Path, reference: Path, seconds: float, trials: int,
+def startup_seconds() -> float:
+    """Wall time of interpreter start-up and imports before a command does any work (the
+    fastest of three), so that kills land where the run writes."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import labelwise.cli, torch, labelwise.methods.supervised"],
+                       env=_env(), check=True)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def interrupted(run_dir: Path) -> str:
+    """What the killed run had written: the stage a kill interrupted."""
+    if not run_dir.exists():
+        return "before the run folder"
+    checkpoints = [p for p in run_dir.rglob("checkpoints/step_*") if p.is_dir()]
+    if any(run_dir.rglob("model.json")):
+        return "after an export"
+    if checkpoints:
+        return "between checkpoints"
+    return "before the first checkpoint"
+
+
+def sigkill_trials(regime: Regime, work: Path, reference: Path, seconds: float, startup: float, trials: int,
                    rng: random.Random) -> dict:
     identical = recovered = lost = killed = 0
     notes: list[str] = []
+    stages: dict[str, int] = {}
     for trial in range(trials):
         folder = work / f"{regime.name}_kill{trial}"
         shutil.rmtree(folder, ignore_errors=True)
         run_dir = folder / "run"
         args = [*regime.args(folder), "--run-dir", str(run_dir), "--no-report"]
-        kill_at = rng.uniform(0.05, 1.0) * seconds
+        kill_at = rng.uniform(min(startup, 0.9 * seconds), seconds)
         code, err, _ = run_cli(args, kill_after=kill_at)
         killed += code is None
+        stage = interrupted(run_dir) if code is None else "not killed (finished first)"
+        stages[stage] = stages.get(stage, 0) + 1
         broken = half_written(run_dir) if run_dir.exists() else []
         code, err, _ = run_cli([*args, "--resume"])
         ok = code == 0 and (run_dir / regime.final).is_file()
@@ -244,7 +271,7 @@ def sigkill_trials(regime: Regime, work: Path, reference: Path, seconds: float, 
               f"half-written {len(broken)}", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
     return {"regime": regime.name, "fault": "sigkill", "trials": trials, "killed_before_end": killed,
-            "identical": identical, "recovered": recovered, "lost": lost, "notes": notes}
+            "identical": identical, "recovered": recovered, "lost": lost, "killed_when": stages, "notes": notes}
 
 
 def write_failure_trial(regime: Regime, work: Path, reference: Path, fault: str) -> dict:
@@ -301,6 +328,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     rows = []
     start = time.perf_counter()
+    startup = startup_seconds()
     for name in names:
         regime = chosen[name]
         reference = work / f"{name}_reference" / "run"
@@ -308,9 +336,10 @@ def main() -> None:
         code, err, seconds = run_cli([*regime.args(reference.parent), "--run-dir", str(reference), "--no-report"])
         if code != 0:
             raise SystemExit(f"{name}: the uninterrupted reference run failed:\n{err}")
-        print(f"{name}: reference run {seconds:.1f} s", flush=True)
-        row = sigkill_trials(regime, work, reference, seconds, args.trials, rng)
+        print(f"{name}: reference run {seconds:.1f} s (start-up {startup:.1f} s)", flush=True)
+        row = sigkill_trials(regime, work, reference, seconds, startup, args.trials, rng)
         row["reference_seconds"] = round(seconds, 1)
+        row["startup_seconds"] = round(startup, 1)
         rows.append(row)
         if not args.no_disk:
             for fault in ("file_size_limit", "disk_full_tmpfs"):
