@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from dataclasses import replace
@@ -86,7 +87,7 @@ def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     ckpt.save_training_checkpoint(tmp_path, first)
 
     def exploding_save(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "disk full")
 
     monkeypatch.setattr(ckpt, "save_file", exploding_save)
     with pytest.raises(CheckpointError, match=r"step_0000002: cannot write the checkpoint \(disk full\); the "

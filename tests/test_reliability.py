@@ -320,3 +320,21 @@ def test_feature_cache_manifest_that_does_not_match_its_arrays_is_refused(tmp_pa
         with pytest.raises(DataError, match=message):
             FeatureCache.open(folder)
 
+
+
+def test_atomic_writes_name_a_refused_write_and_let_other_errors_through(tmp_path: Path) -> None:
+    import errno
+
+    from labelwise.errors import WriteError
+    from labelwise.io.atomic import atomic_path, atomic_write_json
+
+    target = tmp_path / "f.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(WriteError, match=r"f\.json: cannot write \(No space left on device\); the previous version"):
+        with atomic_path(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert json.loads(target.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [target]
+    with pytest.raises(ConnectionRefusedError):  # not a write the system refused: unchanged
+        with atomic_path(target):
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+    assert list(tmp_path.iterdir()) == [target]

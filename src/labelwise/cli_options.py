@@ -57,7 +57,8 @@ OPTIONS: dict[str, Option] = {
     "run_dir": Option(("--run-dir",), {"type": Path, "default": None, "metavar": "DIR",
                                        "help": f"output folder ({_config_default('run_dir')})"}, key="run_dir"),
     "resume": Option(("--resume",), {"action": "store_true",
-                                     "help": "continue the run in the run folder from its last checkpoint"}),
+                                     "help": "continue the run in the run folder from its last complete checkpoint "
+                                             "(bit-exact; from step 0 when it stopped before the first one)"}),
     "overwrite": Option(("--overwrite",), {"action": "store_true",
                                            "help": "discard checkpoints already in the run folder"}),
     "device": Option(("--device",), {"choices": DEVICES, "default": None,

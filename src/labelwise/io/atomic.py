@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -11,12 +12,17 @@ from typing import Any, Iterator
 
 from labelwise.errors import WriteError
 
+#: errno values of a write the operating system refused (not a bug in the code writing).
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
 
 def is_write_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a failed write of the operating system (disk full, read-only folder,
     file-size limit...), as opposed to a bug in the code writing."""
     # safetensors reports its I/O errors as SafetensorError("... I/O error: ...")
-    return isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc))
+    if type(exc).__name__ == "SafetensorError":
+        return "I/O error" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in WRITE_FAILURES
 
 
 def write_failure_reason(exc: BaseException) -> str:

@@ -276,13 +276,16 @@ def _weak_cams_section(record: RunRecord) -> str:
         labels_path = root / "pseudo" / "train" / "labels" / f"{folder.name}.png"
         if not image_path.is_file():
             continue
-        image = np.asarray(Image.open(image_path).convert("RGB"))
-        cells = [("image", image)]
-        if labels_path.is_file():
-            cells.append(("pseudo-mask (black: ignored)", class_map.colorize(np.asarray(Image.open(labels_path)))))
-        for heat_path in sorted(folder.glob("*.png")):
-            heat = np.asarray(Image.open(heat_path).convert("L"))
-            cells.append((f"CAM: {heat_path.stem}", _heat_overlay(image, heat)))
+        try:
+            image = np.asarray(Image.open(image_path).convert("RGB"))
+            cells = [("image", image)]
+            if labels_path.is_file():
+                cells.append(("pseudo-mask (black: ignored)", class_map.colorize(np.asarray(Image.open(labels_path)))))
+            for heat_path in sorted(folder.glob("*.png")):
+                heat = np.asarray(Image.open(heat_path).convert("L"))
+                cells.append((f"CAM: {heat_path.stem}", _heat_overlay(image, heat)))
+        except (OSError, ValueError, IndexError):  # a damaged PNG in the run folder: leave the row out
+            continue
         images = "".join(f"<td><figure><img alt='{_esc(label)} {_esc(folder.name)}' src='{_png_uri(array)}'>"
                          f"<figcaption>{_esc(label)}</figcaption></figure></td>" for label, array in cells)
         rows += f"<tr><th>{_esc(folder.name)}</th>{images}</tr>"
