@@ -56,6 +56,11 @@ class Regime:
     name: str
     args: Callable[[Path], list[str]]
     final: str
+    report: bool = False
+    """Write ``report.html`` at the end (the command's default) instead of ``--no-report``."""
+
+    def command(self, trial: Path, run_dir: Path) -> list[str]:
+        return [*self.args(trial), "--run-dir", str(run_dir), *([] if self.report else ["--no-report"])]
 
 
 def _tiny_vit(path: Path, depth: int) -> Path:
@@ -101,6 +106,9 @@ def regimes(assets: dict[str, Path]) -> dict[str, Regime]:
         "supervised": Regime("supervised", lambda trial: [
             "train", *_sets([*SYNTHETIC, *RUN, unet, "stages.0.steps=16", "data.batch_size=4", "checkpoint_every=2"])],
             "weights.safetensors"),
+        "supervised_report": Regime("supervised_report", lambda trial: [
+            "train", *_sets([*SYNTHETIC, *RUN, unet, "stages.0.steps=16", "data.batch_size=4", "checkpoint_every=2"])],
+            "weights.safetensors", report=True),
         "pretrain": Regime("pretrain", lambda trial: [
             "pretrain", "--images", str(assets["images"]), "--method", "dino", "--steps", "12",
             *_sets([*RUN, "checkpoint_every=2", "data.batch_size=4", "backbone.arch=custom", "backbone.patch_size=8",
@@ -251,7 +259,7 @@ def sigkill_trials(regime: Regime, work: Path, reference: Path, seconds: float, 
         folder = work / f"{regime.name}_kill{trial}"
         shutil.rmtree(folder, ignore_errors=True)
         run_dir = folder / "run"
-        args = [*regime.args(folder), "--run-dir", str(run_dir), "--no-report"]
+        args = regime.command(folder, run_dir)
         kill_at = rng.uniform(min(startup, 0.9 * seconds), seconds)
         code, err, _ = run_cli(args, kill_after=kill_at)
         killed += code is None
@@ -290,7 +298,7 @@ def write_failure_trial(regime: Regime, work: Path, reference: Path, fault: str)
                     "notes": ["tmpfs could not be mounted here (not root): row not measured"]}
     try:
         run_dir = folder / "run"
-        args = [*regime.args(folder), "--run-dir", str(run_dir), "--no-report"]
+        args = regime.command(folder, run_dir)
         code, err, _ = run_cli(args, file_size_limit=largest // 2 if fault == "file_size_limit" else None)
         lines = _one_error_line(err)
         clear = code == 2 and len(lines) == 1 and "Traceback" not in err and str(folder) in lines[0]
@@ -313,7 +321,8 @@ def write_failure_trial(regime: Regime, work: Path, reference: Path, fault: str)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--regimes", nargs="+", default=None, help="default: all")
+    parser.add_argument("--regimes", nargs="+", default=None,
+                        help="default: all but supervised_report (the supervised run writing its report.html)")
     parser.add_argument("--trials", type=int, default=20, help="SIGKILL trials per regime")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-disk", action="store_true", help="skip the write-failure rows")
@@ -324,7 +333,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     assets = _assets(work)
     chosen = regimes(assets)
-    names = args.regimes or list(chosen)
+    names = args.regimes or [name for name in chosen if name != "supervised_report"]
     rng = random.Random(args.seed)
     rows = []
     start = time.perf_counter()
@@ -333,7 +342,7 @@ def main() -> None:
         regime = chosen[name]
         reference = work / f"{name}_reference" / "run"
         shutil.rmtree(reference.parent, ignore_errors=True)
-        code, err, seconds = run_cli([*regime.args(reference.parent), "--run-dir", str(reference), "--no-report"])
+        code, err, seconds = run_cli(regime.command(reference.parent, reference))
         if code != 0:
             raise SystemExit(f"{name}: the uninterrupted reference run failed:\n{err}")
         print(f"{name}: reference run {seconds:.1f} s (start-up {startup:.1f} s)", flush=True)
