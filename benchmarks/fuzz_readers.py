@@ -156,6 +156,20 @@ class Payload:
 # ----------------------------------------------------------------------------- case builders
 
 
+def _file_cases(reader: str, work: Path, files: dict[str, tuple[bytes, str]],
+                argv: Callable[[Path, Path], list[str]]) -> list[Case]:
+    """One must-fail case per file: ``files`` maps a file name to (its bytes, the text its error
+    line must contain); ``argv(file, run_dir)`` is the command reading it."""
+    cases = []
+    for name, (data, names) in files.items():
+        path = work / reader / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        run_dir = work / f"{reader}_runs" / name
+        cases.append(Case(reader, name, argv(path, run_dir), True, names, [run_dir]))
+    return cases
+
+
 def image_cases(work: Path, model: Path, rng: np.random.Generator, n: int) -> list[Case]:
     cases: list[Case] = []
 
@@ -272,18 +286,12 @@ def tag_cases(work: Path, vit: Path, rng: np.random.Generator, n: int) -> list[C
     for i in range(n):
         contents[f"random{i}.{rng.choice(['csv', 'json'])}"] = rng.integers(0, 256, int(rng.integers(1, 512)),
                                                                              dtype=np.uint8).tobytes()
-    cases = []
-    for name, data in contents.items():
-        path = work / "tags" / name
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(data)
-        run_dir = work / "tag_runs" / name
-        argv = ["weak", "run", "--images", str(images), "--tags", str(path), "--classes",
-                str(work / "tag_classes.json"), "--run-dir", str(run_dir), "--no-report",
-                *_sets([f"backbone={vit}", "image_size=[32, 48]", "stages.0.steps=1", "batch_size=2", "device=cpu",
-                        "progress=false"])]
-        cases.append(Case("tags", name, argv, True, name, [run_dir]))
-    return cases
+    return _file_cases("tags", work, {name: (data, name) for name, data in contents.items()},
+                       lambda path, run_dir: [
+                           "weak", "run", "--images", str(images), "--tags", str(path), "--classes",
+                           str(work / "tag_classes.json"), "--run-dir", str(run_dir), "--no-report",
+                           *_sets([f"backbone={vit}", "image_size=[32, 48]", "stages.0.steps=1", "batch_size=2",
+                                   "device=cpu", "progress=false"])])
 
 
 def split_cases(work: Path, rng: np.random.Generator, n: int) -> list[Case]:
@@ -294,16 +302,9 @@ def split_cases(work: Path, rng: np.random.Generator, n: int) -> list[Case]:
     }
     for i in range(n):
         contents[f"random{i}.txt"] = rng.integers(0, 256, int(rng.integers(1, 512)), dtype=np.uint8).tobytes()
-    cases = []
-    for name, data in contents.items():
-        path = work / "lists" / name
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(data)
-        run_dir = work / "list_runs" / name
-        cases.append(Case("split_lists", name, ["train", "--run-dir", str(run_dir), "--no-report",
-                                                *_sets([*TINY_TRAIN, f"data.train_list={path}"])],
-                          True, name, [run_dir]))
-    return cases
+    return _file_cases("split_lists", work, {name: (data, name) for name, data in contents.items()},
+                       lambda path, run_dir: ["train", "--run-dir", str(run_dir), "--no-report",
+                                              *_sets([*TINY_TRAIN, f"data.train_list={path}"])])
 
 
 YAML_KEYS = {  # key -> values of the wrong type (each case takes one)
@@ -352,15 +353,8 @@ def yaml_cases(work: Path, rng: np.random.Generator, n: int) -> list[Case]:
     for i in range(n):
         texts[f"random{i}.yaml"] = (rng.integers(0, 256, int(rng.integers(1, 512)), dtype=np.uint8).tobytes(),
                                     f"random{i}.yaml")
-    cases = []
-    for name, (data, names) in texts.items():
-        path = work / "yaml" / name
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(data)
-        run_dir = work / "yaml_runs" / name
-        cases.append(Case("yaml_configs", name, ["train", "--config", str(path), "--run-dir", str(run_dir),
-                                                 "--no-report"], True, names, [run_dir]))
-    return cases
+    return _file_cases("yaml_configs", work, texts, lambda path, run_dir: [
+        "train", "--config", str(path), "--run-dir", str(run_dir), "--no-report"])
 
 
 def checkpoint_cases(work: Path, finished: Path, rng: np.random.Generator) -> list[Case]:

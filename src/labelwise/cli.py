@@ -183,11 +183,16 @@ def _inference(args: argparse.Namespace) -> int:
 
         atomic_write_text(args.metrics, text + "\n")
     if args.report:
+        from contextlib import nullcontext
+
         from labelwise.config import to_dict
+        from labelwise.io.run_lock import run_folder_lock
         from labelwise.report.evaluations import add_evaluation
 
-        add_evaluation(args.model, report, args.split or data.val_split, to_dict(data), crf=bool(args.crf))
-        report_after_training(args, args.model)
+        # not while a training command writes into the folder
+        with run_folder_lock(args.model) if Path(args.model).is_dir() else nullcontext():
+            add_evaluation(args.model, report, args.split or data.val_split, to_dict(data), crf=bool(args.crf))
+            report_after_training(args, args.model)
     return 0
 
 

@@ -165,6 +165,11 @@ def to_sample(image: np.ndarray, mask: np.ndarray, name: str) -> Sample:
 # ----------------------------------------------------------------------------- datasets
 
 
+def _size_mismatch(image_path: Path, mask_path: Path, image_hw: Sequence[int], mask_hw: Sequence[int]) -> str:
+    return (f"{image_path} and {mask_path}: size mismatch, image is {image_hw[1]}x{image_hw[0]} (WxH) but mask is "
+            f"{mask_hw[1]}x{mask_hw[0]}")
+
+
 def _mask_problem_kind(exc: DataError) -> str:
     return "invalid label" if ("invalid class id" in str(exc) or "unknown color" in str(exc)) else "unreadable mask"
 
@@ -225,10 +230,7 @@ class PairedFilesDataset(SegmentationDataset):
         image_hw = image_size(image_path)
         mask_hw = image_size(mask_path)
         if image_hw != mask_hw:
-            raise DataError(
-                f"{image_path} and {mask_path}: size mismatch, image is {image_hw[1]}x{image_hw[0]} "
-                f"(WxH) but mask is {mask_hw[1]}x{mask_hw[0]}"
-            )
+            raise DataError(_size_mismatch(image_path, mask_path, image_hw, mask_hw))
         self._sizes[index] = image_hw
         return image_hw
 
@@ -236,9 +238,14 @@ class PairedFilesDataset(SegmentationDataset):
         """The fast check of pair ``index`` run before training: the image's header and end
         marker (:func:`~labelwise.data.preflight.check_image_file`, no pixel decoding), the
         mask decoded with its label values checked, and equal sizes."""
+        return self.check_pair(index, decode_image=False)
+
+    def check_pair(self, index: int, decode_image: bool = True) -> Problem | None:
+        """Validate pair ``index``: the image (decoded, or with ``decode_image=False`` its header
+        and end marker only), the mask decoded with its labels checked, equal sizes."""
         image_path, mask_path = self.pairs[index]
         try:
-            image_hw = check_image_file(image_path)
+            image_hw = read_image(image_path).shape[:2] if decode_image else check_image_file(image_path)
         except DataError as exc:
             return Problem(image_path, "unreadable image", str(exc))
         try:
@@ -246,34 +253,8 @@ class PairedFilesDataset(SegmentationDataset):
         except DataError as exc:
             return Problem(mask_path, _mask_problem_kind(exc), str(exc))
         if image_hw != mask_hw:
-            return Problem(
-                image_path,
-                "size mismatch",
-                f"{image_path} and {mask_path}: size mismatch, image is {image_hw[1]}x{image_hw[0]} "
-                f"(WxH) but mask is {mask_hw[1]}x{mask_hw[0]}",
-            )
+            return Problem(image_path, "size mismatch", _size_mismatch(image_path, mask_path, image_hw, mask_hw))
         self._sizes[index] = image_hw
-        return None
-
-    def check_pair(self, index: int) -> Problem | None:
-        """Fully validate pair ``index`` (decode both files, compare sizes, check labels)."""
-        image_path, mask_path = self.pairs[index]
-        try:
-            image = read_image(image_path)
-        except DataError as exc:
-            return Problem(image_path, "unreadable image", str(exc))
-        try:
-            mask = read_label(mask_path, self.class_map)
-        except DataError as exc:
-            return Problem(mask_path, _mask_problem_kind(exc), str(exc))
-        if image.shape[:2] != mask.shape:
-            return Problem(
-                image_path,
-                "size mismatch",
-                f"{image_path} and {mask_path}: size mismatch, image is {image.shape[1]}x{image.shape[0]} "
-                f"(WxH) but mask is {mask.shape[1]}x{mask.shape[0]}",
-            )
-        self._sizes[index] = image.shape[:2]
         return None
 
     def validate(self) -> list[str]:
@@ -329,10 +310,7 @@ class PairedFilesDataset(SegmentationDataset):
         image = read_image(image_path)
         mask = read_label(mask_path, self.class_map)
         if image.shape[:2] != mask.shape:
-            raise DataError(
-                f"{image_path} and {mask_path}: size mismatch, image is {image.shape[1]}x{image.shape[0]} "
-                f"(WxH) but mask is {mask.shape[1]}x{mask.shape[0]}"
-            )
+            raise DataError(_size_mismatch(image_path, mask_path, image.shape[:2], mask.shape))
         if self.resize is not None:
             image, mask = resize_image(image, self.resize), resize_mask(mask, self.resize)
         return image, mask
