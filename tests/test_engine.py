@@ -73,9 +73,21 @@ def test_exact_resume_gives_identical_weights(tiny_config, tmp_path, stop_at):
     assert log[-1]["step"] == 9 and "images_per_second" in log[-1]
 
 
-def test_resume_without_checkpoint_is_an_error(tiny_config):
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        supervised.train(tiny_config, resume=True)
+def test_resume_without_checkpoint_starts_at_step_zero_like_a_fresh_run(tiny_config, tmp_path):
+    """A run killed before its first checkpoint is resumed with the same command."""
+    from safetensors.torch import load_file
+
+    from labelwise.config import to_dict
+
+    with pytest.warns(UserWarning, match="holds no checkpoint yet; training starts at step 0"):
+        resumed = supervised.train(tiny_config, resume=True)
+    fresh_config = type(tiny_config)(**{**vars(tiny_config), "run_dir": str(tmp_path / "fresh")})
+    assert to_dict(fresh_config)["stages"] == to_dict(tiny_config)["stages"]
+    fresh = supervised.train(fresh_config)
+    assert resumed.train.steps == fresh.train.steps == 8
+    first = load_file(str(resumed.run_dir / "weights.safetensors"))
+    second = load_file(str(fresh.run_dir / "weights.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):

@@ -199,7 +199,8 @@ def test_hp_on_a_cnn_takes_local_weights_from_affinity_and_attention_is_refused(
     assert result.train is not None and result.train.steps == 3
     scores = unsupervised.probe(result.run_dir)
     assert 0.0 < scores["miou"] <= 1.0
-    refused = _synthetic(tmp_path, "hp", "mobilenet_v2_imagenet", "hp.local_weights=attention")
+    refused = _synthetic(tmp_path, "hp", "mobilenet_v2_imagenet", "hp.local_weights=attention",
+                         f"run_dir={tmp_path / 'refused'}")
     with pytest.raises(ConfigError, match="hp.local_weights"):
         unsupervised.train(refused)
 

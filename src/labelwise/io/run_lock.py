@@ -136,6 +136,9 @@ def locks_run_folder(train: F) -> F:
 
     @functools.wraps(train)
     def locked(config: Any, *args: Any, **kwargs: Any) -> Any:
+        validate = getattr(config, "validate", None)
+        if callable(validate):
+            validate()  # a bad config is reported before anything about the folder
         resume = bool(args[0] if args else kwargs.get("resume", False))
         overwrite = bool(args[1] if len(args) > 1 else kwargs.get("overwrite", False))
         with open_run_folder(config.run_dir, resume=resume, overwrite=overwrite):
