@@ -338,3 +338,11 @@ def test_atomic_writes_name_a_refused_write_and_let_other_errors_through(tmp_pat
         with atomic_path(target):
             raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path: Path) -> None:
+    from labelwise.io.atomic import atomic_write_text
+
+    (tmp_path / "plain.txt").write_text("x")  # the reference: open(..., "w") under this umask
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode

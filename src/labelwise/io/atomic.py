@@ -12,6 +12,16 @@ from typing import Any, Iterator
 
 from labelwise.errors import WriteError
 
+
+def _default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: The mode ``open(path, "w")`` would give a new file under this process's umask.
+_FILE_MODE = _default_file_mode()
+
 #: errno values of a write the operating system refused (not a bug in the code writing).
 WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
@@ -53,6 +63,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp's files are private (0600); a plain write's are not
         os.replace(tmp, path)
     except Exception as exc:
         if not is_write_failure(exc):
