@@ -116,22 +116,27 @@ class DataConfig:
 
     ``dataset``: ``synthetic`` (embedded, generated from ``seed``), ``folder`` (``root/<split>/images``
     + ``labels``, class map from ``class_map`` or ``root/classes.json``), ``camvid`` (the
-    ``../shared/data/camvid`` layout) or ``aerial`` (color-coded tiles ``root/tileN/{images,masks}``).
+    ``../shared/data/camvid`` layout), ``aerial`` (color-coded tiles ``root/tileN/{images,masks}``)
+    or ``isprs`` (the ISPRS Potsdam / Vaihingen files as distributed, :mod:`labelwise.data.isprs`:
+    tiles by id such as ``"2_10"``, ``bands`` RGB / IRRG, the eroded ``noBoundary`` labels as
+    evaluation masks when ``eval_eroded``).
     ``resize`` is (H, W) applied when loading whole images; aerial training samples random
     ``tile_crop`` crops on the fly, ``samples_per_epoch`` of them per epoch. ``train_list``: a
     list file (one sample name per line, ``labelwise.data.splits``) restricting the training
     split to the samples it names (a labeled subset); for aerial data choose ``train_tiles``.
     """
 
-    dataset: Literal["synthetic", "folder", "camvid", "aerial"] = "synthetic"
+    dataset: Literal["synthetic", "folder", "camvid", "aerial", "isprs"] = "synthetic"
     root: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     train_list: str | None = None
     class_map: str | None = None
     resize: tuple[int, int] | None = None
-    train_tiles: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    val_tiles: list[int] = field(default_factory=lambda: [6, 7])
+    train_tiles: list[int | str] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    val_tiles: list[int | str] = field(default_factory=lambda: [6, 7])
+    bands: Literal["RGB", "IRRG", "RGBIR"] | None = None
+    eval_eroded: bool = True
     tile_crop: int = 512
     samples_per_epoch: int = 512
     batch_size: int = 8

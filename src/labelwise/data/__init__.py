@@ -17,6 +17,7 @@ from labelwise.data.collate import pad_collate
 from labelwise.data.folder import FolderDataset, PairSource
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.io import read_image, read_label
+from labelwise.data.isprs import IsprsTiles
 from labelwise.data.stats import class_balanced_weights, class_frequencies, one_hot
 from labelwise.data.synthetic import SyntheticShapes
 from labelwise.data.tags import ImageTags, read_tag_file, tags_from_dataset, tags_from_masks
@@ -25,6 +26,7 @@ from labelwise.errors import ConfigError
 
 __all__ = [
     "AerialTiles",
+    "IsprsTiles",
     "AugmentConfig",
     "CamVid",
     "ClassMap",
@@ -55,6 +57,7 @@ DATASET_KINDS: dict[str, Callable[..., SegmentationDataset]] = {
     "folder": FolderDataset,
     "camvid": CamVid,
     "aerial": AerialTiles,
+    "isprs": IsprsTiles,
 }
 #: Keyword arguments that wrap a file dataset in :class:`RandomCropDataset`.
 CROP_KEYS = ("crop_size", "samples_per_epoch", "seed", "cache_megabytes", "crops_per_tile")
@@ -68,7 +71,8 @@ def build_dataset(kind: str, **kwargs: Any) -> SegmentationDataset:
     """Build a dataset by kind name from plain keyword arguments.
 
     Kinds: ``"synthetic"`` (:class:`SyntheticShapes`), ``"folder"`` (:class:`FolderDataset`),
-    ``"camvid"`` (:class:`CamVid`), ``"aerial"`` (:class:`AerialTiles`). For the file kinds,
+    ``"camvid"`` (:class:`CamVid`), ``"aerial"`` (:class:`AerialTiles`), ``"isprs"``
+    (:class:`~labelwise.data.isprs.IsprsTiles`). For the file kinds,
     passing ``crop_size`` (and ``samples_per_epoch``, optional ``seed``, ``cache_megabytes``,
     ``crops_per_tile``) wraps the dataset in :class:`RandomCropDataset`.
 

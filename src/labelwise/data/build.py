@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
@@ -13,6 +13,7 @@ from labelwise.data.aerial import AerialTiles, RandomCropDataset
 from labelwise.data.camvid import CamVid
 from labelwise.data.classmap import ClassMap
 from labelwise.data.folder import FolderDataset
+from labelwise.data.isprs import IsprsTiles
 from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
 from labelwise.data.synthetic import SyntheticShapes
 from labelwise.errors import ConfigError
@@ -59,17 +60,39 @@ def build_eval_dataset(config: DataConfig, split: str | None = None) -> tuple[Da
         class_map = _class_map_for(config, root)
         dataset = FolderDataset(root / split, class_map, resize=config.resize, on_error=config.on_error)
         return dataset, class_map
-    if config.dataset == "aerial":
-        tiles: list[Any] = config.val_tiles if split == config.val_split else _parse_tiles(split)
-        class_map = _class_map_for(config, root)
-        dataset = AerialTiles(root, tiles=tiles, class_map=class_map)
-        return dataset, class_map
+    if config.dataset in TILE_DATASETS:
+        tiles: list[Any] = config.val_tiles if split == config.val_split else _parse_tiles(split, config.dataset)
+        dataset = tile_dataset(config, tiles, evaluation=True)
+        return dataset, dataset.class_map
     raise ConfigError(f"data.dataset: unknown dataset {config.dataset!r}")
 
 
-def _parse_tiles(text: str) -> list[int]:
+#: Datasets of whole tiles, trained on random crops (``data.train_tiles`` / ``val_tiles``).
+TILE_DATASETS = ("aerial", "isprs")
+
+
+def tile_dataset(config: DataConfig, tiles: Sequence[int | str], evaluation: bool = False) -> AerialTiles | IsprsTiles:
+    """Whole tiles ``tiles`` of an ``aerial`` or ``isprs`` dataset; ``evaluation`` reads the
+    ISPRS eroded labels when ``config.eval_eroded``."""
+    root = Path(config.root or "")
+    if config.dataset == "isprs":
+        if config.bands == "RGBIR":
+            raise ConfigError("data.bands: RGBIR (4 channels) is read by labelwise.data.isprs.IsprsTiles, but the "
+                              "models take 3 channels; train on RGB or IRRG")
+        class_map = ClassMap.from_json(config.class_map) if config.class_map else None
+        return IsprsTiles(root, tiles=tiles, bands=config.bands, eroded=evaluation and config.eval_eroded,
+                          class_map=class_map, on_error=config.on_error)
+    if config.bands is not None:
+        raise ConfigError(f"data.bands: only for the isprs dataset, the dataset is {config.dataset!r}")
+    return AerialTiles(root, tiles=tiles, class_map=_class_map_for(config, root), on_error=config.on_error)
+
+
+def _parse_tiles(text: str, dataset: str) -> list[int | str]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if dataset == "isprs":
+        return list(parts)
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in parts]
     except ValueError as exc:
         raise ConfigError(f"split {text!r}: for aerial data give tile numbers, e.g. 6,7") from exc
 
@@ -77,7 +100,7 @@ def _parse_tiles(text: str) -> list[int]:
 def build_datasets(config: DataConfig, seed: int = 0) -> DataSplits:
     """Training and validation datasets described by ``config`` (the training split restricted
     to ``config.train_list`` when it is set)."""
-    if config.train_list and config.dataset == "aerial":
+    if config.train_list and config.dataset in TILE_DATASETS:
         raise ConfigError("data.train_list: aerial tiles are trained on random crops; choose the labeled tiles "
                           "with data.train_tiles")
     splits = build_full_datasets(config, seed)
@@ -106,6 +129,6 @@ def build_full_datasets(config: DataConfig, seed: int = 0) -> DataSplits:
     if config.dataset == "folder":
         train = FolderDataset(root / config.train_split, class_map, resize=config.resize, on_error=config.on_error)
         return DataSplits(train, val, class_map, train)
-    tiles = AerialTiles(root, tiles=config.train_tiles, class_map=class_map)
+    tiles = tile_dataset(config, config.train_tiles)
     crops = RandomCropDataset(tiles, crop_size=config.tile_crop, samples_per_epoch=config.samples_per_epoch, seed=seed)
     return DataSplits(crops, val, class_map, tiles)

@@ -60,7 +60,7 @@ class SemiSettings:
     method: Literal["supervised_only", "fixmatch", "unimatch", "self_training"] = "unimatch"
     unlabeled: list[str] = field(default_factory=list)
     unlabeled_list: str | None = None
-    unlabeled_tiles: list[int] = field(default_factory=list)
+    unlabeled_tiles: list[int | str] = field(default_factory=list)
     threshold: float = 0.95
     self_training_threshold: float = 0.6
     unsup_weight: float = 1.0

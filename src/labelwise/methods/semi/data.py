@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from labelwise.data import AerialTiles, RandomCropDataset, pad_collate
-from labelwise.data.build import DataSplits, build_eval_dataset, build_full_datasets
+from labelwise.data import RandomCropDataset, pad_collate
+from labelwise.data.build import TILE_DATASETS, DataSplits, build_full_datasets, tile_dataset
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
 from labelwise.errors import DataError
@@ -62,13 +62,13 @@ def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str]) -> Datase
     if config.semi.unlabeled:
         return ImagesOnly(ImageFolderDataset(config.semi.unlabeled, on_error=config.data.on_error))
     if config.semi.unlabeled_tiles:
-        if config.data.dataset != "aerial":
-            raise DataError(f"semi.unlabeled_tiles: only for aerial data, the dataset is {config.data.dataset!r}")
-        overlap = sorted(set(config.semi.unlabeled_tiles) & set(config.data.train_tiles))
+        if config.data.dataset not in TILE_DATASETS:
+            raise DataError(f"semi.unlabeled_tiles: only for tile datasets {TILE_DATASETS}, the dataset is "
+                            f"{config.data.dataset!r}")
+        overlap = sorted({str(t) for t in config.semi.unlabeled_tiles} & {str(t) for t in config.data.train_tiles})
         if overlap:
             raise DataError(f"semi.unlabeled_tiles: tiles {overlap} are also labeled (data.train_tiles)")
-        tiles = AerialTiles(config.data.root or "", tiles=config.semi.unlabeled_tiles,
-                            class_map=build_eval_dataset(config.data)[1])
+        tiles = tile_dataset(config.data, config.semi.unlabeled_tiles)
         return ImagesOnly(RandomCropDataset(tiles, crop_size=config.data.tile_crop,
                                             samples_per_epoch=config.data.samples_per_epoch, seed=config.seed + 1))
     assert config.semi.unlabeled_list is not None

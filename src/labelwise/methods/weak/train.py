@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from labelwise.config import save_config
-from labelwise.data.build import build_datasets
+from labelwise.data.build import TILE_DATASETS, build_datasets
 from labelwise.data.classmap import ClassMap
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.tags import read_tag_file
@@ -78,7 +78,7 @@ def tagged_training_images(config: WeakConfig, whole: bool = False) -> tuple[Tag
     splits = build_datasets(config.data, seed=config.seed)
     ignore = splits.class_map.ignore_index
     train: Dataset = splits.train
-    if whole and config.data.dataset == "aerial":
+    if whole and config.data.dataset in TILE_DATASETS:
         train = TileWindows(splits.train_source, config.data.tile_crop, ignore)
     return TaggedImages(train, splits.class_map.num_classes, size, min_fraction=config.tag_min_fraction,
                         ignore_index=ignore), splits.class_map
