@@ -6,6 +6,7 @@ published colours by a literal lookup here, not by labelwise.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -142,4 +143,31 @@ def test_isprs_config_trains_on_full_labels_and_evaluates_on_eroded_ones(tmp_pat
     args = [arg for override in overrides for arg in ("--set", override)]
     assert main(["train", "--run-dir", str(tmp_path / "run"), "--no-report", *args]) == 0
     assert (tmp_path / "run" / "eval.json").is_file()
-    assert main(["train", "--run-dir", str(tmp_path / "run4"), "--no-report", *args, "--set", "data.bands=RGBIR"]) == 2
+    four = ["--set", "data.bands=RGBIR"]
+    assert main(["train", "--run-dir", str(tmp_path / "run3"), *args, *four, "--set", "model.options.in_channels=3",
+                 "--no-report"]) == 2
+    assert main(["train", "--run-dir", str(tmp_path / "run4"), *args, *four]) == 0  # its report too
+    info = json.loads((tmp_path / "run4" / "model.json").read_text())
+    assert info["architecture"]["in_channels"] == 4 and (tmp_path / "run4" / "report.html").is_file()
+    tile = tmp_path / "potsdam" / "4_Ortho_RGBIR" / "top_potsdam_3_10_RGBIR.tif"
+    assert main(["predict", str(tmp_path / "run4"), str(tile), "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    with Image.open(tmp_path / "pred" / "ids" / f"{tile.stem}.png") as ids_png:
+        assert ids_png.size == (32, 24)
+    overlay = np.asarray(Image.open(tmp_path / "pred" / "overlay" / f"{tile.stem}.png"))
+    assert overlay.shape == (24, 32, 3)
+
+
+def test_colour_augmentation_acts_on_the_first_three_bands_only() -> None:
+    import torch
+
+    from labelwise.config import AugmentConfig
+    from labelwise.data.transforms import PairedAugment
+    from labelwise.methods.semi.perturb import strong_photometric
+
+    images = torch.rand(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    augment = PairedAugment(AugmentConfig(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1))
+    for transform in (augment.photometric, strong_photometric):
+        four = transform(images, torch.Generator().manual_seed(5))
+        three = transform(images[:, :3].clone(), torch.Generator().manual_seed(5))
+        assert torch.equal(four[:, 3], images[:, 3]) and torch.equal(four[:, :3], three)
+        assert not torch.equal(three, images[:, :3])

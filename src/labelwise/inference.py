@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from labelwise.config import EvalConfig, from_dict
 from labelwise.data.classmap import ClassMap
 from labelwise.data.images import list_images
-from labelwise.data.io import read_image
+from labelwise.data.io import read_bands
 from labelwise.data.preflight import check_image_file
 from labelwise.engine.runtime import resolve_device
 from labelwise.errors import ConfigError, DataError
@@ -241,14 +241,15 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | Path], out_dir: s
             raise DataError(f"{path}: has the same name as {stems[path.stem]}, and both would be written to "
                             f"{out}/ids/{path.stem}.png; segment them into different --out folders")
         stems[path.stem] = path
+    channels = int(getattr(predictor.module, "in_channels", 3))
     written = []
     for path in paths:
-        image = read_image(path)
+        image = read_bands(path, channels)  # RGB, or e.g. the 4 bands of an RGBIR orthophoto
         tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255)
         ids = predictor.output_ids(tensor, options, crf)[0]
         if predictor.kind == "clusters":
             write_id_png(ids.cpu().numpy(), out / "clusters" / f"{path.stem}.png", predictor.outputs.num_classes - 1)
         labels = ids if predictor.mapping is None else torch.as_tensor(predictor.mapping, device=ids.device)[ids]
-        written.append(write_prediction_pngs(labels.cpu().numpy(), image, predictor.class_map, out, path.stem,
+        written.append(write_prediction_pngs(labels.cpu().numpy(), image[..., :3], predictor.class_map, out, path.stem,
                                              alpha)["ids"])
     return written

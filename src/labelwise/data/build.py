@@ -13,7 +13,7 @@ from labelwise.data.aerial import AerialTiles, RandomCropDataset
 from labelwise.data.camvid import CamVid
 from labelwise.data.classmap import ClassMap
 from labelwise.data.folder import FolderDataset
-from labelwise.data.isprs import IsprsTiles
+from labelwise.data.isprs import BANDS, IsprsTiles
 from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
 from labelwise.data.synthetic import SyntheticShapes
 from labelwise.errors import ConfigError
@@ -76,15 +76,17 @@ def tile_dataset(config: DataConfig, tiles: Sequence[int | str], evaluation: boo
     ISPRS eroded labels when ``config.eval_eroded``."""
     root = Path(config.root or "")
     if config.dataset == "isprs":
-        if config.bands == "RGBIR":
-            raise ConfigError("data.bands: RGBIR (4 channels) is read by labelwise.data.isprs.IsprsTiles, but the "
-                              "models take 3 channels; train on RGB or IRRG")
         class_map = ClassMap.from_json(config.class_map) if config.class_map else None
         return IsprsTiles(root, tiles=tiles, bands=config.bands, eroded=evaluation and config.eval_eroded,
                           class_map=class_map, on_error=config.on_error)
     if config.bands is not None:
         raise ConfigError(f"data.bands: only for the isprs dataset, the dataset is {config.dataset!r}")
     return AerialTiles(root, tiles=tiles, class_map=_class_map_for(config, root), on_error=config.on_error)
+
+
+def data_channels(config: DataConfig) -> int:
+    """Image channels the datasets of ``config`` yield: 4 for ISPRS ``RGBIR``, else 3."""
+    return BANDS[config.bands] if config.dataset == "isprs" and config.bands else 3
 
 
 def _parse_tiles(text: str, dataset: str) -> list[int | str]:

@@ -88,6 +88,32 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def read_bands(path: str | Path, channels: int) -> np.ndarray:
+    """Read a multi-band image (e.g. a 4-band RGBIR orthophoto) as uint8 ``[H, W, channels]``;
+    a 3-band file is read as RGB.
+
+    Raises:
+        DataError: unreadable file, or a band count other than ``channels``.
+    """
+    path = Path(path)
+    if channels == 3:
+        return read_image(path)
+    img = open_header(path)
+    try:
+        img.load()
+        array = np.array(img)  # a writable copy (torch.from_numpy warns on read-only arrays)
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types on corrupt data
+        raise DataError(f"{path}: cannot decode image ({exc}); the file is truncated or corrupt") from exc
+    finally:
+        img.close()
+    if array.ndim != 3 or array.shape[2] != channels:
+        found = 1 if array.ndim == 2 else array.shape[2]
+        raise DataError(f"{path}: {found} band(s), expected {channels}")
+    if array.dtype != np.uint8:
+        raise DataError(f"{path}: {array.dtype} bands, expected 8-bit")
+    return np.ascontiguousarray(array)
+
+
 def read_label(path: str | Path, class_map: ClassMap) -> np.ndarray:
     """Read a label mask (class-id or color-coded; see the module docstring for the rule).
 

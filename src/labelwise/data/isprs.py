@@ -28,8 +28,7 @@ from PIL import Image
 
 from labelwise.data.classmap import ClassMap
 from labelwise.data.folder import OnError, PairedFilesDataset, Problem, resize_mask
-from labelwise.data.io import read_image, read_label
-from labelwise.data.preflight import open_header
+from labelwise.data.io import read_bands, read_label
 from labelwise.errors import DataError
 
 ISPRS_CLASSES = ClassMap.from_dict({
@@ -172,29 +171,3 @@ class IsprsTiles(PairedFilesDataset):
                               for c in range(self.channels)], axis=2)
             mask = resize_mask(mask, self.resize)
         return image, mask
-
-
-def read_bands(path: str | Path, channels: int) -> np.ndarray:
-    """Read a multi-band image (e.g. a 4-band RGBIR orthophoto) as uint8 ``[H, W, channels]``;
-    a 3-band file is read as RGB.
-
-    Raises:
-        DataError: unreadable file, or a band count other than ``channels``.
-    """
-    path = Path(path)
-    if channels == 3:
-        return read_image(path)
-    img = open_header(path)
-    try:
-        img.load()
-        array = np.asarray(img)
-    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types on corrupt data
-        raise DataError(f"{path}: cannot decode image ({exc}); the file is truncated or corrupt") from exc
-    finally:
-        img.close()
-    if array.ndim != 3 or array.shape[2] != channels:
-        found = 1 if array.ndim == 2 else array.shape[2]
-        raise DataError(f"{path}: {found} band(s), expected {channels}")
-    if array.dtype != np.uint8:
-        raise DataError(f"{path}: {array.dtype} bands, expected 8-bit")
-    return np.ascontiguousarray(array)

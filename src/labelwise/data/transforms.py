@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,11 @@ class PairedAugment(torch.nn.Module):
 
     def photometric(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample brightness, contrast, saturation (factors in ``[1-v, 1+v]``) and hue shift,
-        applied in that order; images ``[B, 3, H, W]`` in [0, 1]."""
+        applied in that order; images ``[B, C, H, W]`` in [0, 1] (bands after the third, e.g.
+        near infrared, are left as they are: see :func:`on_colour_bands`)."""
+        return on_colour_bands(self._photometric, images, generator)
+
+    def _photometric(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.config
         batch = images.shape[0]
 
@@ -140,6 +144,15 @@ class PairedAugment(torch.nn.Module):
             shift = _uniform(batch, -cfg.hue, cfg.hue, generator) * (2 * math.pi)
             images = adjust_hue(images, shift.to(images.device, images.dtype)).clamp(0.0, 1.0)
         return images
+
+
+def on_colour_bands(transform: Callable[..., torch.Tensor], images: torch.Tensor, *args: Any) -> torch.Tensor:
+    """``transform(images[:, :3], *args)`` with the bands after the third (near infrared of a
+    4-band orthophoto) passed through unchanged: colour jitter, hue and greyscale have no
+    meaning for them. Three-band images go to ``transform`` whole."""
+    if images.shape[1] <= 3:
+        return transform(images, *args)
+    return torch.cat([transform(images[:, :3], *args), images[:, 3:]], dim=1)
 
 
 def _centre(extent: int, out: int, scale: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from labelwise.config import TrainConfig, save_config, to_dict
 from labelwise.data import PairedAugment, class_balanced_weights, class_frequencies, pad_collate
-from labelwise.data.build import DataSplits, build_datasets
+from labelwise.data.build import DataSplits, build_datasets, data_channels
 from labelwise.data.transforms import scale_batch
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
@@ -86,6 +86,25 @@ def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], chan
     return step
 
 
+def segmenter_options(config: TrainConfig) -> dict[str, Any]:
+    """``config.model.options`` with ``in_channels`` set from the data (4 for ISPRS RGBIR tiles;
+    a pretrained encoder's first convolution is then extended, its RGB kernels kept).
+
+    Raises:
+        ConfigError: ``model.options.in_channels`` contradicts the data's band count.
+    """
+    options = dict(config.model.options)
+    channels = data_channels(config.data)
+    given = options.get("in_channels")
+    if given is None:
+        if channels != 3:
+            options["in_channels"] = channels
+    elif given != channels:
+        raise ConfigError(f"model.options.in_channels: {given}, but the data gives {channels}-band images "
+                          f"(data.bands {config.data.bands}); leave in_channels out or make them agree")
+    return options
+
+
 @locks_run_folder
 def train_segmenter(config: TrainConfig, resume: bool = False, overwrite: bool = False, stop_at: int | None = None,
                     splits: DataSplits | None = None) -> SupervisedResult:
@@ -102,7 +121,7 @@ def train_segmenter(config: TrainConfig, resume: bool = False, overwrite: bool =
     run_dir = Path(config.run_dir)
     splits = splits or build_datasets(config.data, seed=config.seed)
     class_map = splits.class_map
-    model = create(config.model.name, num_classes=class_map.num_classes, **config.model.options)
+    model = create(config.model.name, num_classes=class_map.num_classes, **segmenter_options(config))
     configure_encoder(model, config.model)
     loss_fn = build_loss(
         [{"name": t.name, "weight": t.weight} for t in config.loss.terms],

@@ -110,7 +110,7 @@ def summarise_predictions(predictor: Predictor, dataset: Dataset, count: int = 3
     count = max(0, min(count, len(order) // 2 if len(order) > 1 else len(order)))
 
     def panel(i: int) -> ImagePanel:
-        image = dataset[int(i)]["image"].float()
+        image = dataset[int(i)]["image"].float()[:3]  # the colour bands (an RGBIR tile shows its RGB)
         rgb = (image.permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
         return ImagePanel(int(i), names[i], float(scores[i]), rgb, truths[i], outputs[i])
 

@@ -27,6 +27,8 @@ from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjus
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
+from labelwise.data.transforms import on_colour_bands
+
 __all__ = ["StrongAugmentConfig", "confident_pseudo_labels", "cutmix", "cutmix_boxes", "feature_dropout",
            "strong_photometric"]
 
@@ -92,7 +94,13 @@ class StrongAugmentConfig:
 
 def strong_photometric(images: Tensor, generator: torch.Generator | None = None,
                        config: StrongAugmentConfig | None = None) -> Tensor:
-    """``images [B, 3, H, W]`` in [0, 1] -> the strong view, each image with its own draws."""
+    """``images [B, C, H, W]`` in [0, 1] -> the strong view, each image with its own draws (on
+    the first three bands; further bands such as near infrared pass unchanged)."""
+    return on_colour_bands(_strong_photometric, images, generator, config)
+
+
+def _strong_photometric(images: Tensor, generator: torch.Generator | None = None,
+                        config: StrongAugmentConfig | None = None) -> Tensor:
     config = config or StrongAugmentConfig()
     b = images.shape[0]
     device = images.device

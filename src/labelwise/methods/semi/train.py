@@ -46,6 +46,7 @@ from labelwise.engine.segmenter import (
     SupervisedResult,
     loss_class_weights,
     make_augmenters,
+    segmenter_options,
     train_segmenter,
     trainer_options,
 )
@@ -110,7 +111,7 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
     class_map = splits.class_map
     unlabeled = unlabeled_images(config, dataset_names(splits.train_source))
     pairs = LabeledUnlabeledPairs(splits.train, unlabeled, seed=config.seed)
-    student = create(config.model.name, num_classes=class_map.num_classes, **config.model.options)
+    student = create(config.model.name, num_classes=class_map.num_classes, **segmenter_options(config))
     configure_encoder(student, config.model)
     if config.model.init and not resume:
         from labelwise.models.init import initialise_from

@@ -199,6 +199,8 @@ class UnsupervisedConfig(RunConfig, ScheduleConfig):
     def validate(self) -> None:
         """Range checks (errors name the dotted key)."""
         self.validate_run()
+        if self.data.bands == "RGBIR":
+            raise ConfigError("data.bands: the feature backbones take RGB images; use RGB or IRRG")
         self.validate_schedule()
         self.validate_single_stage("unsupervised training", "views are set in features, their batch in batch_size")
         positive = {"batch_size": self.batch_size,

@@ -114,6 +114,8 @@ class WeakConfig(RunConfig, ScheduleConfig):
     def validate(self) -> None:
         """Range checks (errors name the dotted key)."""
         self.validate_run()
+        if self.data.bands == "RGBIR":
+            raise ConfigError("data.bands: the weak classifiers' backbones take RGB images; use RGB or IRRG")
         self.validate_schedule(warmup_below_steps=False)
         self.validate_single_stage("the weak classifier", "set batch_size, image_size and hflip at the top level")
         if self.batch_size <= 0:
