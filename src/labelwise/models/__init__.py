@@ -35,6 +35,7 @@ from labelwise.models.unet_encoder import EncoderUNet
 from labelwise.models.unet_select import unet
 from labelwise.models.vit import VIT_ARCHS, VisionTransformer, ViTConfig, ViTOutput, create_vit
 from labelwise.models.vit_seg import ViTSegmenter
+from labelwise.models.wide_context import ContextOutput, WideContextSegmenter
 
 __all__ = [
     "ENCODERS",
@@ -56,6 +57,8 @@ __all__ = [
     "ViTConfig",
     "ViTOutput",
     "ViTSegmenter",
+    "WideContextSegmenter",
+    "ContextOutput",
     "VisionTransformer",
     "available_models",
     "create",
