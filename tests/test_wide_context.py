@@ -9,12 +9,7 @@ import pytest
 import torch
 
 from labelwise.models import create
-from labelwise.models.wide_context import (
-    ContextOutput,
-    CrossAttentionBlock,
-    sincos_positions,
-    token_positions,
-)
+from labelwise.models.wide_context import ContextOutput, CrossAttentionBlock, sincos_positions, token_positions
 
 LOCAL = {"width": 8, "depth": 3}
 
@@ -103,3 +98,139 @@ def test_token_positions_place_the_window_in_the_middle_of_its_context() -> None
     assert rows.reshape(4, 4)[:, 0].tolist() == pytest.approx([-0.625, 0.125, 0.875, 1.625])
     encodings = sincos_positions(torch.tensor([0.0, 0.5]), torch.tensor([0.0, 0.0]), 8)
     assert encodings.shape == (2, 8) and torch.equal(encodings[0, 2:4], torch.ones(2))  # cos(0) = 1
+
+
+# ----------------------------------------------------------------------------- data and inference
+
+
+def _tiles(root, size=(40, 56), count=2):  # noqa: ANN001, ANN202
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    colours = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+    labels = {}
+    for t in range(1, count + 1):
+        folder = root / f"tile{t}"
+        (folder / "images").mkdir(parents=True)
+        (folder / "masks").mkdir()
+        ids = rng.integers(0, 3, size)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / "images" / "a.png")
+        Image.fromarray(np.asarray(colours, np.uint8)[ids]).save(folder / "masks" / "a.png")
+        labels[t] = ids
+    (root / "classes.json").write_text(json.dumps({"classes": ["a", "b", "c"], "colors": ["#000000", "#FF0000",
+                                                                                          "#00FF00"]}))
+    return labels
+
+
+def test_contexts_at_tile_borders_are_ignore_beyond_the_tile_and_labels_inside(tmp_path) -> None:  # noqa: ANN001
+    import numpy as np
+
+    from labelwise.data.aerial import AerialTiles, RandomCropDataset
+    from labelwise.data.folder import resize_mask
+    from labelwise.data.wide_context import WideContextCrops
+
+    labels = _tiles(tmp_path)
+    crops = RandomCropDataset(AerialTiles(tmp_path), crop_size=(16, 16), samples_per_epoch=12, seed=4)
+    data = WideContextCrops(crops, 3.0)
+    for index in range(12):
+        tile, y, x = crops.crop_params(index)
+        sample = data[index]
+        assert sample["image"].shape == (6, 16, 16) and sample["context_mask"].shape == (16, 16)
+        padded = np.pad(labels[tile + 1], 16 + 64, constant_values=255)  # the tile in a sea of ignore
+        region = padded[y - 16 + 80: y - 16 + 80 + 48, x - 16 + 80: x - 16 + 80 + 48]
+        np.testing.assert_array_equal(sample["context_mask"].numpy(), resize_mask(region, (16, 16)))
+        np.testing.assert_array_equal(sample["mask"].numpy(), padded[y + 80: y + 96, x + 80: x + 96])
+        outside = sample["context_mask"] == 255
+        assert (sample["context_mask"][~outside] < 3).all()
+
+
+def test_context_matrices_turn_each_context_about_its_windows_ground_point() -> None:
+    from labelwise.config import AugmentConfig
+    from labelwise.data.transforms import PairedAugment
+    from labelwise.data.wide_context import context_matrices
+
+    window = (24, 32)
+    augment = PairedAugment(AugmentConfig(hflip=0.5, vflip=0.5, rotate_degrees=40, scale=(0.7, 1.4)))
+    local = augment.sample_matrices(6, *window, torch.Generator().manual_seed(2))
+    context = context_matrices(local, window, 3.0)
+    scale = torch.tensor([3.0, 3.0], dtype=torch.float64)
+    offset = torch.tensor([1.0 - 32, 1.0 - 24], dtype=torch.float64)  # window pixel p = 3 c + offset
+    for b in range(6):
+        for r in torch.tensor([[0.0, 0.0], [5.5, 17.0], [31.0, 23.0]], dtype=torch.float64):
+            q = scale * r + offset  # the window-output pixel at context-output pixel r
+            a, t = local[b, :, :2], local[b, :, 2]
+            ac, tc = context[b, :, :2], context[b, :, 2]
+            from_window = torch.linalg.solve(a, q - t)  # the window-input pixel the window's warp reads there
+            from_context = scale * torch.linalg.solve(ac, r - tc) + offset  # the same, through the context warp
+            torch.testing.assert_close(from_context, from_window)
+
+
+def test_flips_turn_window_and_context_together() -> None:
+    from labelwise.config import AugmentConfig
+    from labelwise.data.transforms import PairedAugment
+    from labelwise.data.wide_context import augment_with_context, shrink_context
+
+    world = torch.rand(1, 3, 72, 96)
+    window = world[:, :, 24:48, 32:64]
+    context = shrink_context(world, (24, 32))
+    images = torch.cat([window, context], dim=1)
+    masks = torch.zeros(1, 24, 32, dtype=torch.long)
+    augment = PairedAugment(AugmentConfig(hflip=1.0, vflip=1.0))
+    out, _, _ = augment_with_context(augment, images, masks, masks.clone(), 3.0)
+    flipped_world = world.flip(-1).flip(-2)
+    torch.testing.assert_close(out[:, :3], flipped_world[:, :, 24:48, 32:64])
+    torch.testing.assert_close(out[:, 3:], shrink_context(flipped_world, (24, 32)))
+
+
+def test_sliding_window_gives_every_window_its_context() -> None:
+    import torch.nn.functional as F
+
+    from labelwise.eval.sliding_window import sliding_window_logits
+
+    image = torch.rand(1, 3, 40, 52)
+    seen = []
+
+    def model_fn(crops: torch.Tensor) -> torch.Tensor:
+        seen.append(crops.clone())
+        return torch.zeros(crops.shape[0], 2, *crops.shape[-2:])
+
+    sliding_window_logits(model_fn, image, 2, (16, 16), overlap=0.0, batch_windows=100, blend="uniform",
+                          context_scale=3.0)
+    crops = torch.cat(seen)
+    starts_y, starts_x = [0, 16, 24], [0, 16, 32, 36]
+    padded = F.pad(image, (16, 16, 16, 16))  # zero beyond the image
+    index = 0
+    for y in starts_y:
+        for x in starts_x:
+            assert torch.equal(crops[index, :3], image[0, :, y:y + 16, x:x + 16])
+            region = padded[:, :, y: y + 48, x: x + 48]
+            expected = F.interpolate(region, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+            torch.testing.assert_close(crops[index, 3:], expected[0])
+            index += 1
+    assert index == len(crops)
+
+
+def test_wide_context_trains_and_evaluates_from_the_command_line(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from labelwise.cli import main
+
+    _tiles(tmp_path / "tiles", size=(48, 64), count=3)
+    overrides = ["data.dataset=aerial", f"data.root={tmp_path / 'tiles'}", "data.train_tiles=[1, 2]",
+                 "data.val_tiles=[3]", "data.tile_crop=16", "data.samples_per_epoch=8", "data.batch_size=4",
+                 "model.name=wide_context",
+                 "model.options={local: unet, local_options: {width: 8, depth: 2}, dim: 16, heads: 2, layers: 1}",
+                 "stages=[{steps: 3, augment: {crop_size: null, hflip: 0.5, rotate_degrees: 20}}]",
+                 "eval.window=16", "device=cpu", "progress=false", "eval.every=0", "log_every=1"]
+    args = [arg for override in overrides for arg in ("--set", override)]
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--no-report", *args]) == 0
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    expected = [1.0, (1 - 1 / 3) ** 2, (1 - 2 / 3) ** 2]  # WiCoNet's decay, at steps 0, 1, 2
+    assert [r["context_weight"] for r in logs] == pytest.approx(expected)
+    assert all(r["context_loss"] > 0 for r in logs)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["miou"] >= 0
+    assert main(["train", "--run-dir", str(tmp_path / "bad"), "--no-report", *args,
+                 "--set", "stages.0.augment.crop_size=[8, 8]"]) == 2

@@ -201,11 +201,18 @@ class LossTerm:
 @dataclass
 class LossConfig:
     """Weighted sum of loss terms; ``class_weights``: ``none``, ``balanced`` (from the training
-    labels' class frequencies, see ``balance_method``) or an explicit list, one per class."""
+    labels' class frequencies, see ``balance_method``) or an explicit list, one per class.
+    ``context_weight``: for ``wide_context`` models, the weight of the auxiliary loss on the
+    context's labels (the same terms), decaying as ``(1 - step / steps) ** 2`` (WiCoNet)."""
 
     terms: list[LossTerm] = field(default_factory=lambda: [LossTerm("ce", 1.0)])
     class_weights: Union[Literal["none", "balanced"], list[float]] = "none"
     balance_method: Literal["inverse_sqrt", "inverse", "median_frequency", "effective_number"] = "inverse_sqrt"
+    context_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.context_weight < 0:
+            raise ConfigError(f"loss.context_weight: must be >= 0, got {self.context_weight}")
 
 
 @dataclass

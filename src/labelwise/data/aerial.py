@@ -235,11 +235,12 @@ class RandomCropDataset(SegmentationDataset):
         """Bytes held by the tile cache of this process."""
         return sum(image.nbytes + mask.nbytes for image, mask in self._cache.values())
 
-    def crop(self, tile: int, y: int, x: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``crop_size`` window of tile ``tile`` with top-left ``(y, x)``: (uint8 ``[h, w, C]``,
-        int64 ``[h, w]``); outside the tile the image is 0 and the mask ``ignore_index``."""
+    def crop(self, tile: int, y: int, x: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The window of ``size`` (default ``crop_size``) of tile ``tile`` with top-left ``(y, x)``:
+        (uint8 ``[h, w, C]``, int64 ``[h, w]``); outside the tile the image is 0 and the mask
+        ``ignore_index``."""
         image, mask = self._tile(tile)
-        crop_h, crop_w = self.crop_size
+        crop_h, crop_w = size or self.crop_size
         out_image = np.zeros((crop_h, crop_w, image.shape[2]), dtype=np.uint8)
         out_mask = np.full((crop_h, crop_w), self.class_map.ignore_index, dtype=np.int64)
         height, width = mask.shape

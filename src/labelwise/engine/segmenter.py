@@ -14,8 +14,9 @@ from torch import nn
 
 from labelwise.config import TrainConfig, save_config, to_dict
 from labelwise.data import PairedAugment, class_balanced_weights, class_frequencies, pad_collate
-from labelwise.data.build import DataSplits, build_datasets, data_channels
+from labelwise.data.build import TILE_DATASETS, DataSplits, build_datasets, data_channels
 from labelwise.data.transforms import scale_batch
+from labelwise.data.wide_context import WideContextCrops, augment_with_context
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
 from labelwise.engine.trainer import trainer_options as engine_trainer_options
@@ -86,6 +87,34 @@ def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], chan
     return step
 
 
+def make_wide_context_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], channels_last: bool,
+                              context_scale: float, context_weight: float, total_steps: int):
+    """Step function of a ``wide_context`` model: input scale and one augmentation for windows and
+    their contexts alike, then the loss of the window plus ``context_weight * (1 - step /
+    total_steps) ** 2`` times the same loss on the context's labels (WiCoNet's auxiliary loss)."""
+
+    def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
+        images, masks = batch["image"], batch["mask"]
+        context_masks = torch.stack(batch["context_mask"]).to(masks.device)
+        with torch.autocast(device_type=context.device.type, enabled=False):
+            scale = context.stage.input_scale
+            _, context_masks = scale_batch(images[:, :1], context_masks, scale)
+            images, masks = scale_batch(images, masks, scale)
+            images, masks, context_masks = augment_with_context(augmenters[context.stage_index], images, masks,
+                                                                context_masks, context_scale)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        output = model(images)
+        total, parts = loss_fn(output.logits, masks)
+        context_total, _ = loss_fn(output.context_logits, context_masks)
+        weight = context_weight * (1.0 - context.step / max(total_steps, 1)) ** 2
+        logs = {k: float(v.detach()) for k, v in parts.items()}
+        logs.update({"context_loss": float(context_total.detach()), "context_weight": weight})
+        return StepOutput(total + weight * context_total, logs, images.shape[0])
+
+    return step
+
+
 def segmenter_options(config: TrainConfig) -> dict[str, Any]:
     """``config.model.options`` with ``in_channels`` set from the data (4 for ISPRS RGBIR tiles;
     a pretrained encoder's first convolution is then extended, its RGB kernels kept).
@@ -129,7 +158,21 @@ def train_segmenter(config: TrainConfig, resume: bool = False, overwrite: bool =
         ignore_index=class_map.ignore_index,
         class_weights=loss_class_weights(config, splits),
     ).to(device)
-    step_fn = make_step_fn(loss_fn, make_augmenters(config.stages, class_map.ignore_index), config.channels_last)
+    augmenters = make_augmenters(config.stages, class_map.ignore_index)
+    train_set = splits.train
+    if config.model.name == "wide_context":
+        if config.data.dataset not in TILE_DATASETS:
+            raise ConfigError(f"model.name: wide_context trains on windows of whole tiles ({', '.join(TILE_DATASETS)} "
+                              f"datasets); the dataset is {config.data.dataset!r}")
+        cropping = [i for i, stage in enumerate(config.stages) if stage.augment.crop_size is not None]
+        if cropping:
+            raise ConfigError(f"stages.{cropping[0]}.augment.crop_size: must be null for wide_context (data.tile_crop "
+                              "is the window)")
+        train_set = WideContextCrops(splits.train, model.context_scale)  # type: ignore[arg-type]
+        step_fn = make_wide_context_step_fn(loss_fn, augmenters, config.channels_last, model.context_scale,
+                                            config.loss.context_weight, config.total_steps)
+    else:
+        step_fn = make_step_fn(loss_fn, augmenters, config.channels_last)
 
     def eval_fn(bare: nn.Module, step: int) -> dict[str, float]:
         metrics = evaluate_model(bare, splits.val, class_map.num_classes, config.eval, device, config.precision,
@@ -137,7 +180,7 @@ def train_segmenter(config: TrainConfig, resume: bool = False, overwrite: bool =
         return {"miou": metrics.miou, "pixel_acc": metrics.pixel_acc}
 
     options = trainer_options(config, run_dir, device, model)
-    trainer = Trainer(model, splits.train, step_fn, options, collate_fn=pad_collate,
+    trainer = Trainer(model, train_set, step_fn, options, collate_fn=pad_collate,
                       eval_fn=eval_fn if config.eval.every else None)
     if trainer.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

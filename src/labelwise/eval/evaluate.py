@@ -44,6 +44,7 @@ def make_logits_fn(model: nn.Module, device: torch.device, precision: str, input
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         return logits
 
+    logits_fn.context_scale = getattr(model, "context_scale", None)  # type: ignore[attr-defined]
     return logits_fn
 
 
@@ -52,7 +53,7 @@ def predict_batch(logits_fn: Callable[[torch.Tensor], torch.Tensor], images: tor
     """Float32 logits ``[B, C, H, W]`` for ``images [B, 3, H, W]``, by sliding window when
     ``config.window`` is set and the image is larger than the window."""
     return predict_logits(logits_fn, images, num_classes, window=config.window, overlap=config.overlap,
-                          batch_windows=config.batch_size)
+                          batch_windows=config.batch_size, context_scale=getattr(logits_fn, "context_scale", None))
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from labelwise.data.wide_context import context_margin, context_of_windows
 from labelwise.errors import ConfigError
 
 __all__ = ["sliding_window_logits", "predict_logits", "window_starts", "blend_weights"]
@@ -105,6 +106,7 @@ def sliding_window_logits(
     overlap: float = 0.5,
     batch_windows: int = 8,
     blend: str = "gaussian",
+    context_scale: float | None = None,
 ) -> Tensor:
     """Blended sliding-window logits.
 
@@ -116,6 +118,9 @@ def sliding_window_logits(
         overlap: fraction of the window shared by neighbouring windows, in [0, 1).
         batch_windows: windows per ``model_fn`` call (windows of all B images are pooled).
         blend: ``"gaussian"`` (centre of each window weighs most) or ``"uniform"`` (plain mean).
+        context_scale: for wide-context models: each window goes to ``model_fn`` with its context
+            (the region ``context_scale`` times larger around it, zero beyond the image, resized
+            to the window; :mod:`labelwise.data.wide_context`) as ``[N, 6, wh, ww]``.
 
     Returns:
         float32 ``[B, C, H, W]`` on the device of ``image``.
@@ -137,8 +142,13 @@ def sliding_window_logits(
     logits_sum = torch.zeros(batch, num_classes, ph, pw, dtype=torch.float32, device=image.device)
     weight_sum = torch.zeros(batch, 1, ph, pw, dtype=torch.float32, device=image.device)
 
+    if context_scale is not None:
+        margin = context_margin((wh, ww), context_scale)
+        around = torch.nn.functional.pad(padded, (margin[1], margin[1], margin[0], margin[0]))
     for chunk in _chunks(positions, batch_windows):
         crops = torch.stack([padded[b, :, y : y + wh, x : x + ww] for b, y, x in chunk])
+        if context_scale is not None:
+            crops = torch.cat([crops, context_of_windows(around, chunk, (wh, ww), context_scale, margin)], dim=1)
         out = _check_output(_as_logits(model_fn(crops)), (len(chunk), num_classes, wh, ww))
         out = out * weights
         for (b, y, x), window_logits in zip(chunk, out):
@@ -157,14 +167,20 @@ def predict_logits(
     overlap: float = 0.5,
     batch_windows: int = 8,
     blend: str = "gaussian",
+    context_scale: float | None = None,
 ) -> Tensor:
     """float32 logits ``[B, C, H, W]`` of ``image`` ``[B, 3, H, W]``.
 
     Calls ``model_fn(image)`` directly (no padding) when ``window`` is None or the image fits
-    in one window (``H <= wh`` and ``W <= ww``); otherwise :func:`sliding_window_logits`.
+    in one window (``H <= wh`` and ``W <= ww``); otherwise :func:`sliding_window_logits`. A
+    wide-context model (``context_scale``) always goes through the windows, which give it
+    contexts (one window of the image's size when ``window`` is None).
     """
     _check_image(image)
     batch, _, height, width = image.shape
+    if context_scale is not None:
+        size = _pair(window) if window is not None else (height, width)
+        return sliding_window_logits(model_fn, image, num_classes, size, overlap, batch_windows, blend, context_scale)
     if window is not None:
         wh, ww = _pair(window)
         if height > wh or width > ww:

@@ -27,7 +27,6 @@ tensor (collation, padding, devices) carries both. Where this differs from the p
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -201,10 +200,5 @@ class WideContextSegmenter(SegmentationModel):
         raise NotImplementedError("wide_context: call the model on [window, context] images")
 
 
-def context_window_size(window: Sequence[int], context_scale: float) -> tuple[int, int]:
-    """Pixels ``(H, W)`` of the context window around a ``window`` of ``(h, w)`` pixels."""
-    return (int(math.ceil(window[0] * context_scale)), int(math.ceil(window[1] * context_scale)))
-
-
-__all__ = ["ContextOutput", "ContextTransformer", "CrossAttentionBlock", "WideContextSegmenter",
-           "context_window_size", "sincos_positions", "token_positions"]
+__all__ = ["ContextOutput", "ContextTransformer", "CrossAttentionBlock", "WideContextSegmenter", "sincos_positions",
+           "token_positions"]
