@@ -234,3 +234,14 @@ def test_wide_context_trains_and_evaluates_from_the_command_line(tmp_path) -> No
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["miou"] >= 0
     assert main(["train", "--run-dir", str(tmp_path / "bad"), "--no-report", *args,
                  "--set", "stages.0.augment.crop_size=[8, 8]"]) == 2
+
+
+def test_semi_methods_other_than_supervised_only_refuse_a_wide_context_model() -> None:
+    from labelwise.config import load_config
+    from labelwise.errors import ConfigError
+    from labelwise.methods.semi import SemiConfig
+
+    with pytest.raises(ConfigError, match="model.name: wide_context is trained by `labelwise train` only"):
+        load_config(SemiConfig, None, ["model.name=wide_context", "semi.method=fixmatch",
+                                       "semi.unlabeled_list=unlabeled.txt"])
+    load_config(SemiConfig, None, ["model.name=wide_context", "semi.method=supervised_only"])

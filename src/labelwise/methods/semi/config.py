@@ -109,3 +109,6 @@ class SemiConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         self.semi.validate()
+        if self.model.name == "wide_context" and self.semi.method != "supervised_only":
+            raise ConfigError(f"model.name: wide_context is trained by `labelwise train` only; semi.method "
+                              f"{self.semi.method} does not give the context branch its windows yet")
