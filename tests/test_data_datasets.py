@@ -364,7 +364,7 @@ def test_build_dataset(tmp_path: Path, aerial_root: Path) -> None:
     assert len(build_dataset("folder", root=tmp_path / "f", class_map=["a", "b", "c", "d"])) == 2
     crops = build_dataset("aerial", root=aerial_root, tiles=[1, 2], crop_size=8, samples_per_epoch=7, seed=1)
     assert isinstance(crops, RandomCropDataset) and len(crops) == 7
-    with pytest.raises(ConfigError, match=r"'nope' is unknown; valid kinds: \['aerial', 'camvid', 'folder', 'synthetic'\]"):
+    with pytest.raises(ConfigError, match=r"'nope' is unknown; valid kinds: \['aerial', 'camvid', 'folder', 'isprs', 'synthetic'\]"):
         build_dataset("nope")
     with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['colour'\]"):
         build_dataset("synthetic", colour=3)

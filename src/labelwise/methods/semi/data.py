@@ -65,7 +65,8 @@ def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str]) -> Datase
         if config.data.dataset not in TILE_DATASETS:
             raise DataError(f"semi.unlabeled_tiles: only for tile datasets {TILE_DATASETS}, the dataset is "
                             f"{config.data.dataset!r}")
-        overlap = sorted({str(t) for t in config.semi.unlabeled_tiles} & {str(t) for t in config.data.train_tiles})
+        labeled = {str(t) for t in config.data.train_tiles}
+        overlap = [t for t in config.semi.unlabeled_tiles if str(t) in labeled]
         if overlap:
             raise DataError(f"semi.unlabeled_tiles: tiles {overlap} are also labeled (data.train_tiles)")
         tiles = tile_dataset(config.data, config.semi.unlabeled_tiles)
