@@ -192,3 +192,17 @@ def test_every_shipped_config_loads_with_its_regime(path: Path) -> None:
     config = load_config(cls, path, ["semi.unlabeled_list=unlabeled.txt"] if needs_list else [])
     if hasattr(config, "validate"):
         config.validate()
+
+
+def test_config_errors_name_the_file_only_for_keys_the_file_sets(tmp_path: Path) -> None:
+    path = tmp_path / "my.yaml"
+    path.write_text("seed: abc\nstages:\n- {steps: 10, warmup_steps: 20}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: seed: expected an integer"):
+        load_config(TrainConfig, path)
+    with pytest.raises(ConfigError, match=r"^seed: expected an integer, got 'x'"):
+        load_config(TrainConfig, path, ["seed=x"])
+    path.write_text("stages:\n- {steps: 10, warmup_steps: 20}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: stages\.0\.warmup_steps"):
+        load_config(TrainConfig, path)
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: must be >= 1"):
+        load_config(TrainConfig, path, ["stages.0.warmup_steps=1", "data.batch_size=0"])

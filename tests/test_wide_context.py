@@ -232,6 +232,12 @@ def test_wide_context_trains_and_evaluates_from_the_command_line(tmp_path) -> No
     assert [r["context_weight"] for r in logs] == pytest.approx(expected)
     assert all(r["context_loss"] > 0 for r in logs)
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["miou"] >= 0
+    image = tmp_path / "tiles" / "tile3" / "images" / "a.png"
+    assert main(["predict", str(tmp_path / "run"), str(image), "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "pred" / "ids" / "a.png") as ids:
+        assert ids.size == (64, 48)
     assert main(["train", "--run-dir", str(tmp_path / "bad"), "--no-report", *args,
                  "--set", "stages.0.augment.crop_size=[8, 8]"]) == 2
 

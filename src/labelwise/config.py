@@ -555,15 +555,29 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load dataclass ``cls`` from YAML file ``path`` (defaults where absent) plus overrides.
 
-    A ``ConfigError`` about a key the overrides do not set names the file too."""
+    A ``ConfigError`` about a key the file sets (and the overrides do not) names the file too."""
     loaded = read_yaml_mapping(path) if path is not None else {}
     try:
         return config_from_mapping(cls, loaded, overrides)
     except ConfigError as exc:
-        overridden = [o.split("=", 1)[0].strip() for o in overrides]
-        if path is None or any(str(exc).startswith(key) for key in overridden) or str(exc).startswith(str(path)):
+        key = str(exc).split(":", 1)[0].strip()
+        overridden = {o.split("=", 1)[0].strip() for o in overrides}
+        if path is None or key in overridden or not _sets_key(loaded, key.split(".")):
             raise
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _sets_key(mapping: Any, parts: list[str]) -> bool:
+    """Whether the YAML ``mapping`` holds the dotted key ``parts`` (list items by index)."""
+    node = mapping
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
 
 
 def config_from_mapping(cls: type[T], loaded: dict[str, Any], overrides: Sequence[str] = ()) -> T:
