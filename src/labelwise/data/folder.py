@@ -165,7 +165,8 @@ def to_sample(image: np.ndarray, mask: np.ndarray, name: str) -> Sample:
 # ----------------------------------------------------------------------------- datasets
 
 
-def _size_mismatch(image_path: Path, mask_path: Path, image_hw: Sequence[int], mask_hw: Sequence[int]) -> str:
+def size_mismatch(image_path: Path, mask_path: Path, image_hw: Sequence[int], mask_hw: Sequence[int]) -> str:
+    """The message of an image and its mask that differ in size."""
     return (f"{image_path} and {mask_path}: size mismatch, image is {image_hw[1]}x{image_hw[0]} (WxH) but mask is "
             f"{mask_hw[1]}x{mask_hw[0]}")
 
@@ -230,7 +231,7 @@ class PairedFilesDataset(SegmentationDataset):
         image_hw = image_size(image_path)
         mask_hw = image_size(mask_path)
         if image_hw != mask_hw:
-            raise DataError(_size_mismatch(image_path, mask_path, image_hw, mask_hw))
+            raise DataError(size_mismatch(image_path, mask_path, image_hw, mask_hw))
         self._sizes[index] = image_hw
         return image_hw
 
@@ -253,7 +254,7 @@ class PairedFilesDataset(SegmentationDataset):
         except DataError as exc:
             return Problem(mask_path, _mask_problem_kind(exc), str(exc))
         if image_hw != mask_hw:
-            return Problem(image_path, "size mismatch", _size_mismatch(image_path, mask_path, image_hw, mask_hw))
+            return Problem(image_path, "size mismatch", size_mismatch(image_path, mask_path, image_hw, mask_hw))
         self._sizes[index] = image_hw
         return None
 
@@ -310,7 +311,7 @@ class PairedFilesDataset(SegmentationDataset):
         image = read_image(image_path)
         mask = read_label(mask_path, self.class_map)
         if image.shape[:2] != mask.shape:
-            raise DataError(_size_mismatch(image_path, mask_path, image.shape[:2], mask.shape))
+            raise DataError(size_mismatch(image_path, mask_path, image.shape[:2], mask.shape))
         if self.resize is not None:
             image, mask = resize_image(image, self.resize), resize_mask(mask, self.resize)
         return image, mask

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from labelwise.data.classmap import ClassMap
-from labelwise.data.folder import OnError, PairedFilesDataset, Problem, resize_mask
+from labelwise.data.folder import OnError, PairedFilesDataset, Problem, resize_mask, size_mismatch
 from labelwise.data.io import read_bands, read_label
 from labelwise.errors import DataError
 
@@ -163,8 +163,7 @@ class IsprsTiles(PairedFilesDataset):
         image = read_bands(image_path, self.channels)
         mask = read_label(mask_path, self.class_map)
         if image.shape[:2] != mask.shape:
-            raise DataError(f"{image_path} and {mask_path}: size mismatch, image is {image.shape[1]}x"
-                            f"{image.shape[0]} (WxH) but mask is {mask.shape[1]}x{mask.shape[0]}")
+            raise DataError(size_mismatch(image_path, mask_path, image.shape[:2], mask.shape))
         if self.resize is not None:
             height, width = self.resize
             image = np.stack([np.asarray(Image.fromarray(image[..., c]).resize((width, height), Image.BILINEAR))
