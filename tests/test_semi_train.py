@@ -268,6 +268,13 @@ def test_aerial_unlabeled_tiles_are_crops_without_masks(tmp_path: Path) -> None:
     for i, mask in enumerate(masks):
         inside = images[i]["valid"].numpy()
         assert mask.shape == (48, 48) and (mask[~inside] == 255).all() and (mask[inside] < 2).all()
+    # each epoch draws new unlabeled crops (the pairs pass the epoch on to both parts)
+    pairs = LabeledUnlabeledPairs(splits.train, images)
+    first = [pairs[i]["name_u"] for i in range(len(pairs))]
+    pairs.set_epoch(1)
+    assert [pairs[i]["name_u"] for i in range(len(pairs))] != first
+    pairs.set_epoch(0)
+    assert [pairs[i]["name_u"] for i in range(len(pairs))] == first
     with pytest.raises(DataError, match=r"tiles \[1\] are also labeled"):
         unlabeled_images(load_config(SemiConfig, None, [*base, "semi.unlabeled_tiles=[1, 2]"]), [])
 

@@ -242,12 +242,142 @@ def test_wide_context_trains_and_evaluates_from_the_command_line(tmp_path) -> No
                  "--set", "stages.0.augment.crop_size=[8, 8]"]) == 2
 
 
-def test_semi_methods_other_than_supervised_only_refuse_a_wide_context_model() -> None:
+def test_semi_methods_with_a_wide_context_model_need_unlabeled_tiles() -> None:
     from labelwise.config import load_config
     from labelwise.errors import ConfigError
     from labelwise.methods.semi import SemiConfig
 
-    with pytest.raises(ConfigError, match="model.name: wide_context is trained by `labelwise train` only"):
+    with pytest.raises(ConfigError, match=r"semi.unlabeled_tiles: a wide_context model .* semi.method fixmatch"):
         load_config(SemiConfig, None, ["model.name=wide_context", "semi.method=fixmatch",
                                        "semi.unlabeled_list=unlabeled.txt"])
+    for method in ("fixmatch", "unimatch", "self_training"):
+        load_config(SemiConfig, None, ["model.name=wide_context", f"semi.method={method}", "data.dataset=aerial",
+                                       "data.root=x", "semi.unlabeled_tiles=[3]"])
     load_config(SemiConfig, None, ["model.name=wide_context", "semi.method=supervised_only"])
+
+
+def test_the_strong_view_gives_a_context_its_windows_draws() -> None:
+    from labelwise.methods.semi.perturb import strong_photometric
+    from labelwise.methods.semi.steps import strong_views
+
+    windows = torch.rand(4, 3, 12, 12)
+    contexts = torch.rand(4, 3, 12, 12)
+    views = strong_views(torch.cat([windows, windows], 1), torch.Generator().manual_seed(5), context_channels=3)
+    torch.testing.assert_close(views[:, :3], views[:, 3:])  # same pixels, same draws: same result
+    # the windows get exactly the draws strong_photometric makes alone
+    alone = strong_photometric(windows, torch.Generator().manual_seed(5))
+    views = strong_views(torch.cat([windows, contexts], 1), torch.Generator().manual_seed(5), context_channels=3)
+    torch.testing.assert_close(views[:, :3], alone)
+    # and the generator moves on as after one strong view (the rest of the step draws the same)
+    after_pair, after_one = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    strong_views(torch.cat([windows, contexts], 1), after_pair, context_channels=3)
+    strong_photometric(windows, after_one)
+    assert torch.equal(torch.rand(3, generator=after_pair), torch.rand(3, generator=after_one))
+
+
+def test_the_weak_view_moves_window_and_context_without_colour() -> None:
+    from labelwise.config import AugmentConfig
+    from labelwise.data.transforms import PairedAugment
+    from labelwise.data.wide_context import augment_with_context
+
+    augment = PairedAugment(AugmentConfig(crop_size=None, hflip=1.0, brightness=0.4, contrast=0.4), ignore_index=255)
+    images = torch.rand(2, 6, 8, 8)
+    masks = torch.randint(0, 3, (2, 8, 8))
+    weak, weak_masks, _ = augment_with_context(augment, images, masks, masks.clone(), 3.0,
+                                               torch.Generator().manual_seed(0), photometric=False)
+    assert torch.equal(weak, images.flip(-1)) and torch.equal(weak_masks, masks.flip(-1))
+    strong, _, _ = augment_with_context(augment, images, masks, masks.clone(), 3.0, torch.Generator().manual_seed(0))
+    assert not torch.allclose(strong, images.flip(-1))
+
+
+def test_a_semi_model_gives_the_labeled_windows_their_context_logits() -> None:
+    from labelwise.methods.semi.model import SemiModel
+
+    torch.manual_seed(0)
+    student = _model()
+    with torch.no_grad():  # a trained fusion, so that the context matters
+        student.from_tokens.weight.normal_(0, 0.5)
+    images, weak = torch.rand(2, 6, 32, 32), torch.rand(2, 6, 32, 32)
+    semi = SemiModel(student).train()
+    with torch.no_grad():
+        outputs = semi(images, weak)
+        whole = student(torch.cat([images, weak]))  # one training-mode forward of both (same BatchNorm batch)
+    assert isinstance(outputs.labeled, ContextOutput)
+    torch.testing.assert_close(outputs.labeled.logits, whole.logits[:2])
+    torch.testing.assert_close(outputs.labeled.context_logits, whole.context_logits[:2])
+    torch.testing.assert_close(outputs.weak, whole.logits[2:])
+
+
+def test_relabeled_tiles_and_tile_unions_read_the_given_masks(tmp_path) -> None:  # noqa: ANN001
+    import numpy as np
+
+    from labelwise.data import AerialTiles
+    from labelwise.data.tile_sources import RelabeledTiles, TileUnion
+    from labelwise.errors import DataError
+
+    labels = _tiles(tmp_path, size=(20, 24), count=3)
+    labeled = AerialTiles(tmp_path, tiles=[1, 2])
+    unlabeled = AerialTiles(tmp_path, tiles=[3])
+    pseudo_mask = np.full((20, 24), 1, np.uint8)
+    pseudo = RelabeledTiles(unlabeled, [pseudo_mask])
+    image, mask = pseudo.load_pair(0)
+    assert np.array_equal(mask, pseudo_mask) and not np.array_equal(mask, labels[3])
+    assert np.array_equal(image, unlabeled.load_pair(0)[0])
+    union = TileUnion([labeled, labeled, pseudo])
+    assert len(union) == 5 and union.names == [*labeled.names, *labeled.names, *unlabeled.names]
+    assert np.array_equal(union.load_pair(4)[1], pseudo_mask) and np.array_equal(union.load_mask(1), labels[2])
+    assert union.image_size(4) == (20, 24) and union[2]["mask"].shape == (20, 24)
+    with pytest.raises(DataError, match=r"tile3.*mask of 23x20 px for a tile of 24x20 px"):
+        RelabeledTiles(unlabeled, [np.zeros((20, 23), np.uint8)])
+
+
+def test_wide_self_training_repeats_labeled_tiles_to_the_pseudo_labeled_area(tmp_path) -> None:  # noqa: ANN001
+    import numpy as np
+
+    from labelwise.config import load_config
+    from labelwise.data import AerialTiles, RandomCropDataset
+    from labelwise.data.build import build_datasets
+    from labelwise.methods.semi import SemiConfig
+    from labelwise.methods.semi.train import _pseudo_labeled_tiles
+
+    _tiles(tmp_path, size=(20, 24), count=4)
+    config = load_config(SemiConfig, None, ["data.dataset=aerial", f"data.root={tmp_path}", "data.train_tiles=[1]",
+                                            "data.val_tiles=[1]", "data.tile_crop=8", "data.samples_per_epoch=5",
+                                            "semi.method=self_training", "semi.unlabeled_tiles=[2, 3, 4]"])
+    splits = build_datasets(config.data)
+    unlabeled = AerialTiles(tmp_path, tiles=[2, 3, 4])
+    masks = [np.full((20, 24), k, np.uint8) for k in range(3)]
+    round_splits = _pseudo_labeled_tiles(config, splits, unlabeled, masks)
+    union = round_splits.train_source
+    assert union.names == ["tile1_a"] * 3 + ["tile2_a", "tile3_a", "tile4_a"]  # 3 x the labeled area
+    assert [int(union.load_mask(i)[0, 0]) for i in range(3, 6)] == [0, 1, 2]
+    assert isinstance(round_splits.train, RandomCropDataset) and len(round_splits.train) == 10
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "unimatch", "self_training"])
+def test_semi_methods_train_a_wide_context_model_from_the_command_line(tmp_path, method) -> None:  # noqa: ANN001
+    import json
+
+    from labelwise.cli import main
+
+    _tiles(tmp_path / "tiles", size=(48, 64), count=4)
+    overrides = ["data.dataset=aerial", f"data.root={tmp_path / 'tiles'}", "data.train_tiles=[1, 2]",
+                 "data.val_tiles=[4]", "data.tile_crop=16", "data.samples_per_epoch=8", "data.batch_size=4",
+                 "semi.unlabeled_tiles=[3]", "semi.threshold=0.0", "semi.self_training_threshold=0.0",
+                 "model.name=wide_context",
+                 "model.options={local: unet, local_options: {width: 8, depth: 2}, dim: 16, heads: 2, layers: 1}",
+                 "stages=[{steps: 3, augment: {crop_size: null, hflip: 0.5, rotate_degrees: 20}}]",
+                 "eval.window=16", "progress=false", "eval.every=0", "log_every=1"]
+    args = [arg for override in overrides for arg in ("--set", override)]
+    run = tmp_path / "run"
+    assert main(["semi", "train", "--method", method, "--device", "cpu", "--run-dir", str(run), *args]) == 0
+    assert json.loads((run / "eval.json").read_text())["miou"] >= 0
+    if method == "self_training":  # round 1 pseudo-labels the whole unlabeled tile, every window with its context
+        rounds = json.loads((run / "self_training.json").read_text())["rounds"]
+        assert rounds[1]["pseudo_labeled_images"] == 1 and rounds[1]["confident_fraction"] == 1.0
+        logs = [json.loads(line) for line in (run / "round1" / "metrics.jsonl").read_text().splitlines()]
+    else:
+        logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(0.0 <= r["confident"] <= 1.0 for r in logs)
+    assert [r["context_weight"] for r in logs] == pytest.approx([1.0, (1 - 1 / 3) ** 2, (1 - 2 / 3) ** 2])
+    assert all(r["context_loss"] > 0 for r in logs)

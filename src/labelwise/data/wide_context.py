@@ -88,6 +88,10 @@ class WideContextCrops(SegmentationDataset):
     def set_epoch(self, epoch: int) -> None:
         self.crops.set_epoch(epoch)
 
+    def inside(self, index: int) -> np.ndarray:
+        """bool ``[h, w]``: True on the window's tile pixels (:meth:`RandomCropDataset.inside`)."""
+        return self.crops.inside(index)
+
     def __getitem__(self, index: int) -> dict:
         tile, y, x = self.crops.crop_params(index)
         image, mask = self.crops.crop(tile, y, x)
@@ -128,7 +132,7 @@ def context_matrices(local: Tensor, window: Sequence[int], context_scale: float)
 
 
 def augment_with_context(augment: PairedAugment, images: Tensor, masks: Tensor, context_masks: Tensor,
-                         context_scale: float, generator: torch.Generator | None = None
+                         context_scale: float, generator: torch.Generator | None = None, photometric: bool = True
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """One draw of ``augment`` applied to windows and, consistently, to their contexts.
 
@@ -137,8 +141,9 @@ def augment_with_context(augment: PairedAugment, images: Tensor, masks: Tensor, 
         masks, context_masks: ``[B, H, W]`` labels of the windows and of the contexts.
 
     Flips (and rotations, scales) turn each context about the same ground point as its window;
-    colour jitter draws once per sample for both. ``augment.config.crop_size`` must be unset (the
-    window is the crop).
+    colour jitter draws once per sample for both (``photometric=False``: geometry only, the weak
+    view of semi-supervised training). ``augment.config.crop_size`` must be unset (the window is
+    the crop).
     """
     cfg = augment.config
     if cfg.crop_size is not None:
@@ -161,7 +166,7 @@ def augment_with_context(augment: PairedAugment, images: Tensor, masks: Tensor, 
                                                   context_matrices(local, (height, width), context_scale),
                                                   (height, width), augment.ignore_index)
         images = torch.cat([window_images, context_images], dim=1)
-    if cfg.jitters:  # side by side, so that both get the same draws
+    if photometric and cfg.jitters:  # side by side, so that both get the same draws
         jittered = augment.photometric(torch.cat([images[:, :half], images[:, half:]], dim=-1), generator)
         images = torch.cat([jittered[..., :width], jittered[..., width:]], dim=1)
     return images, masks, context_masks

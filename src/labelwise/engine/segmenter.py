@@ -29,8 +29,9 @@ from labelwise.models import create
 from labelwise.models.export import export_model
 from labelwise.models.init import configure_encoder, encoder_lr_scale, initialise_from
 
-__all__ = ["SupervisedResult", "loss_class_weights", "make_augmenters", "make_step_fn", "train_segmenter",
-           "trainer_options"]
+__all__ = ["SupervisedResult", "context_loss_weight", "loss_class_weights", "make_augmenters", "make_step_fn",
+           "make_wide_context_step_fn", "segmenter_options", "train_segmenter", "trainer_options",
+           "wide_context_windows"]
 
 
 @dataclass
@@ -87,6 +88,28 @@ def make_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], chan
     return step
 
 
+def wide_context_windows(config: TrainConfig, crops: Any, context_scale: float) -> WideContextCrops:
+    """The training windows of a ``wide_context`` model: ``crops`` (random crops of whole tiles)
+    with their contexts.
+
+    Raises:
+        ConfigError: the dataset has no tiles, or a stage crops again (the window is the crop).
+    """
+    if config.data.dataset not in TILE_DATASETS:
+        raise ConfigError(f"model.name: wide_context trains on windows of whole tiles ({', '.join(TILE_DATASETS)} "
+                          f"datasets); the dataset is {config.data.dataset!r}")
+    cropping = [i for i, stage in enumerate(config.stages) if stage.augment.crop_size is not None]
+    if cropping:
+        raise ConfigError(f"stages.{cropping[0]}.augment.crop_size: must be null for wide_context (data.tile_crop "
+                          "is the window)")
+    return WideContextCrops(crops, context_scale)
+
+
+def context_loss_weight(weight: float, step: int, total_steps: int) -> float:
+    """WiCoNet's auxiliary context-loss weight at ``step``: ``weight * (1 - step / total_steps) ** 2``."""
+    return weight * (1.0 - step / max(total_steps, 1)) ** 2
+
+
 def make_wide_context_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedAugment], channels_last: bool,
                               context_scale: float, context_weight: float, total_steps: int):
     """Step function of a ``wide_context`` model: input scale and one augmentation for windows and
@@ -107,7 +130,7 @@ def make_wide_context_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedA
         output = model(images)
         total, parts = loss_fn(output.logits, masks)
         context_total, _ = loss_fn(output.context_logits, context_masks)
-        weight = context_weight * (1.0 - context.step / max(total_steps, 1)) ** 2
+        weight = context_loss_weight(context_weight, context.step, total_steps)
         logs = {k: float(v.detach()) for k, v in parts.items()}
         logs.update({"context_loss": float(context_total.detach()), "context_weight": weight})
         return StepOutput(total + weight * context_total, logs, images.shape[0])
@@ -161,14 +184,7 @@ def train_segmenter(config: TrainConfig, resume: bool = False, overwrite: bool =
     augmenters = make_augmenters(config.stages, class_map.ignore_index)
     train_set = splits.train
     if config.model.name == "wide_context":
-        if config.data.dataset not in TILE_DATASETS:
-            raise ConfigError(f"model.name: wide_context trains on windows of whole tiles ({', '.join(TILE_DATASETS)} "
-                              f"datasets); the dataset is {config.data.dataset!r}")
-        cropping = [i for i, stage in enumerate(config.stages) if stage.augment.crop_size is not None]
-        if cropping:
-            raise ConfigError(f"stages.{cropping[0]}.augment.crop_size: must be null for wide_context (data.tile_crop "
-                              "is the window)")
-        train_set = WideContextCrops(splits.train, model.context_scale)  # type: ignore[arg-type]
+        train_set = wide_context_windows(config, splits.train, model.context_scale)  # type: ignore[arg-type]
         step_fn = make_wide_context_step_fn(loss_fn, augmenters, config.channels_last, model.context_scale,
                                             config.loss.context_weight, config.total_steps)
     else:

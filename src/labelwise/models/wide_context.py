@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labelwise.models.base import SegmentationModel, create, crop_output, register_model
+from labelwise.models.base import SegmentationModel, create, register_model
 
 
 class ContextOutput(NamedTuple):
@@ -176,29 +176,40 @@ class WideContextSegmenter(SegmentationModel):
         fused = self.transformer(local_tokens.to(deepest.dtype), context_tokens.to(deepest.dtype))
         return deepest + self.from_tokens(fused.transpose(1, 2).reshape(batch, dim, height, width))
 
-    def forward(self, images: Tensor) -> Tensor | ContextOutput:  # type: ignore[override]
-        """``images [B, 2C, H, W]`` in [0, 1] -> logits ``[B, K, H, W]`` (in training mode with
-        the context switched on: a :class:`ContextOutput` with the context's logits too)."""
+    def encode_with_context(self, images: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """``images [B, 2C, H, W]`` -> (the local encoder's maps of the window, the deepest fused
+        with the context; the context's deepest map ``[B, C', h, w]``, None when the context is
+        switched off)."""
         window, context = self.split(images)
         features = self.local.encode(window)
         if not self.use_context:
-            return self.local.decode(features, size=window.shape[-2:])
+            return features, None
         context_map = self.context_features(context)
-        features = [*features[:-1], self.fuse(features[-1], context_map)]
-        logits = self.local.decode(features, size=window.shape[-2:])
-        if not self.training:
-            return logits
-        context_logits = F.interpolate(self.context_classifier(context_map), size=context.shape[-2:],
-                                       mode="bilinear", align_corners=False)
-        return ContextOutput(logits, crop_output(context_logits, context.shape[-2:]))
+        return [*features[:-1], self.fuse(features[-1], context_map)], context_map
 
     def encode(self, images: Tensor) -> list[Tensor]:
-        raise NotImplementedError("wide_context: call the model on [window, context] images; its local model's "
-                                  "encode / decode take one image")
+        """The window's encoder maps with the context fused in (:meth:`encode_with_context`), so
+        that methods which perturb or reuse features (UniMatch, rotation heads) see the context."""
+        return self.encode_with_context(images)[0]
 
     def decode(self, features: list[Tensor], size: Sequence[int] | None = None) -> Tensor:
-        raise NotImplementedError("wide_context: call the model on [window, context] images")
+        """The local decoder on :meth:`encode`'s maps -> logits ``[B, K, H, W]``."""
+        return self.local.decode(features, size=size)
 
+    def context_head(self, context_map: Tensor, size: Sequence[int]) -> Tensor:
+        """Auxiliary logits ``[B, K, H, W]`` of the context window from its deepest map."""
+        return F.interpolate(self.context_classifier(context_map), size=tuple(int(s) for s in size),
+                             mode="bilinear", align_corners=False)
+
+    def forward(self, images: Tensor) -> Tensor | ContextOutput:  # type: ignore[override]
+        """``images [B, 2C, H, W]`` in [0, 1] -> logits ``[B, K, H, W]`` (in training mode with
+        the context switched on: a :class:`ContextOutput` with the context's logits too)."""
+        features, context_map = self.encode_with_context(images)
+        size = images.shape[-2:]
+        logits = self.decode(features, size=size)
+        if not self.training or context_map is None:
+            return logits
+        return ContextOutput(logits, self.context_head(context_map, size))
 
 __all__ = ["ContextOutput", "ContextTransformer", "CrossAttentionBlock", "WideContextSegmenter", "sincos_positions",
            "token_positions"]

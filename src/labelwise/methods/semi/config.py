@@ -109,6 +109,8 @@ class SemiConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         self.semi.validate()
-        if self.model.name == "wide_context" and self.semi.method != "supervised_only":
-            raise ConfigError(f"model.name: wide_context is trained by `labelwise train` only; semi.method "
-                              f"{self.semi.method} does not give the context branch its windows yet")
+        if (self.model.name == "wide_context" and self.semi.method != "supervised_only"
+                and not self.semi.unlabeled_tiles):
+            raise ConfigError(f"semi.unlabeled_tiles: a wide_context model takes each window's context from its whole "
+                              f"tile, so semi.method {self.semi.method} needs unlabeled tiles (semi.unlabeled_tiles), "
+                              "not single images (semi.unlabeled / semi.unlabeled_list)")

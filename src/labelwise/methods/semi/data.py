@@ -29,10 +29,11 @@ from labelwise.data import RandomCropDataset, pad_collate
 from labelwise.data.build import TILE_DATASETS, DataSplits, build_full_datasets, tile_dataset
 from labelwise.data.images import ImageFolderDataset
 from labelwise.data.splits import NamedSubset, dataset_names, read_name_list
+from labelwise.data.wide_context import WideContextCrops
 from labelwise.errors import DataError
 from labelwise.methods.semi.config import SemiConfig
 
-__all__ = ["ImagesOnly", "LabeledUnlabeledPairs", "pair_collate", "unlabeled_images"]
+__all__ = ["ImagesOnly", "LabeledUnlabeledPairs", "pair_collate", "unlabeled_images", "unlabeled_tiles"]
 
 
 class ImagesOnly(Dataset):
@@ -47,6 +48,12 @@ class ImagesOnly(Dataset):
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to the source, so that random crops change with the epoch."""
+        setter = getattr(self.source, "set_epoch", None)
+        if setter is not None:
+            setter(epoch)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.source[index]
         item: dict[str, Any] = {"image": sample["image"], "name": str(sample["name"])}
@@ -56,22 +63,34 @@ class ImagesOnly(Dataset):
         return item
 
 
-def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str]) -> Dataset:
+def unlabeled_tiles(config: SemiConfig) -> Dataset:
+    """The whole tiles ``semi.unlabeled_tiles`` (a tile set whose masks training must not read).
+
+    Raises:
+        DataError: not a tile dataset, or a tile that is also labeled.
+    """
+    if config.data.dataset not in TILE_DATASETS:
+        raise DataError(f"semi.unlabeled_tiles: only for tile datasets {TILE_DATASETS}, the dataset is "
+                        f"{config.data.dataset!r}")
+    labeled = {str(t) for t in config.data.train_tiles}
+    overlap = [t for t in config.semi.unlabeled_tiles if str(t) in labeled]
+    if overlap:
+        raise DataError(f"semi.unlabeled_tiles: tiles {overlap} are also labeled (data.train_tiles)")
+    return tile_dataset(config.data, config.semi.unlabeled_tiles)
+
+
+def unlabeled_images(config: SemiConfig, labeled_names: Sequence[str], context_scale: float | None = None) -> Dataset:
     """The unlabeled images of ``config`` (module docstring). A name that is also labeled is an
-    error naming the list file (the two parts must be disjoint)."""
+    error naming the list file (the two parts must be disjoint). ``context_scale`` (a
+    wide-context student): the crops of ``semi.unlabeled_tiles`` carry their contexts
+    (:class:`~labelwise.data.wide_context.WideContextCrops`, images ``[2C, h, w]``)."""
     if config.semi.unlabeled:
         return ImagesOnly(ImageFolderDataset(config.semi.unlabeled, on_error=config.data.on_error))
     if config.semi.unlabeled_tiles:
-        if config.data.dataset not in TILE_DATASETS:
-            raise DataError(f"semi.unlabeled_tiles: only for tile datasets {TILE_DATASETS}, the dataset is "
-                            f"{config.data.dataset!r}")
-        labeled = {str(t) for t in config.data.train_tiles}
-        overlap = [t for t in config.semi.unlabeled_tiles if str(t) in labeled]
-        if overlap:
-            raise DataError(f"semi.unlabeled_tiles: tiles {overlap} are also labeled (data.train_tiles)")
-        tiles = tile_dataset(config.data, config.semi.unlabeled_tiles)
-        return ImagesOnly(RandomCropDataset(tiles, crop_size=config.data.tile_crop,
-                                            samples_per_epoch=config.data.samples_per_epoch, seed=config.seed + 1))
+        tiles = unlabeled_tiles(config)
+        crops = RandomCropDataset(tiles, crop_size=config.data.tile_crop,
+                                  samples_per_epoch=config.data.samples_per_epoch, seed=config.seed + 1)
+        return ImagesOnly(crops if context_scale is None else WideContextCrops(crops, context_scale))
     assert config.semi.unlabeled_list is not None
     data = config.data
     full: DataSplits = build_full_datasets(data, config.seed)

@@ -18,13 +18,15 @@ from torch import Tensor, nn
 
 from labelwise.losses.rotation import RotationHead
 from labelwise.models.base import DeepSupervisionOutput, ModelOutput, SegmentationModel
+from labelwise.models.wide_context import ContextOutput, WideContextSegmenter
 
 __all__ = ["SemiModel", "StudentOutputs", "main_logits"]
 
 
-def main_logits(output: ModelOutput) -> Tensor:
-    """The logits ``[B, K, H, W]`` of a model output (the fused ones of deep supervision)."""
-    return output.logits if isinstance(output, DeepSupervisionOutput) else output
+def main_logits(output: ModelOutput | ContextOutput) -> Tensor:
+    """The logits ``[B, K, H, W]`` of a model output (the fused ones of deep supervision, the
+    window's of a wide-context model)."""
+    return output.logits if isinstance(output, (DeepSupervisionOutput, ContextOutput)) else output
 
 
 def _split(output: ModelOutput, n: int) -> tuple[ModelOutput, ModelOutput]:
@@ -37,10 +39,11 @@ def _split(output: ModelOutput, n: int) -> tuple[ModelOutput, ModelOutput]:
 @dataclass
 class StudentOutputs:
     """What one consistency step's student forward returns (:meth:`SemiModel.forward`): the
-    output on the labeled images and the main logits ``[B, K, H, W]`` of the other passes asked
-    for; ``rotation``: rotation logits ``[N, 4]``."""
+    output on the labeled images (a :class:`ContextOutput` for a wide-context student, whose
+    context logits take the auxiliary context loss) and the main logits ``[B, K, H, W]`` of the
+    other passes asked for; ``rotation``: rotation logits ``[N, 4]``."""
 
-    labeled: ModelOutput
+    labeled: ModelOutput | ContextOutput
     weak: Tensor
     strong: Tensor | None = None
     feature_perturbed: Tensor | None = None
@@ -92,7 +95,11 @@ class SemiModel(nn.Module):
         n = images.shape[0]
         joint = images.shape[-2:] == weak.shape[-2:]
         inputs = torch.cat([images, weak]) if joint else images
-        features = student.encode(inputs)
+        context_map = None
+        if isinstance(student, WideContextSegmenter):
+            features, context_map = student.encode_with_context(inputs)
+        else:
+            features = student.encode(inputs)
         output = student.decode(features, size=inputs.shape[-2:])
         if joint:
             labeled, weak_output = _split(output, n)
@@ -101,6 +108,8 @@ class SemiModel(nn.Module):
             labeled = output
             weak_features = student.encode(weak)
             weak_output = student.decode(weak_features, size=weak.shape[-2:])
+        if context_map is not None and student.training:  # the labeled windows' context logits
+            labeled = ContextOutput(labeled, student.context_head(context_map[:n], images.shape[-2:]))
         outputs = StudentOutputs(labeled, main_logits(weak_output))
         if strong is not None:
             outputs.strong = main_logits(student(strong))

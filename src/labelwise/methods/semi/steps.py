@@ -25,11 +25,18 @@ Per step, with ``B`` labeled and ``B`` unlabeled images (:mod:`.data`):
 flipped / 90-degree-rotated weak view against the same transform of the detached weak-view
 softmax, soft cross-entropy on valid pixels) and ``rotation_weight`` (the S4L rotation task on
 a square centre crop of the weak views, from the deepest encoder features).
+
+Wide-context students (``wide_context`` given, images ``[B, 2C, H, W]``: windows then their
+contexts, :mod:`labelwise.data.wide_context`): every augmentation moves a window and its context
+together (:func:`~labelwise.data.wide_context.augment_with_context`; the strong view's colour
+draws are replayed on the context), CutMix pastes the partner's pixels into the window only (the
+context stays the image's own ground), and the labeled windows' auxiliary context loss joins the
+supervised loss with WiCoNet's decaying weight.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -37,14 +44,40 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labelwise.data.transforms import PairedAugment, scale_batch
+from labelwise.data.wide_context import augment_with_context
+from labelwise.engine.segmenter import context_loss_weight
 from labelwise.engine.trainer import StepContext, StepOutput
 from labelwise.losses import WeightedSumLoss
 from labelwise.losses.rotation import random_rotations
 from labelwise.methods.semi.config import SemiSettings
 from labelwise.methods.semi.model import SemiModel, StudentOutputs, main_logits
 from labelwise.methods.semi.perturb import confident_pseudo_labels, cutmix_boxes, feature_dropout, strong_photometric
+from labelwise.models.wide_context import ContextOutput
 
-__all__ = ["make_consistency_step", "transform_views", "unlabeled_loss"]
+__all__ = ["WideContextTraining", "make_consistency_step", "strong_views", "transform_views", "unlabeled_loss"]
+
+
+class WideContextTraining(NamedTuple):
+    """What a consistency step needs for a wide-context student: its ``context_scale``, the
+    auxiliary loss weight (``loss.context_weight``) and the run's total steps (for its decay)."""
+
+    context_scale: float
+    weight: float
+    total_steps: int
+
+
+def strong_views(weak: Tensor, generator: torch.Generator, context_channels: int = 0) -> Tensor:
+    """UniMatch's strong photometric view of ``weak [B, C, H, W]``; with ``context_channels`` the
+    last that many channels are the windows' contexts and get the same draws as the windows."""
+    if not context_channels:
+        return strong_photometric(weak, generator)
+    state = generator.get_state()
+    windows = strong_photometric(weak[:, :-context_channels], generator)
+    after = generator.get_state()
+    generator.set_state(state)  # replay the windows' draws on their contexts
+    contexts = strong_photometric(weak[:, -context_channels:], generator)
+    generator.set_state(after)
+    return torch.cat([windows, contexts], dim=1)
 
 
 def unlabeled_loss(logits: Tensor, pseudo_labels: Tensor, valid: Tensor, ignore_index: int = 255) -> Tensor:
@@ -65,9 +98,12 @@ def transform_views(x: Tensor, kind: int) -> Tensor:
 
 
 def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augmenters: list[PairedAugment],
-                          ignore_index: int, seed: int, channels_last: bool = False) -> Callable[..., StepOutput]:
-    """The step function of ``fixmatch`` / ``unimatch`` (module docstring) for the Trainer."""
+                          ignore_index: int, seed: int, channels_last: bool = False,
+                          wide_context: WideContextTraining | None = None) -> Callable[..., StepOutput]:
+    """The step function of ``fixmatch`` / ``unimatch`` (module docstring) for the Trainer;
+    ``wide_context`` for a wide-context student."""
     unimatch = settings.method == "unimatch"
+    wide = wide_context
 
     def step(model: nn.Module, batch: dict[str, Any], context: StepContext) -> StepOutput:
         semi: SemiModel = getattr(model, "module", model)
@@ -75,13 +111,26 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
         generator = torch.Generator().manual_seed(int(state))
         images, masks = batch["image"], batch["mask"]
         augment = augmenters[context.stage_index]
+        scale = context.stage.input_scale
+        context_masks = None
         with torch.autocast(device_type=context.device.type, enabled=False):
-            images, masks = scale_batch(images, masks, context.stage.input_scale)
-            images, masks = augment(images, masks, generator)
             validity = torch.where(batch["valid_u"], 0, ignore_index).long()
-            weak, validity = scale_batch(batch["image_u"], validity, context.stage.input_scale)
-            weak, validity = augment.geometric(weak, validity, generator)
+            weak, validity = scale_batch(batch["image_u"], validity, scale)
+            if wide is None:
+                images, masks = scale_batch(images, masks, scale)
+                images, masks = augment(images, masks, generator)
+                weak, validity = augment.geometric(weak, validity, generator)
+            else:
+                _, context_masks = scale_batch(images[:, :1], torch.stack(batch["context_mask"]).to(masks.device),
+                                               scale)
+                images, masks = scale_batch(images, masks, scale)
+                images, masks, context_masks = augment_with_context(augment, images, masks, context_masks,
+                                                                    wide.context_scale, generator)
+                no_labels = torch.full_like(validity, ignore_index)  # the contexts' validity is not needed
+                weak, validity, _ = augment_with_context(augment, weak, validity, no_labels, wide.context_scale,
+                                                         generator, photometric=False)
         valid = validity != ignore_index
+        context_channels = weak.shape[1] // 2 if wide is not None else 0
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
             weak = weak.contiguous(memory_format=torch.channels_last)
@@ -92,12 +141,16 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
         boxes_per_view, strong_images = [], []
         for _ in range(2 if unimatch else 1):
             with torch.autocast(device_type=context.device.type, enabled=False):
-                view = strong_photometric(weak.float(), generator)
+                view = strong_views(weak.float(), generator, context_channels)
                 boxes = cutmix_boxes(n, weak.shape[-2], weak.shape[-1], generator,
                                      settings.cutmix_probability).to(weak.device)
-                strong_images.append(torch.where(boxes[:, None], view.roll(1, 0), view))
+                mixed = torch.where(boxes[:, None], view.roll(1, 0), view)
+                if context_channels:  # the contexts stay each image's own
+                    mixed = torch.cat([mixed[:, :-context_channels], view[:, -context_channels:]], dim=1)
+                strong_images.append(mixed)
             boxes_per_view.append(boxes)
-        perturb = (lambda features: feature_dropout(features, settings.feature_dropout, generator)) if unimatch else None
+        perturb = ((lambda features: feature_dropout(features, settings.feature_dropout, generator))
+                   if unimatch else None)
         kind = int(torch.randint(0, 5, (1,), generator=generator)) if settings.transform_consistency > 0 else None
         rotated = ids = None
         if settings.rotation_weight > 0 and semi.rotation_head is not None:
@@ -110,7 +163,14 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
                                         transformed=transform_views(weak, kind) if kind is not None else None,
                                         rotated=rotated)
         weak_logits = outputs.weak
-        sup, parts = loss_fn(outputs.labeled, masks)
+        if isinstance(outputs.labeled, ContextOutput):
+            sup, parts = loss_fn(outputs.labeled.logits, masks)
+            context_loss, _ = loss_fn(outputs.labeled.context_logits, context_masks)
+            weight = context_loss_weight(wide.weight, context.step, wide.total_steps)  # type: ignore[union-attr]
+            sup = sup + weight * context_loss
+            logs.update({"context_loss": float(context_loss.detach()), "context_weight": weight})
+        else:
+            sup, parts = loss_fn(outputs.labeled, masks)
         logs.update({f"sup_{k}": float(v.detach()) for k, v in parts.items()})
 
         # 3. pseudo-labels

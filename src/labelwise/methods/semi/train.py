@@ -39,8 +39,10 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from labelwise.config import save_config, to_dict
+from labelwise.data import RandomCropDataset
 from labelwise.data.build import DataSplits, build_datasets
 from labelwise.data.splits import dataset_names
+from labelwise.data.tile_sources import RelabeledTiles, TileUnion
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.segmenter import (
     SupervisedResult,
@@ -49,6 +51,7 @@ from labelwise.engine.segmenter import (
     segmenter_options,
     train_segmenter,
     trainer_options,
+    wide_context_windows,
 )
 from labelwise.engine.trainer import Trainer, TrainResult
 from labelwise.errors import ConfigError
@@ -57,14 +60,21 @@ from labelwise.io.atomic import atomic_path, atomic_write_json
 from labelwise.io.run_lock import locks_run_folder
 from labelwise.losses import build_loss
 from labelwise.methods.semi.config import SemiConfig
-from labelwise.methods.semi.data import LabeledUnlabeledPairs, pair_collate, unlabeled_images
+from labelwise.methods.semi.data import (
+    ImagesOnly,
+    LabeledUnlabeledPairs,
+    pair_collate,
+    unlabeled_images,
+    unlabeled_tiles,
+)
 from labelwise.methods.semi.model import SemiModel
 from labelwise.methods.semi.perturb import confident_pseudo_labels
-from labelwise.methods.semi.steps import make_consistency_step
+from labelwise.methods.semi.steps import WideContextTraining, make_consistency_step
 from labelwise.models import create
 from labelwise.models.artifact import INFO_FILE, LEGACY_WEIGHTS, WEIGHTS_FILE
 from labelwise.models.export import export_model, load_model
 from labelwise.models.init import configure_encoder
+from labelwise.models.wide_context import WideContextSegmenter
 
 __all__ = ["PseudoLabeled", "SemiResult", "pseudo_label", "train"]
 
@@ -95,10 +105,11 @@ def train(config: SemiConfig, resume: bool = False, overwrite: bool = False, sto
 
 def _rotation_channels(student: nn.Module) -> int:
     size = max(64, 2 * int(getattr(student, "output_stride", 1)))
+    bands = int(getattr(student, "in_channels", 3)) * (2 if isinstance(student, WideContextSegmenter) else 1)
     was_training = student.training
     student.eval()
     with torch.no_grad():
-        channels = int(student.encode(torch.zeros(1, 3, size, size))[-1].shape[1])
+        channels = int(student.encode(torch.zeros(1, bands, size, size))[-1].shape[1])
     student.train(was_training)
     return channels
 
@@ -109,10 +120,15 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
     run_dir = Path(config.run_dir)
     splits = build_datasets(config.data, seed=config.seed)
     class_map = splits.class_map
-    unlabeled = unlabeled_images(config, dataset_names(splits.train_source))
-    pairs = LabeledUnlabeledPairs(splits.train, unlabeled, seed=config.seed)
     student = create(config.model.name, num_classes=class_map.num_classes, **segmenter_options(config))
     configure_encoder(student, config.model)
+    labeled, scale, wide = splits.train, None, None
+    if isinstance(student, WideContextSegmenter):
+        scale = student.context_scale
+        labeled = wide_context_windows(config, splits.train, scale)
+        wide = WideContextTraining(scale, config.loss.context_weight, config.total_steps)
+    unlabeled = unlabeled_images(config, dataset_names(splits.train_source), context_scale=scale)
+    pairs = LabeledUnlabeledPairs(labeled, unlabeled, seed=config.seed)
     if config.model.init and not resume:
         from labelwise.models.init import initialise_from
 
@@ -125,7 +141,7 @@ def _consistency(config: SemiConfig, resume: bool, overwrite: bool, stop_at: int
                          class_weights=loss_class_weights(config, splits)).to(device)
     augmenters = make_augmenters(config.stages, class_map.ignore_index)
     step_fn = make_consistency_step(config.semi, loss_fn, augmenters, class_map.ignore_index, config.seed,
-                                    config.channels_last)
+                                    config.channels_last, wide_context=wide)
 
     def eval_fn(bare: nn.Module, step: int) -> dict[str, float]:
         metrics = evaluate_model(bare.student, splits.val, class_map.num_classes, config.eval,  # type: ignore[arg-type]
@@ -229,6 +245,21 @@ def _teacher_round(config: SemiConfig, class_map: Any) -> dict[str, Any]:
     return info
 
 
+def _pseudo_labeled_tiles(config: SemiConfig, splits: DataSplits, tiles: Any, masks: list[np.ndarray]) -> DataSplits:
+    """Training crops of the labeled tiles and of ``tiles`` with ``masks`` as labels; the labeled
+    tiles are listed as often as it takes for their area to match the pseudo-labeled area (ST++'s
+    repetition, by area because crops are drawn by area)."""
+    labeled = splits.train_source
+    pseudo = RelabeledTiles(tiles, masks)
+    labeled_area = sum(h * w for h, w in (labeled.image_size(i) for i in range(len(labeled))))  # type: ignore
+    pseudo_area = sum(int(m.size) for m in masks)
+    repeats = max(1, round(pseudo_area / max(labeled_area, 1)))
+    union = TileUnion([labeled] * repeats + [pseudo])  # type: ignore[list-item]
+    crops = RandomCropDataset(union, crop_size=config.data.tile_crop, samples_per_epoch=2 * len(splits.train),
+                              seed=config.seed)  # type: ignore[arg-type]
+    return DataSplits(crops, splits.val, splits.class_map, union)
+
+
 def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiResult:
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -236,7 +267,11 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     splits = build_datasets(config.data, seed=config.seed)
-    unlabeled = unlabeled_images(config, dataset_names(splits.train_source))
+    wide = config.model.name == "wide_context"
+    # a wide-context model pseudo-labels whole tiles (every window with its context) and trains
+    # on windows of them, as it trains on labeled tiles
+    unlabeled = (ImagesOnly(unlabeled_tiles(config)) if wide
+                 else unlabeled_images(config, dataset_names(splits.train_source)))
     rounds: list[dict[str, Any]] = []
     result: SupervisedResult | None = None
     if config.semi.teacher is not None:
@@ -256,13 +291,16 @@ def _self_training(config: SemiConfig, resume: bool, overwrite: bool) -> SemiRes
             source = Path(config.semi.teacher) if k == 1 and config.semi.teacher else run_dir / f"round{k - 1}"
             teacher = load_model(source).model.to(device)
             masks, fraction = pseudo_label(teacher, unlabeled, config, splits.class_map.ignore_index, device)
-            pseudo = PseudoLabeled(unlabeled, masks)
-            # the labeled images repeated to match the pseudo-labeled ones (as ST++ does), so
-            # that the real labels keep half the weight however few they are
-            repeats = max(1, math.ceil(len(pseudo) / len(splits.train)))  # type: ignore[arg-type]
-            combined = ConcatDataset([splits.train] * repeats + [pseudo])
-            round_splits = DataSplits(combined, splits.val, splits.class_map, combined)  # type: ignore[arg-type]
-            info.update({"pseudo_labeled_images": len(pseudo), "confident_fraction": round(fraction, 4)})
+            if wide:
+                round_splits = _pseudo_labeled_tiles(config, splits, unlabeled.source, masks)  # type: ignore[attr-defined]
+            else:
+                pseudo = PseudoLabeled(unlabeled, masks)
+                # the labeled images repeated to match the pseudo-labeled ones (as ST++ does), so
+                # that the real labels keep half the weight however few they are
+                repeats = max(1, math.ceil(len(pseudo) / len(splits.train)))  # type: ignore[arg-type]
+                combined = ConcatDataset([splits.train] * repeats + [pseudo])
+                round_splits = DataSplits(combined, splits.val, splits.class_map, combined)  # type: ignore[arg-type]
+            info.update({"pseudo_labeled_images": len(masks), "confident_fraction": round(fraction, 4)})
         if _round_done(folder) and not overwrite:
             metrics = json.loads((folder / "eval.json").read_text())
             info.update({"miou": metrics["miou"], "train_seconds": metrics.get("train_seconds", 0.0)})
