@@ -68,6 +68,30 @@ def test_a_separate_context_encoder_starts_from_the_local_weights_and_trains_apa
         assert torch.equal(param, local[name]) and param is not local[name]
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_folded_pretrained_batchnorm_stays_frozen_in_both_encoders(shared) -> None:  # noqa: ANN001
+    """The ImageNet MobileNetV2's BatchNorm is folded into its convolutions: training must keep it
+    in eval mode inside a wide-context model as it does in the plain U-Net (the same default)."""
+    from labelwise.config import ModelConfig
+    from labelwise.models.init import configure_encoder
+
+    options = {"encoder": "mobilenet_v2", "encoder_weights": "imagenet"}
+    plain = create("unet", num_classes=3, **options)
+    model = create("wide_context", num_classes=3, local="unet", local_options=options, dim=16, heads=2, layers=1,
+                   shared_encoder=shared)
+    assert plain.folded_batchnorm and model.folded_batchnorm
+    assert configure_encoder(model, ModelConfig())["freeze_encoder_bn"] == configure_encoder(plain, ModelConfig())[
+        "freeze_encoder_bn"] is True
+    model.train()
+    encoders = [model.local.encoder] + ([] if shared else [model.context_encoder])
+    norms = [m for e in encoders for m in e.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    decoder_norms = [m for m in model.local.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert decoder_norms and all(m.training for m in decoder_norms)
+    model.freeze_encoder()
+    assert not any(p.requires_grad for e in encoders for p in e.parameters())
+
+
 def test_cross_attention_block_equals_a_literal_computation() -> None:
     torch.manual_seed(1)
     block = CrossAttentionBlock(dim=8, heads=2).eval()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labelwise.models.base import SegmentationModel, create, register_model
+from labelwise.models.encoders import batchnorm_to_eval
 
 
 class ContextOutput(NamedTuple):
@@ -130,6 +131,8 @@ class WideContextSegmenter(SegmentationModel):
                          heads=int(heads), layers=int(layers), use_context=bool(use_context))
         self.local = create(local, num_classes=num_classes, in_channels=in_channels, **dict(local_options or {}))
         self.output_stride = self.local.output_stride
+        #: the local encoder's pretrained BatchNorm is folded: training keeps it frozen by default
+        self.folded_batchnorm = bool(getattr(self.local, "folded_batchnorm", False))
         self.context_scale = float(context_scale)
         self.use_context = bool(use_context)
         self.context_encoder = None if shared_encoder else copy.deepcopy(self.local.encoder)
@@ -149,6 +152,21 @@ class WideContextSegmenter(SegmentationModel):
     def encoder(self) -> nn.Module:  # type: ignore[override]
         """The local encoder (what pretrained weights initialise and transfer settings freeze)."""
         return self.local.encoder
+
+    def freeze_encoder(self) -> None:
+        """Freeze the local encoder and the context encoder (when it is a copy) alike."""
+        if self.context_encoder is not None:
+            for param in self.context_encoder.parameters():
+                param.requires_grad_(False)
+        super().freeze_encoder()
+
+    def train(self, mode: bool = True) -> "WideContextSegmenter":
+        """As :meth:`SegmentationModel.train`; frozen encoder BatchNorm covers the context
+        encoder copy too."""
+        super().train(mode)
+        if getattr(self, "_encoder_bn_frozen", False) and self.context_encoder is not None:
+            batchnorm_to_eval(self.context_encoder)
+        return self
 
     def split(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, 2C, H, W]`` -> (window ``[B, C, H, W]``, context ``[B, C, H, W]``)."""
