@@ -157,6 +157,32 @@ def test_isprs_config_trains_on_full_labels_and_evaluates_on_eroded_ones(tmp_pat
     assert overlay.shape == (24, 32, 3)
 
 
+def test_wide_context_on_four_band_tiles_supervised_and_semi_supervised(tmp_path: Path) -> None:
+    """A wide-context model reads RGBIR windows with RGBIR contexts ([B, 8, h, w]): trained by
+    ``train`` and by ``semi train`` (FixMatch on an unlabeled tile), then ``predict`` on a tile."""
+    from labelwise.cli import main
+
+    _potsdam(tmp_path / "potsdam", ["2_10", "2_11", "3_10"], size=(24, 32))
+    overrides = ["data.dataset=isprs", f"data.root={tmp_path / 'potsdam'}", "data.train_tiles=['2_10']",
+                 "data.val_tiles=['3_10']", "data.tile_crop=16", "data.samples_per_epoch=4", "data.batch_size=2",
+                 "data.bands=RGBIR", "stages=[{steps: 2, augment: {crop_size: null, hflip: 0.5}}]",
+                 "model.name=wide_context",
+                 "model.options={local: unet, local_options: {width: 8, depth: 2}, dim: 16, heads: 2, layers: 1}",
+                 "eval.window=16", "device=cpu", "progress=false", "eval.every=0"]
+    args = [arg for override in overrides for arg in ("--set", override)]
+    assert main(["train", "--run-dir", str(tmp_path / "sup"), "--no-report", *args]) == 0
+    assert main(["semi", "train", "--method", "fixmatch", "--run-dir", str(tmp_path / "semi"), *args,
+                 "--set", "semi.unlabeled_tiles=['2_11']"]) == 0
+    for run in ("sup", "semi"):
+        info = json.loads((tmp_path / run / "model.json").read_text())
+        assert info["architecture"]["in_channels"] == 4 and info["architecture"]["name"] == "wide_context"
+        tile = tmp_path / "potsdam" / "4_Ortho_RGBIR" / "top_potsdam_3_10_RGBIR.tif"
+        assert main(["predict", str(tmp_path / run), str(tile), "--out", str(tmp_path / f"pred_{run}"),
+                     "--device", "cpu"]) == 0
+        with Image.open(tmp_path / f"pred_{run}" / "ids" / f"{tile.stem}.png") as ids_png:
+            assert ids_png.size == (32, 24)
+
+
 def test_colour_augmentation_acts_on_the_first_three_bands_only() -> None:
     import torch
 
