@@ -21,7 +21,7 @@ from torch import Tensor
 from labelwise.data.aerial import RandomCropDataset
 from labelwise.data.base import SegmentationDataset
 from labelwise.data.folder import resize_mask, to_sample
-from labelwise.data.transforms import PairedAugment, warp_pair
+from labelwise.data.transforms import PairedAugment, scale_batch, warp_pair
 from labelwise.errors import DataError
 
 
@@ -112,7 +112,7 @@ class WideContextCrops(SegmentationDataset):
 
 
 __all__ = ["WideContextCrops", "augment_with_context", "context_margin", "context_matrices", "context_of_windows",
-           "context_origin", "context_size", "shrink_context"]
+           "context_origin", "context_size", "scale_and_augment_with_context", "shrink_context"]
 
 
 def context_matrices(local: Tensor, window: Sequence[int], context_scale: float) -> Tensor:
@@ -170,3 +170,13 @@ def augment_with_context(augment: PairedAugment, images: Tensor, masks: Tensor, 
         jittered = augment.photometric(torch.cat([images[:, :half], images[:, half:]], dim=-1), generator)
         images = torch.cat([jittered[..., :width], jittered[..., width:]], dim=1)
     return images, masks, context_masks
+
+
+def scale_and_augment_with_context(augment: PairedAugment, images: Tensor, masks: Tensor, context_masks: Tensor,
+                                   input_scale: float, context_scale: float,
+                                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A training batch of windows with their contexts (``images [B, 2C, H, W]``, labels
+    ``[B, H, W]`` of both) resized by a stage's ``input_scale``, then :func:`augment_with_context`."""
+    _, context_masks = scale_batch(images[:, :1], context_masks, input_scale)
+    images, masks = scale_batch(images, masks, input_scale)
+    return augment_with_context(augment, images, masks, context_masks, context_scale, generator)

@@ -16,7 +16,7 @@ from labelwise.config import TrainConfig, save_config, to_dict
 from labelwise.data import PairedAugment, class_balanced_weights, class_frequencies, pad_collate
 from labelwise.data.build import TILE_DATASETS, DataSplits, build_datasets, data_channels
 from labelwise.data.transforms import scale_batch
-from labelwise.data.wide_context import WideContextCrops, augment_with_context
+from labelwise.data.wide_context import WideContextCrops, scale_and_augment_with_context
 from labelwise.engine.runtime import resolve_device, seed_everything
 from labelwise.engine.trainer import StepContext, StepOutput, Trainer, TrainerOptions, TrainResult
 from labelwise.engine.trainer import trainer_options as engine_trainer_options
@@ -120,11 +120,8 @@ def make_wide_context_step_fn(loss_fn: WeightedSumLoss, augmenters: list[PairedA
         images, masks = batch["image"], batch["mask"]
         context_masks = torch.stack(batch["context_mask"]).to(masks.device)
         with torch.autocast(device_type=context.device.type, enabled=False):
-            scale = context.stage.input_scale
-            _, context_masks = scale_batch(images[:, :1], context_masks, scale)
-            images, masks = scale_batch(images, masks, scale)
-            images, masks, context_masks = augment_with_context(augmenters[context.stage_index], images, masks,
-                                                                context_masks, context_scale)
+            images, masks, context_masks = scale_and_augment_with_context(
+                augmenters[context.stage_index], images, masks, context_masks, context.stage.input_scale, context_scale)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         output = model(images)

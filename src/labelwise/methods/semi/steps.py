@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labelwise.data.transforms import PairedAugment, scale_batch
-from labelwise.data.wide_context import augment_with_context
+from labelwise.data.wide_context import augment_with_context, scale_and_augment_with_context
 from labelwise.engine.segmenter import context_loss_weight
 from labelwise.engine.trainer import StepContext, StepOutput
 from labelwise.losses import WeightedSumLoss
@@ -121,11 +121,9 @@ def make_consistency_step(settings: SemiSettings, loss_fn: WeightedSumLoss, augm
                 images, masks = augment(images, masks, generator)
                 weak, validity = augment.geometric(weak, validity, generator)
             else:
-                _, context_masks = scale_batch(images[:, :1], torch.stack(batch["context_mask"]).to(masks.device),
-                                               scale)
-                images, masks = scale_batch(images, masks, scale)
-                images, masks, context_masks = augment_with_context(augment, images, masks, context_masks,
-                                                                    wide.context_scale, generator)
+                images, masks, context_masks = scale_and_augment_with_context(
+                    augment, images, masks, torch.stack(batch["context_mask"]).to(masks.device), scale,
+                    wide.context_scale, generator)
                 no_labels = torch.full_like(validity, ignore_index)  # the contexts' validity is not needed
                 weak, validity, _ = augment_with_context(augment, weak, validity, no_labels, wide.context_scale,
                                                          generator, photometric=False)
