@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -57,7 +58,8 @@ class DistInfo:
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes in the environment (gloo on CPU, nccl on
-    GPU); returns rank 0 of 1 when the process was not started by torchrun."""
+    GPU); returns rank 0 of 1 when the process was not started by torchrun. The group lasts
+    for the process (every trainer of a pipeline shares it) and is destroyed at exit."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
@@ -66,17 +68,20 @@ def init_distributed(device: torch.device) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
+        # left to interpreter teardown, the backend's threads were sometimes destroyed while
+        # joinable: "terminate called without an active exception", SIGABRT after a finished run
+        atexit.register(_destroy_process_group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
-
-
-def shutdown_distributed(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
